@@ -1,0 +1,91 @@
+"""Rotary position embeddings used by the MultiTalk DiT.
+
+Two kinds:
+
+* 3-axis RoPE over (frame, height, width) for the video self-attention, as in Wan 2.1:
+  the head dim is split ``d - 4*(d//6)`` / ``2*(d//6)`` / ``2*(d//6)`` between the axes,
+  complex rotation in float64.
+* 1-D RoPE for MultiTalk's audio cross-attention ("L-RoPE"): video tokens and audio
+  tokens get positions in per-person ranges so that each person's tokens attend to
+  their own audio. Interleaved-pair rotation in float32.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def rope_params(max_seq_len: int, dim: int, theta: float = 10000.0) -> torch.Tensor:
+    """Complex rotations ``[max_seq_len, dim // 2]`` (complex128) for one axis."""
+    assert dim % 2 == 0
+    freqs = torch.outer(
+        torch.arange(max_seq_len),
+        1.0 / torch.pow(theta, torch.arange(0, dim, 2).to(torch.float64).div(dim)),
+    )
+    return torch.polar(torch.ones_like(freqs), freqs)
+
+
+def video_rope_freqs(head_dim: int, max_seq_len: int = 1024) -> torch.Tensor:
+    """Per-axis rotations concatenated: ``[max_seq_len, head_dim // 2]`` complex128."""
+    d = head_dim
+    return torch.cat(
+        [
+            rope_params(max_seq_len, d - 4 * (d // 6)),
+            rope_params(max_seq_len, 2 * (d // 6)),
+            rope_params(max_seq_len, 2 * (d // 6)),
+        ],
+        dim=1,
+    )
+
+
+def video_rope_grid(freqs: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+    """Rotations for every token of an ``(f, h, w)`` grid, flattened frame-major.
+
+    Returns ``[f*h*w, 1, head_dim // 2]`` complex128. Slicing its first dim gives the
+    rotations of any contiguous token range (what a sequence-parallel rank holds).
+    """
+    f, h, w = grid
+    c = freqs.shape[1]
+    parts = freqs.split([c - 2 * (c // 3), c // 3, c // 3], dim=1)
+    grid_freqs = torch.cat(
+        [
+            parts[0][:f].view(f, 1, 1, -1).expand(f, h, w, -1),
+            parts[1][:h].view(1, h, 1, -1).expand(f, h, w, -1),
+            parts[2][:w].view(1, 1, w, -1).expand(f, h, w, -1),
+        ],
+        dim=-1,
+    )
+    return grid_freqs.reshape(f * h * w, 1, -1)
+
+
+def apply_video_rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` ``[B, S, H, D]`` by ``rotations`` ``[S, 1, D/2]``; returns float32."""
+    b, s, n, d = x.shape
+    x_c = torch.view_as_complex(x.to(torch.float64).reshape(b, s, n, d // 2, 2))
+    out = torch.view_as_real(x_c * rotations.to(x_c.device)).flatten(3)
+    return out.float()
+
+
+def _rotate_interleaved_half(x: torch.Tensor) -> torch.Tensor:
+    # pairs (x0, x1) -> (-x1, x0), pairs interleaved along the last dim
+    x = x.unflatten(-1, (-1, 2))
+    x1, x2 = x.unbind(dim=-1)
+    return torch.stack((-x2, x1), dim=-1).flatten(-2)
+
+
+def apply_rope_1d(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
+    """1-D RoPE with fractional positions.
+
+    Args:
+        x: ``[B, H, S, D]``.
+        positions: ``[S]`` (any float dtype; may be fractional: L-RoPE scales attention
+            maps into position ranges).
+    Returns:
+        ``[B, H, S, D]`` in ``x``'s dtype.
+    """
+    head_dim = x.shape[-1]
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2)[: head_dim // 2].float() / head_dim))
+    angles = positions.float()[:, None] * inv_freq.to(positions.device)[None, :]
+    angles = angles.repeat_interleave(2, dim=-1).to(x.device)  # [S, D], each freq twice
+    cos, sin = angles.cos()[None, None], angles.sin()[None, None]
+    x_f = x.float()
+    return (x_f * cos + _rotate_interleaved_half(x_f) * sin).type_as(x)
