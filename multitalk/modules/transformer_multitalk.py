@@ -405,8 +405,14 @@ class MultiTalkTransformer3DModel(ModelMixin, ConfigMixin):
         y: torch.Tensor,
         audio: torch.Tensor,
         ref_target_masks: Optional[torch.Tensor] = None,
+        teacache=None,
+        branch: str = "cond",
     ) -> torch.Tensor:
-        """One denoiser evaluation; shapes in the module docstring. Returns ``[16, N_t, h, w]`` float32."""
+        """One denoiser evaluation; shapes in the module docstring. Returns ``[16, N_t, h, w]`` float32.
+
+        ``teacache`` (a :class:`multitalk.utils.sampler.TeaCache`) may skip the blocks for
+        this guidance ``branch`` and reuse the branch's cached residual instead.
+        """
         dtype = self.patch_embedding.weight.dtype
         grid = self.token_grid(tuple(x.shape))
         tokens = self.patchify(x, y, dtype)
@@ -419,7 +425,14 @@ class MultiTalkTransformer3DModel(ModelMixin, ConfigMixin):
             masks = self.token_masks(ref_target_masks, grid, dtype)
         layout = TokenLayout(grid)
         rotations = video_rope_grid(self.rope_freqs, grid)
-        tokens = self.run_blocks(tokens, e0, rotations, ctx, audio_tokens, people, masks, layout)
+        if teacache is None:
+            tokens = self.run_blocks(tokens, e0, rotations, ctx, audio_tokens, people, masks, layout)
+        elif teacache.should_compute(branch, e0 if teacache.use_ret_steps else e):
+            before = tokens
+            tokens = self.run_blocks(tokens, e0, rotations, ctx, audio_tokens, people, masks, layout)
+            teacache.residuals[branch] = tokens - before
+        else:
+            tokens = tokens + teacache.residuals[branch]
         out = self.head(tokens, e)
         return self.unpatchify(out[0], grid)
 

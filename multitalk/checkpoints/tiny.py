@@ -1,0 +1,141 @@
+"""Tiny random-weight checkpoint sets in the official on-disk layouts.
+
+No machine here reaches a model hub, so tests and the demo run the whole pipeline on
+these. File names, key names and formats are the real ones; only the sizes shrink
+(DiT width 64, 2 layers; 2-layer encoders of width 32; VAE base width 8). The very same
+loaders read the real 14B set.
+
+``official``::
+
+    Wan2.1-I2V-14B-480P/   config.json, diffusion_pytorch_model-0000N-of-00002.safetensors + index,
+                           models_t5_umt5-xxl-enc-bf16.pth, google/umt5-xxl/,
+                           models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth, Wan2.1_VAE.pth
+    MeiGen-MultiTalk/      multitalk.safetensors, diffusion_pytorch_model.safetensors.index.json
+    chinese-wav2vec2-base/ config.json, preprocessor_config.json, model.safetensors
+
+``diffusers``: ``Wan2.1-I2V-14B-480P-Diffusers/`` (model_index.json, transformer/, vae/,
+text_encoder/, tokenizer/, image_encoder/, image_processor/, scheduler/) plus the same
+MeiGen-MultiTalk/ and chinese-wav2vec2-base/ folders. The same seed gives the same weights
+in both layouts.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from .discovery import ADAPTER_FILE, CLIP_FILE, T5_FILE, T5_TOKENIZER, VAE_FILE
+
+logger = logging.getLogger(__name__)
+
+WAN_DIR = "Wan2.1-I2V-14B-480P"
+WAN_DIFFUSERS_DIR = "Wan2.1-I2V-14B-480P-Diffusers"
+MULTITALK_DIR = "MeiGen-MultiTalk"
+WAV2VEC_DIR = "chinese-wav2vec2-base"
+
+
+def tiny_dit_config() -> dict:
+    """DiT config whose conditioning widths match the tiny encoders."""
+    from ..modules import audio_encoder, image_encoder, text_encoder
+
+    return dict(
+        dim=64, ffn_dim=128, num_heads=4, num_layers=2, freq_dim=256,
+        text_dim=text_encoder.TINY_CONFIG["d_model"],
+        image_dim=image_encoder.TINY_CONFIG["hidden_size"],
+        audio_blocks=audio_encoder.TINY_CONFIG["num_hidden_layers"],
+        audio_channels=audio_encoder.TINY_CONFIG["hidden_size"],
+        intermediate_dim=32, output_dim=32, context_tokens=8,
+    )
+
+
+_ADAPTER_KEYS = ("intermediate_dim", "output_dim", "context_tokens", "audio_blocks", "audio_channels")
+
+
+def tiny_dit(seed: int = 0):
+    """A tiny MultiTalk DiT with random weights (all parameters drawn, none left zero)."""
+    from ..modules.transformer_multitalk import MultiTalkTransformer3DModel
+
+    gen = torch.Generator().manual_seed(seed)
+    model = MultiTalkTransformer3DModel(**tiny_dit_config())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            scale = 0.02 if p.dim() > 1 else 0.1
+            base = 1.0 if name.endswith("norm_q.weight") or name.endswith("norm_k.weight") else 0.0
+            p.copy_(base + scale * torch.randn(p.shape, generator=gen))
+    return model.eval()
+
+
+def make_tiny_weights(root: str | os.PathLike, layout: str = "official", seed: int = 0) -> Path:
+    """Write a complete tiny MultiTalk set under ``root`` and return it."""
+    from ..modules import audio_encoder, image_encoder, text_encoder, vae
+    from .dit import save_dit
+
+    if layout not in ("official", "diffusers"):
+        raise ValueError(f"layout must be 'official' or 'diffusers', got {layout!r}")
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    dit = tiny_dit(seed)
+    adapter_cfg = {k: tiny_dit_config()[k] for k in _ADAPTER_KEYS}
+    if layout == "official":
+        wan = root / WAN_DIR
+        save_dit(dit, wan, "official", root / MULTITALK_DIR, adapter_config=adapter_cfg)
+        text_encoder.save_tiny_original(wan / T5_FILE, wan / T5_TOKENIZER, seed=seed)
+        image_encoder.save_tiny_original(wan / CLIP_FILE, seed=seed)
+        vae.save_tiny_original(str(wan / VAE_FILE), seed=seed)
+    else:
+        d = root / WAN_DIFFUSERS_DIR
+        save_dit(dit, d / "transformer", "diffusers", root / MULTITALK_DIR, adapter_config=adapter_cfg)
+        text_encoder.save_tiny_diffusers(d / "text_encoder", d / "tokenizer", seed=seed)
+        image_encoder.save_tiny_diffusers(d / "image_encoder", d / "image_processor", seed=seed)
+        vae.save_tiny_diffusers(str(d / "vae"), seed=seed)
+        (d / "scheduler").mkdir(parents=True, exist_ok=True)
+        (d / "scheduler" / "scheduler_config.json").write_text(json.dumps({
+            "_class_name": "UniPCMultistepScheduler", "_diffusers_version": "0.42.0",
+            "num_train_timesteps": 1000, "prediction_type": "flow_prediction", "use_flow_sigmas": True,
+            "flow_shift": 7.0,
+        }, indent=2))
+        (d / "model_index.json").write_text(json.dumps({
+            "_class_name": "WanImageToVideoPipeline", "_diffusers_version": "0.42.0",
+            "image_encoder": ["transformers", "CLIPVisionModelWithProjection"],
+            "image_processor": ["transformers", "CLIPImageProcessor"],
+            "scheduler": ["diffusers", "UniPCMultistepScheduler"],
+            "text_encoder": ["transformers", "UMT5EncoderModel"],
+            "tokenizer": ["transformers", "T5TokenizerFast"],
+            "transformer": ["diffusers", "WanTransformer3DModel"],
+            "vae": ["diffusers", "AutoencoderKLWan"],
+        }, indent=2))
+    audio_encoder.save_tiny(str(root / WAV2VEC_DIR), seed=seed)
+    (root / "TINY_RANDOM_WEIGHTS.txt").write_text(
+        f"Random weights for tests and demos (layout {layout}, seed {seed}); they generate noise, not faces.\n"
+    )
+    return root
+
+
+def ensure_tiny_weights(cache_dir: str | os.PathLike | None = None, layout: str = "official") -> str:
+    """The embedded default's weights: generated once into ``cache_dir`` (safe if two
+    processes race: each builds in a private temp folder and the first rename wins)."""
+    cache_dir = Path(cache_dir or os.environ.get("MULTITALK_CACHE", Path.home() / ".cache" / "multitalk-serve"))
+    target = cache_dir / f"tiny-{layout}"
+    if (target / "TINY_RANDOM_WEIGHTS.txt").exists():
+        return str(target)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    tmp = Path(tempfile.mkdtemp(prefix=f".tiny-{layout}-", dir=cache_dir))
+    try:
+        make_tiny_weights(tmp, layout)
+        try:
+            tmp.rename(target)
+        except OSError:
+            if not (target / "TINY_RANDOM_WEIGHTS.txt").exists():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("tiny %s weights written to %s in %.1fs", layout, target, time.perf_counter() - started)
+    return str(target)

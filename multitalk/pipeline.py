@@ -1,0 +1,44 @@
+"""``MultiTalkPipeline``: the whole model in one process (CLI, tests, benches).
+
+    pipe = MultiTalkPipeline.from_pretrained("/models")
+    result = pipe.generate(GenerationRequest(image=png, audio=[wav], prompt="..."))
+    open("out.mp4", "wb").write(result.video)
+
+The same stages and driver run under Ray Serve, one deployment per stage.
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import Optional
+
+from .api import GenerationRequest, GenerationResult, ProgressCallback
+from .checkpoints.discovery import CheckpointSet, find_checkpoints
+from .driver import Limits, LocalStages, generate
+from .stages import AudioStage, DecodeStage, DiffusionStage, ImageStage, TextStage
+
+
+class MultiTalkPipeline:
+    def __init__(self, stages: LocalStages, checkpoints: Optional[CheckpointSet] = None, limits: Limits = Limits()):
+        self.stages = stages
+        self.checkpoints = checkpoints
+        self.limits = limits
+
+    @classmethod
+    def from_pretrained(cls, models_root: str, device: str = "cpu", dtype: str = "float32",
+                        attention_backend: Optional[str] = None, tiled_vae: bool = False) -> "MultiTalkPipeline":
+        """Load every stage from a models root (official or diffusers layout, see ``multitalk check``)."""
+        ckpt = find_checkpoints(models_root).require_complete()
+        stages = LocalStages(
+            AudioStage.from_pretrained(ckpt, device, dtype),
+            ImageStage.from_pretrained(ckpt, device, dtype),
+            TextStage.from_pretrained(ckpt, device, dtype),
+            DiffusionStage.from_pretrained(ckpt, device, dtype, attention_backend=attention_backend),
+            DecodeStage.from_pretrained(ckpt, device, dtype, tiled=tiled_vae),
+        )
+        return cls(stages, ckpt)
+
+    async def agenerate(self, request: GenerationRequest, progress: Optional[ProgressCallback] = None) -> GenerationResult:
+        return await generate(request, self.stages, progress, self.limits)
+
+    def generate(self, request: GenerationRequest, progress: Optional[ProgressCallback] = None) -> GenerationResult:
+        return asyncio.run(self.agenerate(request, progress))

@@ -1,0 +1,319 @@
+"""The five model stages of the pipeline, each owning one (or two) models.
+
+Every stage loads from a models root (or a :class:`CheckpointSet`) and exposes plain
+tensor-in / tensor-out methods, so the same objects run in-process
+(:class:`multitalk.driver.LocalStages`) and inside Ray Serve deployments
+(``deployments/``, one thin wrapper per stage).
+
+==============  ====================================  ======================================
+stage           models                                 call
+==============  ====================================  ======================================
+AudioStage      wav2vec2                               speech → features [P, F, L, C]
+ImageStage      CLIP vision + VAE encoder              pixels → :class:`ImageConditioning`
+TextStage       UMT5 (+ prompt-embedding cache)        prompts → :class:`TextEmbeddings`
+DiffusionStage  MultiTalk DiT + flow-matching sampler  :class:`ChunkJob` → latents
+DecodeStage     VAE decoder                            latents → pixels [3, T, H, W]
+==============  ====================================  ======================================
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from .checkpoints.discovery import CheckpointSet, find_checkpoints
+from .utils.sampler import (
+    COND, DROP_AUDIO, DROP_TEXT, UNCOND, Guidance, GuidanceConfig, TeaCache, flow_timesteps, sample,
+)
+
+logger = logging.getLogger(__name__)
+
+VAE_TEMPORAL_STRIDE = 4
+VAE_SPATIAL_STRIDE = 8
+AUDIO_WINDOW = 5  # audio frames around each video frame (official: indices -2..2)
+
+
+def _as_checkpoints(models: "str | CheckpointSet") -> CheckpointSet:
+    if isinstance(models, CheckpointSet):
+        return models
+    return find_checkpoints(models).require_complete()
+
+
+def _dtype(dtype: "torch.dtype | str") -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+            "float16": torch.float16, "fp16": torch.float16}[str(dtype)]
+
+
+# --------------------------------------------------------------------------- data types
+@dataclass
+class ImageConditioning:
+    """What the DiT needs from the conditioning frames of one chunk.
+
+    ``clip_features`` ``[1, 257, C]`` of the last conditioning frame; ``cond_latents``
+    ``[4 + 16, N_t, h, w]`` (frame mask, then the VAE encoding of the conditioning frames
+    followed by black frames); ``motion_latents`` ``[16, T_m, h, w]`` the latents of the
+    motion frames (streaming chunks after the first) or ``None``.
+    """
+
+    clip_features: torch.Tensor
+    cond_latents: torch.Tensor
+    motion_latents: Optional[torch.Tensor] = None
+
+
+@dataclass
+class TextEmbeddings:
+    """UMT5 embeddings, trimmed to their token counts: ``[L, C]`` and ``[L_neg, C]``."""
+
+    context: torch.Tensor
+    context_null: torch.Tensor
+
+
+@dataclass
+class ChunkJob:
+    """One clip's worth of sampling.
+
+    ``audio_start``: first video frame of this chunk in the audio-feature timeline.
+    ``ref_masks``: ``[3, h, w]`` person/background masks at latent resolution.
+    """
+
+    frames: int
+    latent_hw: tuple[int, int]
+    audio_start: int
+    ref_masks: torch.Tensor
+    seed: int
+    steps: int = 40
+    shift: float = 7.0
+    guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
+    teacache_thresh: float = 0.0
+    size: str = "multitalk-480"
+    audio_extend: int = 0  # last chunk of a stream: frames of time-reversed audio appended (official)
+
+
+def audio_windows(features: torch.Tensor, start: int, frames: int, window: int = AUDIO_WINDOW) -> torch.Tensor:
+    """Per-frame windows of audio features, official indexing.
+
+    Args:
+        features: ``[P, F, L, C]`` per-video-frame wav2vec2 features.
+    Returns:
+        ``[P, frames, window, L, C]``: for frame ``i`` the features of frames
+        ``i-2 .. i+2`` (clamped to the available range).
+    """
+    half = window // 2
+    idx = torch.arange(start, start + frames)[:, None] + torch.arange(-half, half + 1)[None]
+    idx = idx.clamp(0, features.shape[1] - 1)
+    return features[:, idx]
+
+
+def frame_mask(frames: int, motion_frames: int, latent_hw: tuple[int, int]) -> torch.Tensor:
+    """``[4, N_t, h, w]``: 1 on the conditioning frames, 0 elsewhere, packed 4 frames per latent."""
+    h, w = latent_hw
+    msk = torch.ones(1, frames, h, w)
+    msk[:, motion_frames:] = 0
+    msk = torch.cat([msk[:, 0:1].repeat_interleave(VAE_TEMPORAL_STRIDE, dim=1), msk[:, 1:]], dim=1)
+    msk = msk.view(1, msk.shape[1] // VAE_TEMPORAL_STRIDE, VAE_TEMPORAL_STRIDE, h, w)
+    return msk.transpose(1, 2)[0]
+
+
+# --------------------------------------------------------------------------- stages
+class AudioStage:
+    """wav2vec2 features at 25 fps for each speaker."""
+
+    def __init__(self, encoder):
+        self.encoder = encoder
+
+    @classmethod
+    def from_pretrained(cls, models: "str | CheckpointSet", device: str = "cpu", dtype="float32") -> "AudioStage":
+        from .modules.audio_encoder import AudioEncoder
+
+        ckpt = _as_checkpoints(models)
+        return cls(AudioEncoder.from_pretrained(ckpt.path("audio_encoder"), device=device, dtype=_dtype(dtype)))
+
+    @torch.no_grad()
+    def encode(self, speeches: list[np.ndarray]) -> torch.Tensor:
+        """Per speaker float32 16 kHz speech (equal lengths) → ``[P, F, L, C]`` float32 on CPU."""
+        feats = [self.encoder.encode(s).float().cpu() for s in speeches]
+        frames = min(f.shape[0] for f in feats)
+        return torch.stack([f[:frames] for f in feats])
+
+
+class ImageStage:
+    """CLIP features and the VAE-encoded conditioning frames."""
+
+    def __init__(self, clip, vae, device: str = "cpu", dtype: torch.dtype = torch.float32):
+        self.clip, self.vae = clip, vae
+        self.device, self.dtype = torch.device(device), dtype
+
+    @classmethod
+    def from_pretrained(cls, models: "str | CheckpointSet", device: str = "cpu", dtype="float32") -> "ImageStage":
+        from .modules.image_encoder import ImageEncoder
+        from .modules.vae import WanVAE
+
+        ckpt = _as_checkpoints(models)
+        dt = _dtype(dtype)
+        if ckpt.layout("image_encoder") == "official":
+            clip = ImageEncoder.from_original(ckpt.path("image_encoder"), device=device, dtype=dt)
+        else:
+            clip = ImageEncoder.from_diffusers(str(torch_path_parent(ckpt.path("image_encoder"))), device=device, dtype=dt)
+        # The VAE runs in fp32 like the official (its convolutions are sensitive to bf16).
+        vae = load_vae(ckpt, device)
+        return cls(clip, vae, device, dt)
+
+    @torch.no_grad()
+    def encode(self, cond_pixels: torch.Tensor, frames: int) -> ImageConditioning:
+        """Conditioning for one chunk.
+
+        Args:
+            cond_pixels: ``[3, M, H, W]`` in [-1, 1]: the reference image (M = 1) or the
+                previous chunk's last motion frames (M = 25).
+            frames: frames of the chunk (4n+1).
+        """
+        c, m, h, w = cond_pixels.shape
+        pixels = cond_pixels.to(self.device, torch.float32)
+        clip = self.clip.encode(pixels[:, -1][None]).to(self.dtype)
+        video = torch.cat([pixels, pixels.new_zeros(c, frames - m, h, w)], dim=1)
+        latents = self.vae.encode(video[None])[0].to(self.dtype)  # [16, N_t, h/8, w/8]
+        lat_hw = (h // VAE_SPATIAL_STRIDE, w // VAE_SPATIAL_STRIDE)
+        mask = frame_mask(frames, m, lat_hw).to(latents)
+        motion = None
+        if m > 1:
+            motion = latents[:, : 1 + (m - 1) // VAE_TEMPORAL_STRIDE].float().cpu()
+        return ImageConditioning(clip.cpu(), torch.cat([mask, latents], dim=0).cpu(), motion)
+
+
+class TextStage:
+    """UMT5 prompt embeddings with an in-memory cache (the negative prompt is the same for every job)."""
+
+    def __init__(self, encoder):
+        self.encoder = encoder
+
+    @classmethod
+    def from_pretrained(cls, models: "str | CheckpointSet", device: str = "cpu", dtype="float32") -> "TextStage":
+        from .modules.text_encoder import TextEncoder
+
+        ckpt = _as_checkpoints(models)
+        dt = _dtype(dtype)
+        if ckpt.layout("text_encoder") == "official":
+            enc = TextEncoder.from_original(ckpt.path("text_encoder"), ckpt.path("tokenizer"), device=device, dtype=dt)
+        else:
+            enc = TextEncoder.from_pretrained(ckpt.path("text_encoder"), ckpt.path("tokenizer"), device=device, dtype=dt)
+        return cls(enc)
+
+    @torch.no_grad()
+    def encode(self, prompt: str, negative_prompt: str) -> TextEmbeddings:
+        return TextEmbeddings(
+            self.encoder.encode_cached(prompt).cpu(), self.encoder.encode_cached(negative_prompt).cpu()
+        )
+
+
+class DiffusionStage:
+    """The MultiTalk DiT and the sampler."""
+
+    def __init__(self, model, device: str = "cpu", dtype: torch.dtype = torch.float32):
+        self.model = model
+        self.device, self.dtype = torch.device(device), dtype
+        self._lock = threading.Lock()  # one sampling at a time per model copy
+
+    @classmethod
+    def from_pretrained(cls, models: "str | CheckpointSet", device: str = "cpu", dtype="float32",
+                        attention_backend: Optional[str] = None) -> "DiffusionStage":
+        from .checkpoints.dit import load_dit
+
+        ckpt = _as_checkpoints(models)
+        adapter = ckpt.components["audio_adapter"].path if ckpt.components["audio_adapter"].found else None
+        if adapter is None:
+            logger.warning("no MultiTalk adapter under %s: the DiT runs without lip sync", ckpt.root)
+        model = load_dit(ckpt.path("dit"), ckpt.layout("dit"), adapter, device=device, dtype=_dtype(dtype))
+        if attention_backend:
+            model.set_attention_backend(attention_backend)
+        return cls(model, device, _dtype(dtype))
+
+    @property
+    def lip_sync(self) -> bool:
+        return self.model.has_audio
+
+    def denoiser(self, job: ChunkJob, audio: torch.Tensor, image: ImageConditioning, text: TextEmbeddings,
+                 teacache: Optional[TeaCache] = None) -> Callable[[torch.Tensor, torch.Tensor, str], torch.Tensor]:
+        """``(latent, t, branch) -> velocity`` with the branch's conditioning bound."""
+        dev, dt = self.device, self.dtype
+        if job.audio_extend > 0:
+            audio = torch.cat([audio, audio[:, -job.audio_extend:].flip(1)], dim=1)
+        windows = audio_windows(audio, job.audio_start, job.frames).to(dev, dt)
+        no_audio = torch.zeros_like(windows)[-1:]
+        context, context_null = text.context.to(dev, dt), text.context_null.to(dev, dt)
+        clip = image.clip_features.to(dev, dt)
+        y = image.cond_latents.to(dev, dt)
+        masks = job.ref_masks.to(dev)
+        branch_inputs = {
+            COND: (context, windows),
+            DROP_TEXT: (context_null, windows),
+            UNCOND: (context_null, no_audio),
+            DROP_AUDIO: (context, no_audio),
+        }
+
+        def denoise(latent: torch.Tensor, t: torch.Tensor, branch: str) -> torch.Tensor:
+            ctx, aud = branch_inputs[branch]
+            return self.model(latent.to(dev), t.to(dev), ctx, clip, y, aud, masks, teacache=teacache, branch=branch)
+
+        return denoise
+
+    @torch.no_grad()
+    def sample(self, job: ChunkJob, audio: torch.Tensor, image: ImageConditioning, text: TextEmbeddings,
+               on_step: Optional[Callable[[int, int], None]] = None) -> torch.Tensor:
+        """Sample one chunk → latents ``[16, N_t, h, w]`` float32 on CPU."""
+        h, w = job.latent_hw
+        n_t = 1 + (job.frames - 1) // VAE_TEMPORAL_STRIDE
+        generator = torch.Generator().manual_seed(job.seed)
+        noise = torch.randn(16, n_t, h, w, generator=generator, dtype=torch.float32)
+        guidance_cfg = job.guidance
+        if not self.model.has_audio:
+            guidance_cfg = GuidanceConfig(**{**guidance_cfg.__dict__, "audio_scale": 0.0})
+        guidance = Guidance(guidance_cfg, has_audio=self.model.has_audio)
+        teacache = TeaCache(job.teacache_thresh, job.steps, job.size) if job.teacache_thresh > 0 else None
+        denoise = self.denoiser(job, audio, image, text, teacache)
+        timesteps = flow_timesteps(job.steps, job.shift)
+        with self._lock:
+            latent = sample(denoise, noise.to(self.device), timesteps, guidance,
+                            motion_latents=None if image.motion_latents is None else image.motion_latents.to(self.device),
+                            generator=generator, on_step=on_step, teacache=teacache)
+        if teacache is not None:
+            logger.info("TeaCache: %d block passes computed, %d skipped", teacache.computed, teacache.skipped)
+        return latent.float().cpu()
+
+
+class DecodeStage:
+    """VAE decoder: latents → pixels."""
+
+    def __init__(self, vae, tiled: bool = False):
+        self.vae = vae
+        self.tiled = tiled
+
+    @classmethod
+    def from_pretrained(cls, models: "str | CheckpointSet", device: str = "cpu", dtype="float32",
+                        tiled: bool = False) -> "DecodeStage":
+        return cls(load_vae(_as_checkpoints(models), device), tiled)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """``[16, N_t, h, w]`` → ``[3, 1 + 4(N_t-1), 8h, 8w]`` float32 in [-1, 1] on CPU."""
+        return self.vae.decode(latents[None].float(), tiled=self.tiled)[0].float().cpu()
+
+
+# --------------------------------------------------------------------------- helpers
+def torch_path_parent(path: str):
+    from pathlib import Path
+
+    return Path(path).parent
+
+
+def load_vae(ckpt: CheckpointSet, device: str):
+    from .modules.vae import WanVAE
+
+    if ckpt.layout("vae") == "official":
+        return WanVAE.from_original(ckpt.path("vae"), device=device, dtype=torch.float32)
+    return WanVAE.from_pretrained(ckpt.path("vae"), device=device, dtype=torch.float32)

@@ -1,0 +1,1 @@
+"""Media helpers: speech decoding, image loading and size buckets, mp4 writing."""

@@ -1,0 +1,324 @@
+"""Output video: mp4 writing (H.264 + AAC), probing, and colour correction.
+
+Everything goes through the imageio-ffmpeg binary (``imageio_ffmpeg.get_ffmpeg_exe()``)
+in subprocesses; raw frames are streamed on stdin, the speech is handed over as a wav in
+a private temporary directory that is always removed.
+
+``color_match`` is the official ``match_and_blend_colors`` (wan/utils/multitalk_utils.py)
+with its own sRGB <-> CIE LAB conversion (D65 white, 2 degree observer, the same
+formulas and constants as skimage's ``rgb2lab`` / ``lab2rgb``).
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+import wave
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+import torch
+
+from multitalk.api import InputError
+
+SPEECH_SAMPLE_RATE = 16000
+
+
+def _ffmpeg_exe() -> str:
+    import imageio_ffmpeg
+
+    return imageio_ffmpeg.get_ffmpeg_exe()
+
+
+def _stderr_tail(stderr: Union[bytes, str], limit: int = 2000) -> str:
+    text = stderr.decode("utf-8", "replace") if isinstance(stderr, bytes) else stderr
+    return text[-limit:].strip()
+
+
+# ---------------------------------------------------------------------------------------
+# Writing
+
+
+def frames_to_uint8(frames: Union[torch.Tensor, np.ndarray]) -> np.ndarray:
+    """Video frames -> uint8 [T, H, W, 3] RGB.
+
+    Accepts a float tensor/array [3, T, H, W] in [-1, 1] (the VAE output layout) or uint8
+    [T, H, W, 3]. Float values are mapped with (x + 1) / 2 * 255, clipped and rounded
+    (the official saver truncates instead; rounding avoids its -0.5 level bias).
+    """
+    if isinstance(frames, torch.Tensor):
+        if frames.dtype == torch.uint8:
+            array = frames.cpu().numpy()
+        else:
+            array = frames.detach().to(torch.float32).cpu().numpy()
+    else:
+        array = np.asarray(frames)
+    if array.dtype == np.uint8:
+        if array.ndim != 4 or array.shape[-1] != 3:
+            raise ValueError(f"uint8 frames must be [T, H, W, 3], got {array.shape}")
+        return np.ascontiguousarray(array)
+    if array.ndim != 4 or array.shape[0] != 3:
+        raise ValueError(f"float frames must be [3, T, H, W] in [-1, 1], got {array.shape}")
+    scaled = (array.astype(np.float32) + 1.0) * 127.5
+    return np.ascontiguousarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8).transpose(1, 2, 3, 0))
+
+
+def _write_wav(path: str, samples: np.ndarray, sample_rate: int) -> None:
+    pcm = np.clip(np.rint(np.asarray(samples, dtype=np.float64) * 32767.0), -32768, 32767).astype("<i2")
+    with wave.open(path, "wb") as handle:
+        handle.setnchannels(1)
+        handle.setsampwidth(2)
+        handle.setframerate(sample_rate)
+        handle.writeframes(pcm.tobytes())
+
+
+def write_mp4(
+    frames: Union[torch.Tensor, np.ndarray],
+    audio: Optional[np.ndarray] = None,
+    fps: int = 25,
+    path: Optional[Union[str, os.PathLike]] = None,
+    crf: int = 18,
+    preset: str = "medium",
+    sample_rate: int = SPEECH_SAMPLE_RATE,
+) -> bytes:
+    """Encode frames (+ speech) to an mp4 and return its bytes.
+
+    ``frames``: float [3, T, H, W] in [-1, 1] or uint8 [T, H, W, 3].
+    ``audio``: float [N] mono speech at ``sample_rate`` Hz (16 kHz), or None for a silent
+    video. It is cut to the video's duration T / fps seconds, and zero-padded up to it
+    when shorter, so the video keeps all T frames (the official muxer's ``-shortest``
+    would drop frames past the end of the speech instead).
+
+    Output: H.264 (libx264, yuv420p, ``crf``), constant ``fps``, AAC audio, moov atom at
+    the front (``+faststart``) for progressive playback. Odd sizes are padded by one
+    edge-replicated row/column (yuv420p needs even dimensions).
+    ``path``: also write the mp4 there. Raises RuntimeError with ffmpeg's stderr tail on
+    encoder failure.
+    """
+    video = frames_to_uint8(frames)
+    num_frames, height, width, _ = video.shape
+    if num_frames == 0:
+        raise ValueError("no frames to write")
+    pad_h, pad_w = height % 2, width % 2
+    if pad_h or pad_w:
+        video = np.pad(video, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+        height, width = height + pad_h, width + pad_w
+
+    ffmpeg = _ffmpeg_exe()
+    with tempfile.TemporaryDirectory(prefix="multitalk-mp4-") as tmp:
+        output = os.path.join(tmp, "out.mp4")
+        log_path = os.path.join(tmp, "ffmpeg.log")
+        command = [
+            ffmpeg, "-y", "-hide_banner", "-loglevel", "error",
+            "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}", "-framerate", str(fps),
+            "-i", "pipe:0",
+        ]  # fmt: skip
+        if audio is not None:
+            samples = np.asarray(audio, dtype=np.float32).reshape(-1)
+            # Round to whole samples: T / fps seconds of speech.
+            target_samples = int(round(num_frames * sample_rate / fps))
+            samples = samples[:target_samples]
+            if samples.shape[0] < target_samples:
+                samples = np.pad(samples, (0, target_samples - samples.shape[0]))
+            wav_path = os.path.join(tmp, "speech.wav")
+            _write_wav(wav_path, samples, sample_rate)
+            command += ["-i", wav_path, "-map", "0:v:0", "-map", "1:a:0", "-c:a", "aac", "-b:a", "128k"]
+        else:
+            command += ["-map", "0:v:0"]
+        command += [
+            "-c:v", "libx264", "-preset", preset, "-crf", str(crf), "-pix_fmt", "yuv420p",
+            "-r", str(fps), "-movflags", "+faststart", "-f", "mp4", output,
+        ]  # fmt: skip
+
+        # stderr goes to a file: a pipe we do not drain while writing stdin could fill
+        # up and deadlock both processes on long videos.
+        with open(log_path, "wb") as log:
+            process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=log)
+            try:
+                for frame in video:
+                    process.stdin.write(frame.tobytes())
+                process.stdin.close()
+            except (BrokenPipeError, OSError):
+                pass  # ffmpeg died early; its log says why (reported below)
+            return_code = process.wait()
+        if return_code != 0 or not os.path.exists(output):
+            with open(log_path, "rb") as log:
+                tail = _stderr_tail(log.read())
+            raise RuntimeError(f"ffmpeg failed to encode the mp4 (exit {return_code}): {tail}")
+        with open(output, "rb") as handle:
+            mp4_bytes = handle.read()
+    if path is not None:
+        Path(path).write_bytes(mp4_bytes)
+    return mp4_bytes
+
+
+# ---------------------------------------------------------------------------------------
+# Probing
+
+_VIDEO_STREAM_RE = re.compile(r"Stream #\d+:\d+[^\n]*?: Video: (\w+)([^\n]*)")
+_AUDIO_STREAM_RE = re.compile(r"Stream #\d+:\d+[^\n]*?: Audio: (\w+)([^\n]*)")
+_SIZE_RE = re.compile(r"[ ,](\d{1,5})x(\d{1,5})[ ,\n]")
+_FPS_RE = re.compile(r"([\d.]+)(k?) fps")
+_RATE_RE = re.compile(r"(\d+) Hz")
+_DURATION_RE = re.compile(r"Duration:\s*(\d+):(\d+):(\d+(?:\.\d+)?)")
+
+
+def probe_mp4(data_or_path: Union[bytes, str, os.PathLike]) -> dict:
+    """Describe a video file (mp4 bytes or a path).
+
+    Returns a dict:
+    ``video_codec`` (e.g. "h264"), ``fps`` (float, nominal stream rate), ``num_frames``
+    (exact count of decoded frames), ``width``, ``height`` (pixels), ``duration``
+    (container seconds), ``audio_codec`` ("aac", or None without audio),
+    ``audio_sample_rate`` (Hz or None), ``audio_duration`` (seconds of decoded audio
+    samples, or None). Raises ValueError when ffmpeg cannot read the file.
+    """
+    ffmpeg = _ffmpeg_exe()
+    with tempfile.TemporaryDirectory(prefix="multitalk-probe-") as tmp:
+        if isinstance(data_or_path, (bytes, bytearray, memoryview)):
+            source = os.path.join(tmp, "input.mp4")
+            Path(source).write_bytes(bytes(data_or_path))
+        else:
+            source = os.fspath(data_or_path)
+        header = subprocess.run([ffmpeg, "-hide_banner", "-i", source], capture_output=True, timeout=120)
+        text = header.stderr.decode("utf-8", "replace")
+        if "Stream #" not in text:
+            raise ValueError(f"not a readable media file: {_stderr_tail(text, 500)}")
+
+        info: dict = {
+            "video_codec": None, "fps": None, "num_frames": 0, "width": None, "height": None,
+            "duration": None, "audio_codec": None, "audio_sample_rate": None, "audio_duration": None,
+        }  # fmt: skip
+        duration = _DURATION_RE.search(text)
+        if duration:
+            h, m, s = duration.groups()
+            info["duration"] = int(h) * 3600 + int(m) * 60 + float(s)
+        video = _VIDEO_STREAM_RE.search(text)
+        if video:
+            info["video_codec"] = video.group(1)
+            details = video.group(2) + "\n"
+            size = _SIZE_RE.search(details)
+            if size:
+                info["width"], info["height"] = int(size.group(1)), int(size.group(2))
+            fps = _FPS_RE.search(details)
+            if fps:
+                info["fps"] = float(fps.group(1)) * (1000.0 if fps.group(2) else 1.0)
+            # Exact frame count: decode everything, passthrough timing so the null muxer
+            # neither duplicates nor drops frames, read the final progress report.
+            count = subprocess.run(
+                [ffmpeg, "-hide_banner", "-nostats", "-loglevel", "error", "-progress", "pipe:1",
+                 "-i", source, "-map", "0:v:0", "-fps_mode", "passthrough", "-f", "null", "-"],
+                capture_output=True, timeout=600,
+            )  # fmt: skip
+            frames = re.findall(r"^frame=(\d+)", count.stdout.decode("utf-8", "replace"), flags=re.MULTILINE)
+            if count.returncode != 0 or not frames:
+                raise ValueError(f"video stream could not be decoded: {_stderr_tail(count.stderr, 500)}")
+            info["num_frames"] = int(frames[-1])
+        audio = _AUDIO_STREAM_RE.search(text)
+        if audio:
+            info["audio_codec"] = audio.group(1)
+            rate = _RATE_RE.search(audio.group(2))
+            if rate:
+                info["audio_sample_rate"] = int(rate.group(1))
+                decoded = subprocess.run(
+                    [ffmpeg, "-hide_banner", "-loglevel", "error", "-i", source, "-map", "0:a:0",
+                     "-ac", "1", "-f", "s16le", "pipe:1"],
+                    capture_output=True, timeout=600,
+                )  # fmt: skip
+                if decoded.returncode == 0:
+                    info["audio_duration"] = len(decoded.stdout) / 2 / info["audio_sample_rate"]
+    return info
+
+
+# ---------------------------------------------------------------------------------------
+# Colour correction
+
+# sRGB (linear) -> XYZ, and the D65 2-degree reference white: skimage's constants.
+_XYZ_FROM_RGB = np.array(
+    [[0.412453, 0.357580, 0.180423], [0.212671, 0.715160, 0.072169], [0.019334, 0.119193, 0.950227]]
+)
+_RGB_FROM_XYZ = np.linalg.inv(_XYZ_FROM_RGB)
+_D65_WHITE = np.array([0.95047, 1.0, 1.08883])
+_FLAT_STD = 1e-4
+
+
+def rgb_to_lab(rgb: np.ndarray, dtype=np.float64) -> np.ndarray:
+    """sRGB in [0, 1], [..., 3] -> CIE LAB [..., 3] (L in [0, 100]); skimage ``rgb2lab``.
+    Computed in ``dtype`` (skimage keeps float32 input in float32)."""
+    rgb = np.asarray(rgb, dtype=dtype)
+    linear = np.where(rgb > 0.04045, np.power((rgb + 0.055) / 1.055, 2.4, dtype=dtype), rgb / 12.92)
+    xyz = linear @ (_XYZ_FROM_RGB.T / _D65_WHITE).astype(dtype)
+    f = np.where(xyz > 0.008856, np.cbrt(xyz), 7.787 * xyz + 16.0 / 116.0)
+    fx, fy, fz = f[..., 0], f[..., 1], f[..., 2]
+    return np.stack([116.0 * fy - 16.0, 500.0 * (fx - fy), 200.0 * (fy - fz)], axis=-1).astype(dtype, copy=False)
+
+
+def lab_to_rgb(lab: np.ndarray, dtype=np.float64) -> np.ndarray:
+    """CIE LAB [..., 3] -> sRGB [..., 3] clipped to [0, 1]; skimage ``lab2rgb`` (negative
+    Z is set to 0 as skimage does, out-of-gamut colours clipped). Computed in ``dtype``."""
+    lab = np.asarray(lab, dtype=dtype)
+    fy = (lab[..., 0] + 16.0) / 116.0
+    fx = lab[..., 1] / 500.0 + fy
+    fz = np.maximum(fy - lab[..., 2] / 200.0, 0.0)
+    f = np.stack([fx, fy, fz], axis=-1)
+    xyz = np.where(f > 0.2068966, f * f * f, (f - 16.0 / 116.0) / 7.787)
+    linear = xyz @ (_RGB_FROM_XYZ * _D65_WHITE).T.astype(dtype)
+    # np.power of a negative base gives NaN; those pixels take the linear branch anyway.
+    gamma = 1.055 * np.power(np.maximum(linear, 0.0), 1.0 / 2.4, dtype=dtype) - 0.055
+    rgb = np.where(linear > 0.0031308, gamma, linear * 12.92)
+    return np.clip(rgb, 0.0, 1.0).astype(dtype, copy=False)
+
+
+def _channel_stats(lab: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and population std of [H, W, 3], accumulated in float64."""
+    flat = lab.reshape(-1, 3)
+    mean = np.array([flat[:, c].mean(dtype=np.float64) for c in range(3)])
+    std = np.array([flat[:, c].std(dtype=np.float64) for c in range(3)])
+    return mean, std
+
+
+def color_match(video: torch.Tensor, reference: torch.Tensor, strength: float) -> torch.Tensor:
+    """Pull each frame's colour statistics towards a reference image.
+
+    ``video``: [3, T, H, W] in [-1, 1]; ``reference``: [3, H', W'] (or [3, 1, H', W']) in
+    [-1, 1], usually the condition image. Official ``match_and_blend_colors``: per frame,
+    in LAB space, each channel is shifted/scaled to the reference's mean and standard
+    deviation (a constant channel, std < 1e-4, is set to the reference mean), converted back to
+    RGB, clipped to [0, 1] and blended ``(1 - strength) * frame + strength * corrected``.
+    ``strength`` in [0, 1]; 0 returns ``video`` itself. Returns [3, T, H, W] in [-1, 1]
+    with ``video``'s dtype and device.
+    """
+    if strength == 0.0:
+        return video
+    if not 0.0 <= strength <= 1.0:
+        raise InputError("color_correction", f"must be between 0 and 1, got {strength}")
+    if reference.dim() == 4:
+        reference = reference[:, 0]
+    reference_01 = np.clip((reference.detach().to(torch.float32).cpu().numpy().transpose(1, 2, 0) + 1.0) / 2.0, 0, 1)
+    reference_lab = rgb_to_lab(reference_01, np.float32)
+    reference_mean, reference_std = _channel_stats(reference_lab)
+
+    source = video.detach().to(torch.float32).cpu().numpy()  # [3, T, H, W]
+    corrected = np.empty(source.shape[1:] + (3,), dtype=np.float32)  # [T, H, W, 3]
+    # float32 as the official (skimage keeps float32 input in float32); frame by frame
+    # keeps the LAB working set to one frame.
+    for t in range(source.shape[1]):
+        frame_01 = np.clip((source[:, t].transpose(1, 2, 0) + 1.0) / 2.0, 0.0, 1.0)
+        lab = rgb_to_lab(frame_01, np.float32)
+        mean, std = _channel_stats(lab)
+        for channel in range(3):
+            # The official tests std == 0 exactly; a flat frame's LAB std can come out
+            # as rounding noise there, which it then amplifies into garbage. Anything
+            # below 1e-4 LAB units (far below visible) counts as flat.
+            if std[channel] < _FLAT_STD:
+                lab[..., channel] = reference_mean[channel]
+            else:
+                lab[..., channel] = (lab[..., channel] - mean[channel]) * (
+                    reference_std[channel] / std[channel]
+                ) + reference_mean[channel]
+        matched = lab_to_rgb(lab, np.float32)
+        corrected[t] = (1.0 - strength) * frame_01 + strength * matched
+    result = torch.from_numpy(corrected * 2.0 - 1.0).permute(3, 0, 1, 2).contiguous()
+    return result.to(device=video.device, dtype=video.dtype)
