@@ -65,9 +65,15 @@ def tiny_dit(seed: int = 0):
     model = MultiTalkTransformer3DModel(**tiny_dit_config())
     with torch.no_grad():
         for name, p in model.named_parameters():
-            scale = 0.02 if p.dim() > 1 else 0.1
-            base = 1.0 if name.endswith("norm_q.weight") or name.endswith("norm_k.weight") else 0.0
-            p.copy_(base + scale * torch.randn(p.shape, generator=gen))
+            noise = torch.randn(p.shape, generator=gen)
+            if p.dim() > 1 and "modulation" not in name:
+                # fan-in scaling keeps activations O(1), so every branch (audio included)
+                # visibly moves the output of the random model.
+                p.copy_(noise / p[0].numel() ** 0.5)
+            elif "norm" in name and name.endswith("weight"):
+                p.copy_(1.0 + 0.1 * noise)
+            else:
+                p.copy_(0.1 * noise)
     return model.eval()
 
 

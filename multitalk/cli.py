@@ -1,0 +1,192 @@
+"""``multitalk`` command line.
+
+    multitalk make-tiny-weights DIR [--layout official|diffusers]
+    multitalk check DIR                      # JSON report: which components are where
+    multitalk explore DIR                    # what a models volume holds
+    multitalk generate --models DIR --image IMG --audio WAV [--audio2 WAV] --prompt TEXT --out OUT.mp4
+    multitalk serve [--config FILE]          # Ray Serve, embedded CPU default with no arguments
+    multitalk submit --url URL --image IMG --audio WAV [--wait] [--out OUT.mp4]
+    multitalk demo [--out OUT.mp4]           # serve locally on tiny weights, submit the sample job, write an mp4
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+
+def _bbox(values: list[str] | None) -> list[list[float]] | None:
+    """``--bbox r0,c0,r1,c1 [r0,c0,r1,c1]`` → per-speaker boxes."""
+    if not values:
+        return None
+    return [[float(v) for v in box.split(",")] for box in values]
+
+
+def cmd_make_tiny(args) -> int:
+    from .checkpoints.discovery import find_checkpoints
+    from .checkpoints.tiny import make_tiny_weights
+
+    root = make_tiny_weights(args.dir, args.layout, args.seed)
+    print(json.dumps({"root": str(root), "kind": find_checkpoints(root).kind, "layout": args.layout}))
+    return 0
+
+
+def cmd_check(args) -> int:
+    from .checkpoints.discovery import find_checkpoints
+
+    report = find_checkpoints(args.dir).report()
+    print(json.dumps(report, indent=2))
+    return 0 if report["kind"] != "incomplete" else 1
+
+
+def cmd_explore(args) -> int:
+    from .checkpoints.discovery import explore
+
+    print(json.dumps(explore(args.dir, args.depth), indent=2))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from tqdm import tqdm
+
+    from .api import GenerationRequest, InputError, SamplingOptions
+    from .pipeline import MultiTalkPipeline
+
+    audio = [Path(args.audio).read_bytes()] + ([Path(args.audio2).read_bytes()] if args.audio2 else [])
+    sampling = SamplingOptions(steps=args.steps, seed=args.seed, text_scale=args.text_scale,
+                               audio_scale=args.audio_scale, shift=args.shift, use_apg=args.apg,
+                               teacache_thresh=args.teacache)
+    request = GenerationRequest(
+        image=Path(args.image).read_bytes(), audio=audio, prompt=args.prompt, audio_type=args.audio_type,
+        bbox=_bbox(args.bbox), mode=args.mode, frames=args.frames, size=args.size, sampling=sampling,
+        color_correction=args.color_correction,
+    )
+    pipe = MultiTalkPipeline.from_pretrained(args.models, device=args.device, dtype=args.dtype)
+    bar = tqdm(total=1, desc="prepare", unit="step")
+
+    def progress(p):
+        if p.stage == "diffusion":
+            bar.total = p.total_steps
+            bar.set_description(f"diffusion chunk {p.chunk}/{p.total_chunks}")
+            bar.n = p.step
+            bar.refresh()
+        else:
+            bar.set_description(p.stage)
+
+    try:
+        result = pipe.generate(request, progress)
+    except InputError as e:
+        bar.close()
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    bar.close()
+    Path(args.out).write_bytes(result.video)
+    for w in result.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    print(json.dumps({"out": args.out, "frames": result.num_frames, "fps": result.fps, "width": result.width,
+                      "height": result.height, "chunks": result.chunks, "lip_sync": result.lip_sync,
+                      "timings": result.timings}))
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from .client import serve_main
+
+    serve_main(args.config, host=args.host, port=args.port)
+    return 0
+
+
+def cmd_submit(args) -> int:
+    from .client import submit
+
+    status = submit(args.url, args.image, args.audio, audio2=args.audio2, prompt=args.prompt, wait=args.wait,
+                    out=args.out, options=json.loads(args.options) if args.options else None)
+    print(json.dumps(status, indent=2, default=str))
+    return 0 if status.get("state", status.get("status")) not in ("FAILED", "CANCELLED") else 1
+
+
+def cmd_demo(args) -> int:
+    from .client import demo_main
+
+    return demo_main(out=args.out, fixtures=args.fixtures)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="multitalk", description="MultiTalk Serve: audio-driven talking video")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("make-tiny-weights", help="write a tiny random-weight checkpoint set (official layouts)")
+    s.add_argument("dir")
+    s.add_argument("--layout", choices=["official", "diffusers"], default="official")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(fn=cmd_make_tiny)
+
+    s = sub.add_parser("check", help="report which model components are present under a models root")
+    s.add_argument("dir")
+    s.set_defaults(fn=cmd_check)
+
+    s = sub.add_parser("explore", help="list what a models volume holds")
+    s.add_argument("dir")
+    s.add_argument("--depth", type=int, default=3)
+    s.set_defaults(fn=cmd_explore)
+
+    s = sub.add_parser("generate", help="generate one video in this process")
+    s.add_argument("--models", required=True)
+    s.add_argument("--image", required=True)
+    s.add_argument("--audio", required=True)
+    s.add_argument("--audio2")
+    s.add_argument("--audio-type", choices=["add", "para"], default="add")
+    s.add_argument("--bbox", nargs="+", metavar="R0,C0,R1,C1", help="per speaker, source pixels, rows first")
+    s.add_argument("--prompt", default="")
+    s.add_argument("--mode", choices=["clip", "streaming"], default="clip")
+    s.add_argument("--frames", type=int, default=81)
+    s.add_argument("--size", default="multitalk-480", help="multitalk-480, multitalk-720, or multitalk-N (e.g. 128 on CPU)")
+    s.add_argument("--steps", type=int, default=40)
+    s.add_argument("--seed", type=int, default=42)
+    s.add_argument("--shift", type=float)
+    s.add_argument("--text-scale", type=float, default=5.0)
+    s.add_argument("--audio-scale", type=float, default=4.0)
+    s.add_argument("--apg", action="store_true")
+    s.add_argument("--teacache", type=float, default=0.0, help="TeaCache threshold (0 = off; official 0.2-0.5)")
+    s.add_argument("--color-correction", type=float, default=1.0)
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--dtype", default="float32")
+    s.add_argument("--out", required=True)
+    s.set_defaults(fn=cmd_generate)
+
+    s = sub.add_parser("serve", help="start the Ray Serve application")
+    s.add_argument("--config", help="serve config YAML (default: the embedded CPU config)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.set_defaults(fn=cmd_serve)
+
+    s = sub.add_parser("submit", help="submit a job to a running server")
+    s.add_argument("--url", default="http://127.0.0.1:8000")
+    s.add_argument("--image", required=True)
+    s.add_argument("--audio", required=True)
+    s.add_argument("--audio2")
+    s.add_argument("--prompt", default="")
+    s.add_argument("--options", help="JSON object of extra job options (frames, steps, size, bbox ...)")
+    s.add_argument("--wait", action="store_true")
+    s.add_argument("--out")
+    s.set_defaults(fn=cmd_submit)
+
+    s = sub.add_parser("demo", help="serve locally on tiny weights, submit the sample job, write an mp4")
+    s.add_argument("--out", default="outputs/demo.mp4")
+    s.add_argument("--fixtures", default=None, help="folder with multi1/1.wav and multi1/multi1.png")
+    s.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

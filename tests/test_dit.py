@@ -1,0 +1,118 @@
+"""The MultiTalk DiT: strict loading, both layouts, shapes, the no-adapter fallback."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from multitalk.checkpoints.dit import load_dit
+from multitalk.checkpoints.loading import CheckpointError
+from multitalk.checkpoints.tiny import MULTITALK_DIR, WAN_DIFFUSERS_DIR, WAN_DIR, tiny_dit, tiny_dit_config
+
+
+def _inputs(people: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    cfg = tiny_dit_config()
+    t_lat, h, w = 5, 8, 12
+    frames = 1 + 4 * (t_lat - 1)
+    masks = torch.zeros(3, h, w)
+    masks[0, :, : w // 2 - 1] = 1
+    masks[1, :, w // 2 + 1 :] = 1
+    masks[2] = 1 - masks[0] - masks[1]
+    return dict(
+        x=torch.randn(16, t_lat, h, w, generator=g),
+        t=torch.tensor([811.0]),
+        context=torch.randn(7, cfg["text_dim"], generator=g),
+        clip_fea=torch.randn(1, 257, cfg["image_dim"], generator=g),
+        y=torch.randn(20, t_lat, h, w, generator=g),
+        audio=torch.randn(people, frames, 5, cfg["audio_blocks"], cfg["audio_channels"], generator=g),
+        ref_target_masks=masks,
+    )
+
+
+@pytest.mark.parametrize("people", [1, 2])
+def test_forward_shapes_and_determinism(people):
+    model = tiny_dit(0)
+    inp = _inputs(people)
+    with torch.no_grad():
+        a = model(**inp)
+        b = model(**inp)
+    assert a.shape == inp["x"].shape and a.dtype == torch.float32
+    assert torch.equal(a, b)
+    assert a.abs().max() > 0
+
+
+def test_audio_changes_the_output_and_two_people_use_the_masks():
+    model = tiny_dit(0)
+    inp = _inputs(2)
+    with torch.no_grad():
+        base = model(**inp)
+        silent = model(**{**inp, "audio": torch.zeros_like(inp["audio"])})
+        swapped = model(**{**inp, "ref_target_masks": inp["ref_target_masks"][[1, 0, 2]]})
+    assert (base - silent).abs().max() > 1e-4
+    assert (base - swapped).abs().max() > 1e-6
+
+
+def test_official_and_diffusers_layouts_give_the_same_output(tiny_official, tiny_diffusers):
+    a = load_dit(tiny_official / WAN_DIR, "official", tiny_official / MULTITALK_DIR / "multitalk.safetensors")
+    b = load_dit(tiny_diffusers / WAN_DIFFUSERS_DIR / "transformer", "diffusers",
+                 tiny_diffusers / MULTITALK_DIR / "multitalk.safetensors")
+    ref = tiny_dit(0)
+    for name, p in ref.state_dict().items():
+        assert torch.equal(a.state_dict()[name], p), name
+        assert torch.equal(b.state_dict()[name], p), name
+    inp = _inputs(1)
+    with torch.no_grad():
+        assert torch.allclose(a(**inp), b(**inp), atol=1e-6)
+
+
+def test_diffusers_layout_is_readable_by_diffusers_itself(tiny_diffusers):
+    from diffusers import WanTransformer3DModel
+
+    folder = tiny_diffusers / WAN_DIFFUSERS_DIR / "transformer"
+    model = WanTransformer3DModel.from_config(json.loads((folder / "config.json").read_text()))
+    sd = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        sd.update(load_file(str(f)))
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    assert not unexpected and not missing
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_strict_loading_names_the_key_and_shapes(tiny_official, tmp_path):
+    root = _copy(tiny_official, tmp_path / "w")
+    adapter = root / MULTITALK_DIR / "multitalk.safetensors"
+    sd = load_file(str(adapter))
+    key = next(k for k in sd if k.endswith("audio_cross_attn.q_linear.weight"))
+    bad = dict(sd)
+    bad[key] = torch.zeros(3, 3)
+    save_file(bad, str(adapter))
+    with pytest.raises(CheckpointError) as e:
+        load_dit(root / WAN_DIR, "official", adapter)
+    assert key in str(e.value) and "(3, 3)" in str(e.value) and "(64, 64)" in str(e.value)
+
+    missing = {k: v for k, v in sd.items() if k != key}
+    save_file(missing, str(adapter))
+    with pytest.raises(CheckpointError, match="not found in the checkpoint"):
+        load_dit(root / WAN_DIR, "official", adapter)
+
+    extra = dict(sd, **{"blocks.0.audio_cross_attn.bogus.weight": torch.zeros(1)})
+    save_file(extra, str(adapter))
+    with pytest.raises(CheckpointError, match="bogus"):
+        load_dit(root / WAN_DIR, "official", adapter)
+
+
+def test_without_adapter_the_plain_i2v_model_loads(tiny_official):
+    model = load_dit(tiny_official / WAN_DIR, "official", None)
+    assert not model.has_audio
+    inp = _inputs(1)
+    with torch.no_grad():
+        out = model(**inp)
+    assert out.shape == inp["x"].shape

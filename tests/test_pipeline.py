@@ -1,0 +1,113 @@
+"""End-to-end generation in one process on tiny weights (fixtures from ../shared)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from multitalk.api import GenerationRequest, InputError, SamplingOptions
+from multitalk.driver import plan_chunks
+from multitalk.utils.video import probe_mp4
+
+
+def _request(fixtures_dir, people=2, **kw):
+    p = json.loads((fixtures_dir / "prompts.json").read_text())["multi1" if people == 2 else "single"]
+    if people == 2:
+        audio = [(fixtures_dir / "multi1" / "1.wav").read_bytes(), (fixtures_dir / "multi1" / "2.wav").read_bytes()]
+        image = (fixtures_dir / "multi1" / "multi1.png").read_bytes()
+        bbox = [p["bbox"]["person1"], p["bbox"]["person2"]]
+    else:
+        audio = [(fixtures_dir / "single" / "1.wav").read_bytes()]
+        image = (fixtures_dir / "single" / "single1.png").read_bytes()
+        bbox = None
+    args = dict(image=image, audio=audio, prompt=p["prompt"], bbox=bbox, size="multitalk-128", frames=17,
+                sampling=SamplingOptions(steps=3), color_correction=0.0)
+    args.update(kw)
+    return GenerationRequest(**args)
+
+
+def test_plan_chunks_follows_the_official_loop():
+    assert plan_chunks(100, 81, "clip", 25, 81).starts == [0]
+    plan = plan_chunks(267, 81, "streaming", 25, 1000)
+    assert plan.starts == [0, 56, 112, 168, 224]
+    assert plan.audio_extend == 224 + 81 - 267 + 3
+    assert plan.total_frames == 267 - 3  # official: video ends 3 frames before the audio
+    with pytest.raises(InputError, match="audio"):
+        plan_chunks(60, 81, "clip", 25, 81)
+
+
+@pytest.mark.slow
+def test_two_speakers_with_bboxes(tiny_pipeline, fixtures_dir):
+    result = tiny_pipeline.generate(_request(fixtures_dir, 2))
+    info = probe_mp4(result.video)
+    assert info["video_codec"] == "h264" and info["fps"] == 25 and info["num_frames"] == 17
+    assert info["audio_codec"] == "aac" and info["audio_duration"] == pytest.approx(17 / 25, abs=0.06)
+    assert (info["height"], info["width"]) == (96, 176)
+    assert result.lip_sync and result.chunks == 1
+
+
+@pytest.mark.slow
+def test_one_speaker_is_deterministic(tiny_pipeline, fixtures_dir):
+    events = []
+    a = tiny_pipeline.generate(_request(fixtures_dir, 1), progress=events.append)
+    b = tiny_pipeline.generate(_request(fixtures_dir, 1))
+    assert a.video == b.video
+    stages = [e.stage for e in events]
+    assert stages[0] == "prepare" and stages[-1] == "mux" and stages.count("diffusion") == 3
+    c = tiny_pipeline.generate(_request(fixtures_dir, 1, sampling=SamplingOptions(steps=3, seed=7)))
+    assert c.video != a.video
+
+
+@pytest.mark.slow
+def test_streaming_runs_until_the_audio_ends(tiny_pipeline, fixtures_dir):
+    req = _request(fixtures_dir, 1, mode="streaming", frames=17, motion_frames=5, color_correction=1.0,
+                   sampling=SamplingOptions(steps=1))
+    result = tiny_pipeline.generate(req)
+    info = probe_mp4(result.video)
+    assert result.chunks > 3
+    # the official loop ends 3 frames before the audio does
+    assert info["num_frames"] / 25 == pytest.approx(info["audio_duration"], abs=0.05)
+    from multitalk.utils.audio import load_speech
+    speech_seconds = len(load_speech((fixtures_dir / "single" / "1.wav").read_bytes())) / 16000
+    assert info["num_frames"] / 25 == pytest.approx(speech_seconds, abs=0.2)
+
+
+def test_bad_inputs_are_input_errors(tiny_pipeline, fixtures_dir):
+    with pytest.raises(InputError) as e:
+        tiny_pipeline.generate(_request(fixtures_dir, 2, frames=16))
+    assert e.value.field == "frames"
+    with pytest.raises(InputError) as e:
+        tiny_pipeline.generate(_request(fixtures_dir, 2, bbox=[[0, 0, 10, 10]]))
+    assert e.value.field == "bbox"
+    with pytest.raises(InputError) as e:
+        tiny_pipeline.generate(_request(fixtures_dir, 1, audio=[b"RIFF garbage"]))
+    assert e.value.field == "audio_1"
+
+
+def test_cli_make_tiny_weights_and_check(tmp_path):
+    for layout in ("official", "diffusers"):
+        root = tmp_path / layout
+        subprocess.run([sys.executable, "-m", "multitalk.cli", "make-tiny-weights", str(root), "--layout", layout],
+                       check=True, capture_output=True)
+        out = subprocess.run([sys.executable, "-m", "multitalk.cli", "check", str(root)], check=True,
+                             capture_output=True, text=True).stdout
+        report = json.loads(out)
+        assert report["kind"] == "multitalk" and report["base_layout"] == layout
+        assert all(c["found"] for c in report["components"].values())
+
+
+def test_check_reports_fallback_without_adapter(tiny_official, tmp_path):
+    import shutil
+
+    from multitalk.checkpoints.discovery import find_checkpoints
+
+    root = tmp_path / "w"
+    shutil.copytree(tiny_official, root)
+    shutil.rmtree(root / "MeiGen-MultiTalk")
+    ck = find_checkpoints(root)
+    assert ck.kind == "wan-i2v" and not ck.lip_sync
+    assert not ck.components["audio_adapter"].found and "lip sync" in ck.components["audio_adapter"].note
+    shutil.rmtree(root / "Wan2.1-I2V-14B-480P")
+    assert find_checkpoints(root).kind == "incomplete"
