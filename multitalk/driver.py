@@ -219,11 +219,10 @@ async def generate(
 
         t0 = time.perf_counter()
         latents = stages.diffusion_sample(job, audio, image, text, on_step)
-        if index == 0:
-            # Encoders finished by the time the first chunk's sampling could start.
-            await asyncio.gather(_await(audio), _await(text), _await(image))
-            timer.add("encode", time.perf_counter() - t_enc)
-            t0 = time.perf_counter()
+        # Conditioning is ready before sampling can start: book that wait as encoding.
+        await asyncio.gather(_await(audio), _await(text), _await(image))
+        timer.add("encode", time.perf_counter() - (t_enc if index == 0 else t0))
+        t0 = time.perf_counter()
         await _await(latents)
         timer.add("diffusion", time.perf_counter() - t0)
         emit(Progress("decode", chunk=index + 1, total_chunks=len(plan.starts)))
