@@ -117,24 +117,15 @@ class WanSelfAttention(nn.Module):
         return self.o(out.flatten(2)), q.type_as(x), k.type_as(x)
 
 
-class WanI2VCrossAttention(nn.Module):
+class WanI2VCrossAttention(WanSelfAttention):
     """Cross-attention to text tokens and, separately, to the 257 CLIP image tokens; summed."""
 
     def __init__(self, dim: int, num_heads: int, qk_norm: bool = True, eps: float = 1e-6, image_tokens: int = 257):
-        super().__init__()
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
+        super().__init__(dim, num_heads, qk_norm, eps)
         self.image_tokens = image_tokens
-        self.q = nn.Linear(dim, dim)
-        self.k = nn.Linear(dim, dim)
-        self.v = nn.Linear(dim, dim)
-        self.o = nn.Linear(dim, dim)
-        self.norm_q = WanRMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
-        self.norm_k = WanRMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
         self.k_img = nn.Linear(dim, dim)
         self.v_img = nn.Linear(dim, dim)
         self.norm_k_img = WanRMSNorm(dim, eps=eps) if qk_norm else nn.Identity()
-        self.attention: AttentionKernel = LocalAttention()
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """x ``[1, S, dim]``, context ``[1, 257 + text_len, dim]`` (image tokens first)."""
