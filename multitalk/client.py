@@ -246,3 +246,77 @@ def serve_main(config: Optional[str] = None, host: str = "127.0.0.1", port: int 
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+# --- the demo ---------------------------------------------------------------------------
+
+# Small enough for a CPU on tiny random weights: one 81-frame clip (3.2 s) at ~128 px.
+DEMO_OPTIONS = {"frames": 81, "size": "multitalk-128", "sampling": {"steps": 4}}
+
+
+def _find_fixtures(fixtures: Optional[str]) -> Path:
+    candidates = [Path(fixtures).expanduser()] if fixtures else []
+    env = os.environ.get("MULTITALK_FIXTURES")
+    if env:
+        candidates.append(Path(env))
+    here = Path(__file__).resolve().parent
+    candidates += [here.parent.parent / "shared" / "fixtures", Path.cwd() / "fixtures"]
+    for c in candidates:
+        if (c / "multi1" / "1.wav").is_file() and (c / "multi1" / "multi1.png").is_file():
+            return c
+    raise FileNotFoundError(
+        "sample inputs not found (multi1/1.wav, multi1/multi1.png); pass --fixtures or set MULTITALK_FIXTURES. "
+        f"Looked in: {', '.join(str(c) for c in candidates)}"
+    )
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def demo_main(out: str = "outputs/demo.mp4", fixtures: Optional[str] = None, options: Optional[dict] = None,
+              config: Optional[str] = None, port: Optional[int] = None, ready_timeout: float = 900.0) -> int:
+    """``multitalk demo``: serve locally (embedded CPU config, tiny weights), submit the
+    predecessor's sample job (``1.wav`` + ``multi1.png``) over HTTP, write the mp4."""
+    import ray
+    from ray import serve
+
+    fx = _find_fixtures(fixtures)
+    prompt = ""
+    try:
+        prompt = json.loads((fx / "prompts.json").read_text())["multi1"]["prompt"]
+    except (OSError, KeyError, ValueError):
+        pass
+    url = serve_main(config, host="127.0.0.1", port=port or _free_port(), blocking=False)
+    try:
+        deadline = time.monotonic() + ready_timeout
+        while True:  # replicas load (and generate tiny weights on first use) before answering
+            status = serve.status().applications.get("multitalk")
+            if status is not None and status.status == "RUNNING":
+                break
+            if status is not None and status.status == "DEPLOY_FAILED":
+                print(f"deployment failed: {status.message}", file=sys.stderr)
+                return 1
+            if time.monotonic() > deadline:
+                print("the application did not become ready in time", file=sys.stderr)
+                return 1
+            time.sleep(2)
+        print(f"MultiTalk Serve: ready at {url}; submitting the sample job", file=sys.stderr)
+        try:
+            final = submit(url, str(fx / "multi1" / "multi1.png"), str(fx / "multi1" / "1.wav"), prompt=prompt,
+                           wait=True, out=out, options={**DEMO_OPTIONS, **(options or {})})
+        except (JobFailed, RequestRejected) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        result = final.get("result") or {}
+        print(json.dumps({"out": str(out), "job": final["id"], "frames": result.get("frames"),
+                          "width": result.get("width"), "height": result.get("height"),
+                          "lip_sync": result.get("lip_sync"), "timings": final.get("timings")}, indent=2))
+        return 0
+    finally:
+        serve.shutdown()
+        ray.shutdown()

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .text_encoder import CheckpointMismatchError, ConvertedTensor, load_state_dict_strict
+from .text_encoder import CheckpointMismatchError, ConvertedTensor, _require, load_state_dict_strict
 
 __all__ = [
     "CLIP_MEAN",
@@ -109,17 +109,6 @@ def _original_name(hf_name: str) -> str | None:
             if hf == match.group(2):
                 return prefix + original
     return None
-
-
-def _require(state_dict: Mapping[str, torch.Tensor], key: str, ndim: int) -> torch.Tensor:
-    if key not in state_dict:
-        raise CheckpointMismatchError(f"missing key in checkpoint: {key!r} (needed to infer the config)")
-    tensor = state_dict[key]
-    if tensor.ndim != ndim:
-        raise CheckpointMismatchError(
-            f"shape mismatch for {key!r}: checkpoint has {tuple(tensor.shape)}, expected a {ndim}-D tensor"
-        )
-    return tensor
 
 
 def infer_config_from_original(state_dict: Mapping[str, torch.Tensor], num_heads: int | None = None):
