@@ -57,6 +57,9 @@ def _run(case: dict, models: str, queue) -> None:
     from multitalk.pipeline import MultiTalkPipeline
 
     pipe = MultiTalkPipeline.from_pretrained(models)
+    # Warm-up (first-call costs of torch, ffmpeg, the thread pool) so both cases time steady state.
+    pipe.generate(GenerationRequest(image=_image(), audio=[_speech(2.0)], size=case["size"], frames=17,
+                                    sampling=SamplingOptions(steps=1)))
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     req = GenerationRequest(
         image=_image(), audio=[_speech(case["seconds"])], prompt="a person talks", size=case["size"],
