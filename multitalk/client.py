@@ -171,13 +171,12 @@ def download(url: str, job_id: str, out: str, session: Optional[requests.Session
 
 
 def default_config_path() -> Path:
-    """The embedded CPU config: ``configs/serve_cpu.yaml`` next to ``pipeline_graph.py``
-    (source checkout), else the copy packaged in ``multitalk/configs``."""
+    """The embedded CPU config, packaged as ``multitalk/configs/serve_cpu.yaml``."""
     here = Path(__file__).resolve().parent
-    for candidate in (here.parent / "configs" / "serve_cpu.yaml", here / "configs" / "serve_cpu.yaml"):
+    for candidate in (here / "configs" / "serve_cpu.yaml",):
         if candidate.is_file():
             return candidate
-    raise FileNotFoundError("serve_cpu.yaml not found (neither configs/ nor multitalk/configs/)")
+    raise FileNotFoundError("multitalk/configs/serve_cpu.yaml not found")
 
 
 def load_serve_config(config: Optional[str] = None, host: Optional[str] = None, port: Optional[int] = None):
@@ -198,7 +197,8 @@ def load_serve_config(config: Optional[str] = None, host: Optional[str] = None, 
     return ServeDeploySchema.model_validate(raw)
 
 
-def serve_main(config: Optional[str] = None, host: str = "127.0.0.1", port: int = 8000, blocking: bool = True):
+def serve_main(config: Optional[str] = None, host: str = "127.0.0.1", port: int = 8000, blocking: bool = True,
+               log_to_driver: bool = True):
     """Start a local Ray, deploy the config's applications and block (``multitalk serve``).
 
     Same mechanism as ``serve run config.yaml``: per-deployment overrides in the config
@@ -217,7 +217,7 @@ def serve_main(config: Optional[str] = None, host: str = "127.0.0.1", port: int 
     if root not in paths:
         os.environ["PYTHONPATH"] = os.pathsep.join([root] + paths)
     if not ray.is_initialized():
-        ray.init(namespace="serve")
+        ray.init(namespace="serve", log_to_driver=log_to_driver)
     client = serve_api.serve_start(
         http_options=schema.http_options.model_dump(),
         proxy_location=schema.proxy_location,
@@ -250,8 +250,9 @@ def serve_main(config: Optional[str] = None, host: str = "127.0.0.1", port: int 
 
 # --- the demo ---------------------------------------------------------------------------
 
-# Small enough for a CPU on tiny random weights: one 81-frame clip (3.2 s) at ~128 px.
-DEMO_OPTIONS = {"frames": 81, "size": "multitalk-128", "sampling": {"steps": 4}}
+# Small enough for a CPU on tiny random weights: one clip at ~128 px, 4 sampler steps.
+# The sample speech (multi1/1.wav) lasts 1.76 s = 44 frames, so the clip has 41.
+DEMO_OPTIONS = {"frames": 41, "size": "multitalk-128", "sampling": {"steps": 4}}
 
 
 def _find_fixtures(fixtures: Optional[str]) -> Path:
@@ -291,7 +292,7 @@ def demo_main(out: str = "outputs/demo.mp4", fixtures: Optional[str] = None, opt
         prompt = json.loads((fx / "prompts.json").read_text())["multi1"]["prompt"]
     except (OSError, KeyError, ValueError):
         pass
-    url = serve_main(config, host="127.0.0.1", port=port or _free_port(), blocking=False)
+    url = serve_main(config, host="127.0.0.1", port=port or _free_port(), blocking=False, log_to_driver=False)
     try:
         deadline = time.monotonic() + ready_timeout
         while True:  # replicas load (and generate tiny weights on first use) before answering

@@ -1,0 +1,356 @@
+"""HTTP and handle front door: FastAPI routes over a :class:`~deployments.service.JobService`.
+
+Routes (see ``/docs`` or ``/openapi.json`` on a running server):
+
+* ``POST /v1/jobs``            202 ``{id, state, status_url}``; JSON :class:`JobRequest`, or multipart
+                               with files ``image``, ``audio`` (1-2, or ``audio_2``) and a
+                               ``request`` field holding the JSON options. ``Idempotency-Key`` header.
+* ``GET /v1/jobs/{id}``        :class:`JobStatus` (state, progress, timings, result + URL, error)
+* ``DELETE /v1/jobs/{id}``     cancel (also stops the in-flight stage calls)
+* ``GET /v1/jobs/{id}/video``  the mp4
+* ``GET /v1/models``           checkpoint report; ``GET /healthz``
+* ``POST /run``, ``POST /runsync``, ``GET /status/{id}``, ``POST /cancel/{id}``: the RunPod contract.
+
+Errors are ``{"error": {"field", "message", "status"}}`` with the HTTP status of the
+:class:`~multitalk.api.InputError`; too many queued jobs answer 429 with ``Retry-After``.
+
+:func:`create_app` is plain FastAPI (tests drive it with TestClient); the
+:class:`MultiTalkIngress` deployment builds it at replica start-up
+(``__serve_build_asgi_app__``) around its own ``JobService`` and adds handle methods.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from contextlib import asynccontextmanager
+from typing import Any, Optional, Union
+
+from fastapi import FastAPI, Header, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from pydantic import ValidationError
+from ray import serve
+
+from multitalk.api import InputError
+
+from .schemas import (
+    ErrorBody,
+    JobRequest,
+    JobState,
+    JobStatus,
+    RunPodRequest,
+    RunPodStatus,
+    SubmitResponse,
+)
+from .service import JobService, Overloaded, ServiceSettings, runpod_status
+from .storage import LocalStore, NotFound, store_from_settings
+
+logger = logging.getLogger("multitalk.serve")
+
+_ERRORS = {
+    400: {"model": ErrorBody}, 404: {"model": ErrorBody}, 409: {"model": ErrorBody},
+    422: {"model": ErrorBody}, 429: {"model": ErrorBody},
+}
+
+
+def _error(status: int, message: str, field: Optional[str] = None, headers: Optional[dict] = None) -> JSONResponse:
+    return JSONResponse(
+        {"error": {"field": field, "message": message, "status": status}}, status_code=status, headers=headers
+    )
+
+
+def _validation_field(err: dict) -> str:
+    loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path", "header")]
+    # Discriminated unions insert the tag into the location ("input.generate.audio_1").
+    loc = [p for p in loc if p not in ("generate", "model_check", "volume_explore")]
+    out = ""
+    for p in loc:
+        out += f"[{p}]" if p.isdigit() else (("." if out else "") + p)
+    return out or "body"
+
+
+def _from_validation(exc: Union[RequestValidationError, ValidationError], prefix: str = "") -> JSONResponse:
+    errors = exc.errors()
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    field = _validation_field(first)
+    if prefix and not field.startswith(prefix):
+        field = f"{prefix}.{field}" if field != "body" else prefix
+    msg = str(first.get("msg", "invalid"))
+    if len(errors) > 1:
+        msg += f" (and {len(errors) - 1} more problem(s))"
+    return _error(422, msg, field)
+
+
+def create_app(service: JobService, title: str = "MultiTalk Serve") -> FastAPI:
+    """The HTTP API over ``service``."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await service.start()
+        yield
+        await service.stop()
+
+    app = FastAPI(
+        title=title,
+        version="0.1.0",
+        lifespan=lifespan,
+        description="Audio-driven talking video (MeiGen MultiTalk on WAN 2.1 I2V 14B).",
+    )
+
+    @app.exception_handler(InputError)
+    async def _input_error(request: Request, exc: InputError):
+        return _error(exc.status, exc.message, exc.field)
+
+    @app.exception_handler(Overloaded)
+    async def _overloaded(request: Request, exc: Overloaded):
+        return _error(429, str(exc), headers={"Retry-After": str(exc.retry_after)})
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        return _from_validation(exc)
+
+    async def _status(job_id: str) -> JobStatus:
+        rec = await service.get(job_id)
+        if rec is None:
+            raise InputError("id", f"no job {job_id!r}", 404)
+        rec = await service.refresh_url(rec)
+        return rec.status()
+
+    # --- native API ----------------------------------------------------------------
+
+    @app.post(
+        "/v1/jobs",
+        status_code=202,
+        response_model=SubmitResponse,
+        responses=_ERRORS,
+        openapi_extra={
+            "requestBody": {
+                "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/JobRequest"}},
+                    "multipart/form-data": {
+                        "schema": {
+                            "type": "object",
+                            "properties": {
+                                "image": {"type": "string", "format": "binary"},
+                                "audio": {"type": "array", "items": {"type": "string", "format": "binary"}},
+                                "audio_2": {"type": "string", "format": "binary"},
+                                "request": {"type": "string", "description": "JobRequest JSON without image/audio"},
+                            },
+                            "required": ["image", "audio"],
+                        }
+                    },
+                },
+                "required": True,
+            }
+        },
+    )
+    async def submit_job(request: Request, idempotency_key: Optional[str] = Header(None)):
+        """Queue a job. JSON body: a JobRequest with references; multipart: uploaded files."""
+        ctype = request.headers.get("content-type", "")
+        if ctype.startswith("multipart/form-data"):
+            job = await _from_multipart(request)
+        else:
+            try:
+                body = await request.json()
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise InputError("body", "body is not valid JSON", 400)
+            try:
+                job = JobRequest.model_validate(body)
+            except ValidationError as e:
+                return _from_validation(e)
+        rec = await service.submit(job, idempotency_key=idempotency_key, source="api")
+        return SubmitResponse(id=rec.id, state=rec.state, status_url=f"/v1/jobs/{rec.id}")
+
+    async def _from_multipart(request: Request) -> JobRequest:
+        form = await request.form()
+        try:
+            options = json.loads(form.get("request") or "{}")
+        except json.JSONDecodeError:
+            raise InputError("request", "form field 'request' is not valid JSON", 400)
+        if not isinstance(options, dict):
+            raise InputError("request", "form field 'request' must be a JSON object", 400)
+        image = form.get("image")
+        if image is None:
+            if "image" not in options:
+                raise InputError("image", "missing image file")
+            image_ref = options["image"]
+        elif isinstance(image, str):
+            image_ref = image  # a reference given as a plain form field
+        else:
+            image_ref = await service.save_upload("image", image.filename, await image.read())
+        audios = list(form.getlist("audio"))
+        if form.get("audio_2") is not None:
+            audios.append(form.get("audio_2"))
+        audio_refs = []
+        for i, a in enumerate(audios):  # files and references, in the order given
+            if isinstance(a, str):
+                audio_refs.append(a)
+            else:
+                audio_refs.append(await service.save_upload(f"audio[{i}]", a.filename, await a.read()))
+        if not audio_refs:
+            audio_refs = options.get("audio") or []
+        if not audio_refs:
+            raise InputError("audio", "missing audio file")
+        try:
+            return JobRequest.model_validate({**options, "image": image_ref, "audio": audio_refs})
+        except ValidationError as e:
+            errors = e.errors()
+            raise InputError(_validation_field(errors[0]), str(errors[0]["msg"]), 422)
+
+    @app.get("/v1/jobs/{job_id}", response_model=JobStatus, responses=_ERRORS)
+    async def get_job(job_id: str):
+        return await _status(job_id)
+
+    @app.delete("/v1/jobs/{job_id}", response_model=JobStatus, responses=_ERRORS)
+    async def cancel_job(job_id: str):
+        rec = await service.cancel(job_id)
+        if rec is None:
+            raise InputError("id", f"no job {job_id!r}", 404)
+        return rec.status()
+
+    @app.get(
+        "/v1/jobs/{job_id}/video",
+        responses={200: {"content": {"video/mp4": {}}}, **_ERRORS},
+        response_class=StreamingResponse,
+    )
+    async def get_video(job_id: str):
+        rec = await service.get(job_id)
+        if rec is None:
+            raise InputError("id", f"no job {job_id!r}", 404)
+        if rec.state != JobState.COMPLETED or rec.result is None:
+            raise InputError("id", f"job is {rec.state.value}, no video yet", 409)
+        store, key = service.video_location(rec)
+        headers = {"Content-Disposition": f'inline; filename="{rec.id}.mp4"'}
+        if isinstance(store, LocalStore):
+            return FileResponse(store.path(key), media_type="video/mp4", headers=headers)
+        try:
+            chunks = store.stream(key)
+        except NotFound:
+            raise InputError("id", "video missing from the store", 404)
+        return StreamingResponse(chunks, media_type="video/mp4", headers=headers)
+
+    @app.get("/v1/models")
+    async def models():
+        import asyncio
+
+        from . import volume
+
+        root = await service.models_root()
+        return await asyncio.to_thread(volume.model_check, root or "")
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "ok", "store": service.store.describe(), "jobs_running": service._unfinished()}
+
+    # --- RunPod contract -------------------------------------------------------------
+
+    async def _runpod_submit(body: Any, idempotency_key: Optional[str]):
+        try:
+            req = RunPodRequest.model_validate(body)
+        except ValidationError as e:
+            return None, _from_validation(e)
+        inp = req.input
+        if inp.action == "generate":
+            try:
+                job = inp.to_job_request()
+            except ValidationError as e:
+                return None, _from_validation(e, "input")
+            rec = await service.submit(job, idempotency_key=idempotency_key, source="runpod")
+        else:
+            rec = await service.run_action(inp.action, inp.model_dump(exclude={"action"}), idempotency_key)
+        return rec, None
+
+    async def _json(request: Request):
+        try:
+            return await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise InputError("body", "body is not valid JSON", 400)
+
+    @app.post("/run", response_model=RunPodStatus, responses=_ERRORS)
+    async def run(request: Request, idempotency_key: Optional[str] = Header(None)):
+        """RunPod async submit: answers ``{"id", "status"}`` at once."""
+        rec, err = await _runpod_submit(await _json(request), idempotency_key)
+        if err is not None:
+            return err
+        status = runpod_status(rec)
+        return status if rec.state.terminal else RunPodStatus(id=rec.id, status=rec.state.value)
+
+    @app.post("/runsync", response_model=RunPodStatus, responses=_ERRORS)
+    async def runsync(
+        request: Request,
+        idempotency_key: Optional[str] = Header(None),
+        wait: Optional[float] = Query(None, ge=0, description="Seconds to wait (default: server setting)"),
+    ):
+        """RunPod sync submit: waits (up to a timeout), then answers like ``/status``."""
+        rec, err = await _runpod_submit(await _json(request), idempotency_key)
+        if err is not None:
+            return err
+        timeout = service.settings.runsync_timeout_s if wait is None else min(wait, service.settings.runsync_timeout_s)
+        rec = await service.wait(rec.id, timeout)
+        return runpod_status(await service.refresh_url(rec))
+
+    @app.get("/status/{job_id}", response_model=RunPodStatus, responses=_ERRORS)
+    async def status(job_id: str):
+        rec = await service.get(job_id)
+        if rec is None:
+            raise InputError("id", f"no job {job_id!r}", 404)
+        return runpod_status(await service.refresh_url(rec))
+
+    @app.post("/cancel/{job_id}", response_model=RunPodStatus, responses=_ERRORS)
+    async def runpod_cancel(job_id: str):
+        rec = await service.cancel(job_id)
+        if rec is None:
+            raise InputError("id", f"no job {job_id!r}", 404)
+        return runpod_status(rec)
+
+    return app
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64)
+@serve.ingress()
+class MultiTalkIngress:
+    """The application's entry point: HTTP routes plus handle methods for other Ray apps.
+
+    ``serve.get_app_handle("multitalk").generate.remote(JobRequest(...))`` runs a job and
+    returns its final :class:`JobStatus`; ``submit`` returns at once.
+    """
+
+    def __init__(self, audio, image, text, diffusion, decode, settings: Optional[dict] = None):
+        from .stages import ServeStages
+
+        settings = dict(settings or {})
+        store = store_from_settings(settings.pop("store", None))
+        self.service = JobService(
+            store=store,
+            stages=ServeStages(audio, image, text, diffusion, decode),
+            settings=ServiceSettings.from_dict(settings),
+        )
+        logger.info("ingress replica %s: store %s", self.service.settings.replica_id, store.describe())
+
+    def __serve_build_asgi_app__(self):
+        return create_app(self.service)
+
+    @staticmethod
+    def _request(request: Union[JobRequest, dict]) -> JobRequest:
+        return request if isinstance(request, JobRequest) else JobRequest.model_validate(request)
+
+    async def submit(self, request: Union[JobRequest, dict], idempotency_key: Optional[str] = None) -> JobStatus:
+        """Queue a job; raises InputError / Overloaded like the HTTP route answers 4xx/429."""
+        rec = await self.service.submit(self._request(request), idempotency_key, source="handle")
+        return rec.status()
+
+    async def generate(
+        self, request: Union[JobRequest, dict], idempotency_key: Optional[str] = None, timeout: Optional[float] = None
+    ) -> JobStatus:
+        """Run a job to the end and return its final status (COMPLETED/FAILED/CANCELLED)."""
+        rec = await self.service.submit(self._request(request), idempotency_key, source="handle")
+        rec = await self.service.wait(rec.id, timeout)
+        return (await self.service.refresh_url(rec)).status()
+
+    async def status(self, job_id: str) -> Optional[JobStatus]:
+        rec = await self.service.get(job_id)
+        return None if rec is None else (await self.service.refresh_url(rec)).status()
+
+    async def cancel(self, job_id: str) -> Optional[JobStatus]:
+        rec = await self.service.cancel(job_id)
+        return None if rec is None else rec.status()

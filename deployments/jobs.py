@@ -1,0 +1,190 @@
+"""Job records persisted as JSON in the store, next to the outputs.
+
+``jobs/{id}.json`` holds one :class:`JobRecord`; ``jobs/idempotency/{sha256}.json`` maps an
+``Idempotency-Key`` to the job it created; ``jobs/active/{id}`` marks an unfinished job;
+``jobs/{id}.cancel`` is a cancel request for a job another ingress replica owns. Records are the source of truth: a restarted ingress
+reloads them and runs again whatever was queued or in progress (:meth:`JobStore.orphans`).
+
+All methods are blocking (S3 calls); the async ingress calls them via ``asyncio.to_thread``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+import uuid
+from typing import Any, Optional
+
+from pydantic import BaseModel, Field
+
+from multitalk.api import InputError
+
+from .schemas import ErrorInfo, JobRequest, JobState, JobStatus, ProgressInfo, ResultInfo
+from .storage import NotFound, Store
+
+JOBS_PREFIX = "jobs/"
+IDEMPOTENCY_PREFIX = "jobs/idempotency/"
+# One empty object per unfinished job, so recovery lists only those instead of reading
+# every record ever written.
+ACTIVE_PREFIX = "jobs/active/"
+
+
+def output_key(job_id: str) -> str:
+    return f"outputs/{job_id}.mp4"
+
+
+def valid_job_id(job_id: str) -> bool:
+    try:
+        return str(uuid.UUID(job_id)) == job_id
+    except (ValueError, TypeError, AttributeError):
+        return False
+
+
+class JobRecord(BaseModel):
+    """Everything known about a job. Inputs are references, never bytes."""
+
+    id: str
+    state: JobState = JobState.IN_QUEUE
+    created_at: float
+    updated_at: float
+    started_at: Optional[float] = None
+    finished_at: Optional[float] = None
+    request: Optional[JobRequest] = None
+    action: str = "generate"  # RunPod action; non-generate actions complete at once
+    source: str = "api"  # "api" | "runpod" | "handle": how field names are reported
+    idempotency_key: Optional[str] = None
+    progress: ProgressInfo = Field(default_factory=ProgressInfo)
+    timings: dict[str, float] = Field(default_factory=dict)
+    result: Optional[ResultInfo] = None
+    output: Optional[dict[str, Any]] = None
+    error: Optional[ErrorInfo] = None
+    owner: Optional[str] = None  # ingress replica running it
+    heartbeat_at: Optional[float] = None
+    attempts: int = 0
+
+    def status(self) -> JobStatus:
+        return JobStatus(**self.model_dump(include=set(JobStatus.model_fields)))
+
+
+class JobStore:
+    """CRUD for :class:`JobRecord` over a :class:`~deployments.storage.Store`."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self._lock = threading.Lock()  # serialises idempotent creates within a replica
+
+    @staticmethod
+    def _key(job_id: str) -> str:
+        return f"{JOBS_PREFIX}{job_id}.json"
+
+    @staticmethod
+    def _idem_key(key: str) -> str:
+        return IDEMPOTENCY_PREFIX + hashlib.sha256(key.encode()).hexdigest() + ".json"
+
+    @staticmethod
+    def _fingerprint(request: Optional[JobRequest], action: str) -> str:
+        body = request.model_dump_json() if request is not None else ""
+        return hashlib.sha256(f"{action}\n{body}".encode()).hexdigest()
+
+    def create(
+        self,
+        request: Optional[JobRequest],
+        idempotency_key: Optional[str] = None,
+        source: str = "api",
+        action: str = "generate",
+        job_id: Optional[str] = None,
+    ) -> tuple[JobRecord, bool]:
+        """Create and persist a queued job; returns ``(record, created)``.
+
+        With an ``idempotency_key`` already seen, returns the earlier job and ``False``;
+        the same key with a different request body is a client bug (409).
+        """
+        with self._lock:
+            fingerprint = self._fingerprint(request, action)
+            if idempotency_key:
+                try:
+                    known = json.loads(self.store.get(self._idem_key(idempotency_key)))
+                except NotFound:
+                    known = None
+                if known:
+                    if known.get("fingerprint") != fingerprint:
+                        raise InputError(
+                            "Idempotency-Key", "key already used for a different request", 409
+                        )
+                    existing = self.get(known["job_id"])
+                    if existing is not None:
+                        return existing, False
+            now = time.time()
+            record = JobRecord(
+                id=job_id or str(uuid.uuid4()),
+                created_at=now,
+                updated_at=now,
+                request=request,
+                action=action,
+                source=source,
+                idempotency_key=idempotency_key,
+            )
+            if action == "generate":
+                self.store.put(ACTIVE_PREFIX + record.id, b"", "text/plain")
+            self.save(record, touch=False)
+            if idempotency_key:
+                mapping = {"key": idempotency_key, "job_id": record.id, "fingerprint": fingerprint}
+                self.store.put(self._idem_key(idempotency_key), json.dumps(mapping).encode(), "application/json")
+            return record, True
+
+    def save(self, record: JobRecord, touch: bool = True) -> None:
+        if touch:
+            record.updated_at = time.time()
+        self.store.put(self._key(record.id), record.model_dump_json().encode(), "application/json")
+        if record.state.terminal and record.action == "generate":
+            self.store.delete(ACTIVE_PREFIX + record.id)
+
+    def get(self, job_id: str) -> Optional[JobRecord]:
+        if not valid_job_id(job_id):
+            return None
+        try:
+            return JobRecord.model_validate_json(self.store.get(self._key(job_id)))
+        except NotFound:
+            return None
+
+    def list_ids(self) -> list[str]:
+        ids = []
+        for key in self.store.list(JOBS_PREFIX):
+            name = key[len(JOBS_PREFIX):]
+            if "/" not in name and name.endswith(".json"):
+                ids.append(name[: -len(".json")])
+        return ids
+
+    def load_all(self) -> list[JobRecord]:
+        records = []
+        for job_id in self.list_ids():
+            rec = self.get(job_id)
+            if rec is not None:
+                records.append(rec)
+        return sorted(records, key=lambda r: r.created_at)
+
+    def orphans(self, lease_s: float, owner: Optional[str] = None) -> list[JobRecord]:
+        """Unfinished jobs nobody is running: their owner's heartbeat is older than
+        ``lease_s`` (or they have no owner). ``owner``'s own jobs are never orphans."""
+        now = time.time()
+        found = []
+        for key in self.store.list(ACTIVE_PREFIX):
+            rec = self.get(key[len(ACTIVE_PREFIX):])
+            if rec is None:
+                continue
+            if rec.state.terminal or rec.action != "generate":
+                continue
+            if owner is not None and rec.owner == owner:
+                continue
+            beat = rec.heartbeat_at or rec.updated_at
+            if rec.owner is None or now - beat > lease_s:
+                found.append(rec)
+        return sorted(found, key=lambda r: r.created_at)
+
+    # Cancel requests for jobs another replica runs: a marker the owner polls.
+    def request_cancel(self, job_id: str) -> None:
+        self.store.put(f"{JOBS_PREFIX}{job_id}.cancel", b"1", "text/plain")
+
+    def cancel_requested(self, job_id: str) -> bool:
+        return self.store.exists(f"{JOBS_PREFIX}{job_id}.cancel")

@@ -1,0 +1,534 @@
+"""The job runner behind the ingress: queueing, running, persisting and cancelling jobs.
+
+Free of Ray and HTTP so it can be tested in-process: the ingress deployment owns one
+:class:`JobService` and exposes it over FastAPI routes and handle methods.
+
+A job runs as an asyncio task in the ingress replica: fetch inputs from the store, call
+the library's driver (``multitalk.driver.generate``) with a ``Stages`` implementation
+(deployment handles in production), upload the mp4 to ``outputs/{job_id}.mp4``.
+Cancelling the task cancels the in-flight stage calls (see ``stages.ServeStages``).
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import importlib
+import logging
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Optional
+
+from multitalk.api import GenerationResult, InputError, Progress
+
+from . import volume
+from .jobs import JobRecord, JobStore, output_key, valid_job_id
+from .schemas import (
+    NATIVE_FIELD_NAMES,
+    RUNPOD_FIELD_NAMES,
+    ErrorInfo,
+    JobRequest,
+    JobState,
+    ProgressInfo,
+    ResultInfo,
+    RunPodStatus,
+)
+from .storage import LocalStore, Store, check_input, resolve_input, store_from_settings
+
+logger = logging.getLogger("multitalk.serve")
+
+GenerateFn = Callable[..., Awaitable[GenerationResult]]
+
+
+class Overloaded(Exception):
+    """Too many unfinished jobs in this ingress replica (HTTP 429)."""
+
+    def __init__(self, retry_after: int):
+        super().__init__(f"too many jobs queued; retry after {retry_after}s")
+        self.retry_after = retry_after
+
+
+class JobLog(logging.LoggerAdapter):
+    """Prefixes every line with the job id, so one job's lines can be grepped out."""
+
+    def process(self, msg, kwargs):
+        return f"[job {self.extra['job_id']}] {msg}", kwargs
+
+
+@dataclass
+class ServiceSettings:
+    """Ingress settings (``args.ingress`` in the serve config)."""
+
+    max_concurrent_jobs: int = 2  # jobs running at once; >1 overlaps one job's encoders with another's DiT
+    max_queued_jobs: int = 16  # unfinished jobs per replica before 429
+    retry_after_s: int = 30
+    lease_s: float = 60.0  # a job whose owner's heartbeat is older is re-queued by another replica
+    persist_interval_s: float = 2.0  # progress is written at most this often
+    exclusive: bool = True  # single ingress replica: at start-up, every unfinished job is ours to re-run
+    presign_expires_s: int = 3600
+    runsync_timeout_s: float = 120.0
+    allowed_buckets: tuple[str, ...] = ()
+    local_output_dir: Optional[str] = None  # for output format "local" when the store is S3
+    driver: str = "multitalk.driver:generate"
+    models_root: str = ""
+    cache_dir: Optional[str] = None
+    replica_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+
+    @classmethod
+    def from_dict(cls, d: Optional[dict]) -> "ServiceSettings":
+        d = dict(d or {})
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown ingress settings: {sorted(unknown)}")
+        if "allowed_buckets" in d:
+            d["allowed_buckets"] = tuple(d["allowed_buckets"] or ())
+        return cls(**d)
+
+
+def import_attr(path: str):
+    module, _, attr = path.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def _input_error(exc: BaseException) -> Optional[InputError]:
+    """The InputError inside ``exc`` (Ray wraps exceptions raised in other replicas)."""
+    seen = 0
+    while exc is not None and seen < 5:
+        if isinstance(exc, InputError):
+            return exc
+        exc = getattr(exc, "cause", None) or exc.__cause__
+        seen += 1
+    return None
+
+
+class JobService:
+    """Owns the job records and the asyncio tasks running them (one per ingress replica)."""
+
+    def __init__(
+        self,
+        store: Store,
+        stages: Any,
+        settings: Optional[ServiceSettings] = None,
+        generate_fn: Optional[GenerateFn] = None,
+        local_store: Optional[LocalStore] = None,
+    ):
+        self.settings = settings or ServiceSettings()
+        self.store = store
+        self.jobs = JobStore(store)
+        self.stages = stages
+        self._generate_fn = generate_fn
+        if local_store is None:
+            local_store = store if isinstance(store, LocalStore) else store_from_settings(
+                {"local_root": self.settings.local_output_dir or "~/.cache/multitalk/outputs"}, env={}
+            )
+        self.local_store: LocalStore = local_store  # type: ignore[assignment]
+        self.records: dict[str, JobRecord] = {}  # jobs this replica owns (the live copies)
+        self.tasks: dict[str, asyncio.Task] = {}
+        self.done: dict[str, asyncio.Event] = {}
+        self._slots: Optional[asyncio.Semaphore] = None
+        self._started = False
+        self._sweeper: Optional[asyncio.Task] = None
+        self._models_root: Optional[str] = None
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Reload job records and re-queue unfinished ones; idempotent."""
+        if self._started:
+            return
+        self._started = True
+        self._slots = asyncio.Semaphore(self.settings.max_concurrent_jobs)
+        lease = 0.0 if self.settings.exclusive else self.settings.lease_s
+        await self._recover(lease)
+        if not self.settings.exclusive:  # only several ingress replicas can orphan jobs while we run
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
+
+    async def stop(self) -> None:
+        if self._sweeper:
+            self._sweeper.cancel()
+        for task in list(self.tasks.values()):
+            task.cancel()
+        await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+
+    async def _recover(self, lease_s: float) -> None:
+        try:
+            orphans = await asyncio.to_thread(self.jobs.orphans, lease_s, self.settings.replica_id)
+        except Exception:
+            logger.exception("could not list job records for recovery")
+            return
+        for rec in orphans:
+            if rec.id in self.tasks:
+                continue
+            JobLog(logger, {"job_id": rec.id}).info(
+                "re-queueing (was %s, owner %s)", rec.state.value, rec.owner
+            )
+            rec.owner = self.settings.replica_id
+            rec.heartbeat_at = time.time()
+            rec.state = JobState.IN_QUEUE
+            rec.progress = ProgressInfo(stage="queued", message="re-queued after an ingress restart")
+            await asyncio.to_thread(self.jobs.save, rec.model_copy(deep=True))
+            self._schedule(rec)
+
+    async def _sweep_forever(self) -> None:
+        # Picks up jobs whose owner died (multi-replica ingress) once their lease expires.
+        while True:
+            await asyncio.sleep(max(self.settings.lease_s / 2, 1.0))
+            try:
+                await self._recover(self.settings.lease_s)
+            except Exception:
+                logger.exception("job sweep failed")
+
+    # --- submit ----------------------------------------------------------------------
+
+    def _unfinished(self) -> int:
+        return sum(1 for t in self.tasks.values() if not t.done())
+
+    async def save_upload(self, field_name: str, filename: Optional[str], data: bytes) -> str:
+        """Store an uploaded input; returns its key. Content-addressed, so a retried
+        upload (same Idempotency-Key) yields the same request and the same job."""
+        if not data:
+            raise InputError(field_name, "empty upload")
+        ext = ""
+        if filename and "." in filename:
+            ext = "." + filename.rsplit(".", 1)[1].lower()
+            if not re.fullmatch(r"\.[a-z0-9]{1,8}", ext):
+                ext = ""
+        key = f"inputs/uploads/{hashlib.sha256(data).hexdigest()[:32]}{ext}"
+        if not await asyncio.to_thread(self.store.exists, key):
+            await asyncio.to_thread(self.store.put, key, data, None)
+        return key
+
+    async def _validate_inputs(self, request: JobRequest, source: str) -> JobRequest:
+        """Check every reference exists (4xx now rather than a failed job later)."""
+        canon = {}
+        for name, ref in request.input_fields():
+            try:
+                canon[name] = await asyncio.to_thread(
+                    check_input, ref, self.store, name, self.settings.allowed_buckets
+                )
+            except InputError as e:
+                raise self._rename(e, source) from None
+        return request.model_copy(
+            update={
+                "image": canon["condition_image"],
+                "audio": [canon[f"audio_{i + 1}"] for i in range(len(request.audio))],
+            }
+        )
+
+    @staticmethod
+    def _rename(e: InputError, source: str) -> InputError:
+        """Errors name fields as the caller sent them (RunPod input vs JobRequest)."""
+        names = RUNPOD_FIELD_NAMES if source == "runpod" else NATIVE_FIELD_NAMES
+        if e.field in names:
+            return InputError(names[e.field], e.message, e.status)
+        return e
+
+    async def submit(
+        self, request: JobRequest, idempotency_key: Optional[str] = None, source: str = "api"
+    ) -> JobRecord:
+        """Validate, persist and queue a job. Raises InputError (4xx) or Overloaded (429)."""
+        await self.start()
+        if self._unfinished() >= self.settings.max_queued_jobs:
+            raise Overloaded(self.settings.retry_after_s)
+        request = await self._validate_inputs(request, source)
+        rec, created = await asyncio.to_thread(self.jobs.create, request, idempotency_key, source)
+        log = JobLog(logger, {"job_id": rec.id})
+        if not created:
+            log.info("idempotent retry (key %r): returning the existing job", idempotency_key)
+            return self.records.get(rec.id, rec)
+        rec.owner = self.settings.replica_id
+        rec.heartbeat_at = time.time()
+        await asyncio.to_thread(self.jobs.save, rec.model_copy(deep=True))
+        log.info("queued: %d audio track(s), mode %s, %d frames, %d steps",
+                 len(request.audio), request.mode, request.frames, request.sampling.steps)
+        self._schedule(rec)
+        return rec
+
+    async def run_action(self, action: str, params: dict, idempotency_key: Optional[str] = None) -> JobRecord:
+        """RunPod ``model_check`` / ``volume_explore``: answered at once, kept as a job record."""
+        await self.start()
+        rec, created = await asyncio.to_thread(
+            self.jobs.create, None, idempotency_key, "runpod", action
+        )
+        if not created:
+            return rec
+        started = time.time()
+        try:
+            root = await self.models_root()
+            if action == "model_check":
+                output = await asyncio.to_thread(volume.model_check, root or "")
+            elif action == "volume_explore":
+                output = await asyncio.to_thread(
+                    volume.volume_explore, root or "", params.get("path", ""), params.get("max_depth", 3)
+                )
+            else:
+                raise InputError("action", f"unknown action {action!r}")
+            rec.output, rec.state = output, JobState.COMPLETED
+        except InputError as e:
+            rec.error, rec.state = ErrorInfo(field=e.field, message=e.message, status=e.status), JobState.FAILED
+        rec.started_at, rec.finished_at = started, time.time()
+        await asyncio.to_thread(self.jobs.save, rec)
+        return rec
+
+    async def models_root(self) -> Optional[str]:
+        if self._models_root is None:
+            self._models_root = await asyncio.to_thread(
+                volume.optional_models_root,
+                {"models_root": self.settings.models_root, "cache_dir": self.settings.cache_dir},
+            )
+        return self._models_root
+
+    def _schedule(self, rec: JobRecord) -> None:
+        self.records[rec.id] = rec
+        self.done[rec.id] = asyncio.Event()
+        self.tasks[rec.id] = asyncio.get_running_loop().create_task(self._run(rec), name=f"job-{rec.id}")
+
+    # --- queries ---------------------------------------------------------------------
+
+    async def get(self, job_id: str) -> Optional[JobRecord]:
+        if job_id in self.records:
+            return self.records[job_id]
+        if not valid_job_id(job_id):
+            return None
+        return await asyncio.to_thread(self.jobs.get, job_id)
+
+    async def wait(self, job_id: str, timeout: Optional[float] = None) -> Optional[JobRecord]:
+        """The job once finished, or as it stands when ``timeout`` runs out."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        event = self.done.get(job_id)
+        if event is not None:
+            try:
+                await asyncio.wait_for(event.wait(), timeout)
+            except asyncio.TimeoutError:
+                pass
+            return await self.get(job_id)
+        while True:  # owned by another replica: poll its record
+            rec = await self.get(job_id)
+            if rec is None or rec.state.terminal:
+                return rec
+            if deadline is not None and time.monotonic() >= deadline:
+                return rec
+            await asyncio.sleep(1.0)
+
+    async def cancel(self, job_id: str) -> Optional[JobRecord]:
+        rec = await self.get(job_id)
+        if rec is None or rec.state.terminal:
+            return rec
+        task = self.tasks.get(job_id)
+        if task is not None:
+            JobLog(logger, {"job_id": job_id}).info("cancel requested")
+            task.cancel()
+            await asyncio.wait({task}, timeout=30)
+            return self.records.get(job_id, rec)
+        # Another replica runs it: leave a marker its heartbeat loop picks up, and mark
+        # the record so clients see the cancellation now.
+        await asyncio.to_thread(self.jobs.request_cancel, job_id)
+        rec.state, rec.finished_at = JobState.CANCELLED, time.time()
+        await asyncio.to_thread(self.jobs.save, rec)
+        return rec
+
+    def video_location(self, rec: JobRecord) -> tuple[Store, str]:
+        if rec.result is None:
+            raise KeyError(rec.id)
+        target = self.local_store if rec.result.store == "local" and self.local_store is not self.store else self.store
+        return target, rec.result.key
+
+    # --- running ---------------------------------------------------------------------
+
+    def generate_fn(self) -> GenerateFn:
+        if self._generate_fn is None:
+            self._generate_fn = import_attr(self.settings.driver)
+        return self._generate_fn
+
+    async def _persist(self, rec: JobRecord) -> None:
+        rec.heartbeat_at = time.time()
+        snapshot = rec.model_copy(deep=True)
+        await asyncio.to_thread(self.jobs.save, snapshot)
+
+    async def _heartbeat(self, rec: JobRecord, dirty: list[bool], task: asyncio.Task) -> None:
+        """Writes progress (throttled) and the lease heartbeat; polls for remote cancels."""
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(self.settings.persist_interval_s)
+            try:
+                if dirty[0] or time.monotonic() - last > self.settings.lease_s / 3:
+                    dirty[0] = False
+                    last = time.monotonic()
+                    await self._persist(rec)
+                if await asyncio.to_thread(self.jobs.cancel_requested, rec.id):
+                    JobLog(logger, {"job_id": rec.id}).info("cancel marker found")
+                    task.cancel()
+                    return
+            except Exception:
+                JobLog(logger, {"job_id": rec.id}).exception("could not persist progress")
+
+    def _fetch_inputs(self, request: JobRequest, source: str) -> tuple[bytes, list[bytes]]:
+        out = []
+        for name, ref in request.input_fields():
+            try:
+                out.append(resolve_input(ref, self.store, name, self.settings.allowed_buckets))
+            except InputError as e:
+                raise self._rename(e, source) from None
+        return out[0], out[1:]
+
+    async def _run(self, rec: JobRecord) -> None:
+        log = JobLog(logger, {"job_id": rec.id})
+        task = asyncio.current_task()
+        dirty = [False]
+        beat: Optional[asyncio.Task] = None
+        # Per-job view of the stages where supported, so a cancel reaches this job's calls.
+        stages = self.stages.for_job() if hasattr(self.stages, "for_job") else self.stages
+        try:
+            assert self._slots is not None and rec.request is not None
+            async with self._slots:
+                rec.state, rec.started_at = JobState.IN_PROGRESS, time.time()
+                rec.attempts += 1
+                rec.timings["queue"] = round(rec.started_at - rec.created_at, 3)
+                rec.progress = ProgressInfo(stage="inputs", message="fetching inputs")
+                await self._persist(rec)
+                beat = asyncio.get_running_loop().create_task(self._heartbeat(rec, dirty, task))
+                log.info("started (attempt %d)", rec.attempts)
+
+                t0 = time.monotonic()
+                image, audio = await asyncio.to_thread(self._fetch_inputs, rec.request, rec.source)
+                rec.timings["fetch_inputs"] = round(time.monotonic() - t0, 3)
+                gen_request = rec.request.to_generation_request(image, audio)
+
+                last_stage = [None]
+
+                def on_progress(p: Progress) -> None:
+                    info = ProgressInfo(**dataclasses.asdict(p))
+                    if not info.total_steps and rec.progress.total_steps:
+                        # Stages after the sampler report no steps; keep the count so
+                        # clients' step bars do not jump back to zero.
+                        info.step, info.total_steps = rec.progress.step, rec.progress.total_steps
+                    rec.progress = info
+                    dirty[0] = True
+                    if p.stage != last_stage[0]:
+                        last_stage[0] = p.stage
+                        log.info("stage %s %s", p.stage, p.message)
+                    elif p.total_steps and (p.step == p.total_steps or p.step % 10 == 0):
+                        log.info("%s step %d/%d chunk %d/%d", p.stage, p.step, p.total_steps,
+                                 p.chunk + 1, p.total_chunks)
+
+                t0 = time.monotonic()
+                if hasattr(stages, "prepare"):
+                    await stages.prepare()
+                result = await self.generate_fn()(gen_request, stages, on_progress)
+                rec.timings["generate"] = round(time.monotonic() - t0, 3)
+                rec.timings.update({k: round(float(v), 3) for k, v in (result.timings or {}).items()})
+
+                total_steps, total_chunks = rec.progress.total_steps, rec.progress.total_chunks
+                rec.progress = ProgressInfo(stage="upload", step=total_steps, total_steps=total_steps,
+                                            chunk=total_chunks - 1, total_chunks=total_chunks,
+                                            message="uploading video")
+                t0 = time.monotonic()
+                rec.result = await self._upload(rec, result)
+                rec.timings["upload"] = round(time.monotonic() - t0, 3)
+                rec.state = JobState.COMPLETED
+                rec.progress = rec.progress.model_copy(update={"stage": "done", "message": ""})
+                log.info("completed: %d frames, %s", result.num_frames, rec.result.key)
+        except asyncio.CancelledError:
+            if hasattr(stages, "cancel"):
+                stages.cancel()
+            rec.state = JobState.CANCELLED
+            rec.progress.message = "cancelled"
+            log.info("cancelled")
+        except Exception as e:  # noqa: BLE001 - every failure must land in the record
+            if hasattr(stages, "cancel"):
+                stages.cancel()  # calls the driver started but no longer waits for
+            ie = _input_error(e)
+            if ie is not None:
+                ie = self._rename(ie, rec.source)
+                rec.error = ErrorInfo(field=ie.field, message=ie.message, status=ie.status)
+                log.warning("failed on input %s: %s", ie.field, ie.message)
+            else:
+                rec.error = ErrorInfo(message=f"{type(e).__name__}: {e}", status=500)
+                log.exception("failed")
+            rec.state = JobState.FAILED
+        finally:
+            if beat is not None:
+                beat.cancel()
+            rec.finished_at = time.time()
+            if rec.started_at:
+                rec.timings["total"] = round(rec.finished_at - rec.started_at, 3)
+            try:
+                await self._persist(rec)
+            except Exception:
+                log.exception("could not persist the final record")
+            self.tasks.pop(rec.id, None)
+            self.done[rec.id].set()
+
+    async def _upload(self, rec: JobRecord, result: GenerationResult) -> ResultInfo:
+        out = rec.request.output
+        key = out.key or output_key(rec.id)
+        if not key.startswith("outputs/"):
+            key = "outputs/" + key  # never let an output overwrite inputs or job records
+        if not key.endswith(".mp4"):
+            key += ".mp4"
+        target: Store = self.local_store if out.format == "local" else self.store
+        await asyncio.to_thread(target.put, key, result.video, "video/mp4")
+        url = await asyncio.to_thread(target.presigned_url, key, self.settings.presign_expires_s)
+        return ResultInfo(
+            key=key,
+            store="local" if isinstance(target, LocalStore) else "s3",
+            url=url,
+            path=str(target.path(key)) if isinstance(target, LocalStore) else None,
+            video_url=f"/v1/jobs/{rec.id}/video",
+            frames=result.num_frames,
+            duration=round(result.num_frames / float(result.fps or 25), 3),
+            fps=result.fps,
+            width=result.width,
+            height=result.height,
+            chunks=result.chunks,
+            lip_sync=result.lip_sync,
+            warnings=list(result.warnings or []),
+        )
+
+    # --- views -----------------------------------------------------------------------
+
+    async def refresh_url(self, rec: JobRecord) -> JobRecord:
+        """Presigned URLs expire: re-sign when answering a status query."""
+        if rec.result is not None and rec.result.store == "s3":
+            store, key = self.video_location(rec)
+            url = await asyncio.to_thread(store.presigned_url, key, self.settings.presign_expires_s)
+            rec = rec.model_copy(update={"result": rec.result.model_copy(update={"url": url})})
+        return rec
+
+
+def runpod_status(rec: JobRecord) -> RunPodStatus:
+    """A job record in the predecessor's ``/status`` shape."""
+    output = None
+    error = None
+    if rec.state == JobState.COMPLETED:
+        if rec.action == "generate" and rec.result is not None:
+            r = rec.result
+            output = {
+                "status": "success",
+                "output_format": r.store,
+                "video_key": r.key,
+                "video_url": r.url,
+                "frames": r.frames,
+                "duration": r.duration,
+                "fps": r.fps,
+                "width": r.width,
+                "height": r.height,
+                "timings": rec.timings,
+            }
+            if r.store == "s3":
+                output["s3_key"] = r.key
+            if r.path:
+                output["local_path"] = r.path
+        else:
+            output = rec.output
+    elif rec.state == JobState.FAILED and rec.error is not None:
+        error = f"{rec.error.field}: {rec.error.message}" if rec.error.field else rec.error.message
+    elif rec.state in (JobState.IN_QUEUE, JobState.IN_PROGRESS):
+        output = {"progress": rec.progress.model_dump()}
+    delay = int((rec.started_at - rec.created_at) * 1000) if rec.started_at else None
+    exe = int((rec.finished_at - rec.started_at) * 1000) if rec.started_at and rec.finished_at else None
+    return RunPodStatus(id=rec.id, status=rec.state.value, output=output, error=error,
+                        delayTime=delay, executionTime=exe)

@@ -1,0 +1,284 @@
+"""Stage deployments: each a thin wrapper owning one ``multitalk.stages`` object.
+
+Every method runs the blocking torch work in a worker thread (``asyncio.to_thread``) so
+the replica's event loop stays free: newer Ray health checks mark a replica whose loop
+is blocked as unhealthy. An ``asyncio.Lock`` keeps one computation per replica at a time
+(the model objects are not meant for concurrent use, and the GPU is the bottleneck
+anyway); extra requests wait in the replica up to ``max_ongoing_requests``.
+
+Results are moved to CPU before they leave the replica: a CUDA tensor in a reply would
+be rebuilt on a CUDA device on the receiving side, which the ingress does not have.
+
+:class:`ServeStages` implements the driver's ``Stages`` protocol over the handles.
+Resources (num_gpus, replicas, autoscaling) come from the serve config, not from here.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import sys
+import threading
+from typing import Any, Callable, Optional
+
+from ray import serve
+
+logger = logging.getLogger("multitalk.serve")
+
+# Default implementation of each stage; ``settings["stage_classes"]`` may name others
+# ("module:Class" with the same interface, e.g. a quantised DiT).
+DEFAULT_STAGE_CLASSES = {
+    "audio": "multitalk.stages:AudioStage",
+    "image": "multitalk.stages:ImageStage",
+    "text": "multitalk.stages:TextStage",
+    "diffusion": "multitalk.stages:DiffusionStage",
+    "decode": "multitalk.stages:DecodeStage",
+}
+
+
+class StageCancelled(Exception):
+    """Raised inside the sampler thread when the request that started it was cancelled."""
+
+
+def to_cpu(obj: Any) -> Any:
+    """Recursively move tensors to CPU (tensors, dataclasses, lists/tuples/dicts)."""
+    torch = sys.modules.get("torch")
+    if torch is None:  # nothing imported torch, so there are no tensors to move
+        return obj
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu() if obj.device.type != "cpu" else obj
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        changes = {f.name: to_cpu(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init}
+        return dataclasses.replace(obj, **changes)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(x) for x in obj)
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    return obj
+
+
+def _dtype(name: Any):
+    """torch dtype for a config name. Stage classes that do not use torch (nothing has
+    imported it) get the name as is, so replicas do not pay for importing torch."""
+    torch = sys.modules.get("torch")
+    if torch is None or not isinstance(name, str):
+        return name
+    return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[name]
+
+
+def _device(setting: Optional[str]) -> str:
+    if setting and setting != "auto":
+        return setting
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return "cpu"
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class _StageReplica:
+    """Loads one stage object from the models root given in ``settings``."""
+
+    stage_name: str = ""
+
+    def __init__(self, settings: dict):
+        from .service import import_attr
+        from .volume import resolve_models_root
+
+        settings = dict(settings or {})
+        root = resolve_models_root(settings)
+        cls_path = {**DEFAULT_STAGE_CLASSES, **(settings.get("stage_classes") or {})}[self.stage_name]
+        stage_cls = import_attr(cls_path)  # imports torch for the real stages
+        device = _device(settings.get("device"))
+        dtype = _dtype(settings.get("dtype", "float32"))
+        logger.info("%s: loading %s from %s on %s (%s)", type(self).__name__, cls_path, root, device, dtype)
+        self.stage = stage_cls.from_pretrained(root, device=device, dtype=dtype)
+        self._lock = asyncio.Lock()
+
+    async def _run(self, fn: Callable, *args, **kwargs):
+        async with self._lock:
+            return to_cpu(await asyncio.to_thread(fn, *args, **kwargs))
+
+    def check_health(self) -> None:
+        """Serve calls this periodically; loading succeeded if we are here."""
+        return None
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=4)
+class AudioEncoder(_StageReplica):
+    """wav2vec2 speech features (``AudioStage``)."""
+
+    stage_name = "audio"
+
+    async def encode(self, speeches):
+        return await self._run(self.stage.encode, speeches)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=4)
+class ImageEncoder(_StageReplica):
+    """CLIP + VAE encoder for the reference image or a chunk's motion frames (``ImageStage``)."""
+
+    stage_name = "image"
+
+    async def encode(self, cond_pixels, frames: int):
+        return await self._run(self.stage.encode, cond_pixels, frames)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=4)
+class TextEncoder(_StageReplica):
+    """UMT5 prompt embeddings with the library's prompt cache (``TextStage``)."""
+
+    stage_name = "text"
+
+    async def encode(self, prompt: str, negative_prompt: str):
+        return await self._run(self.stage.encode, prompt, negative_prompt)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=2)
+class Diffusion(_StageReplica):
+    """The DiT and sampler (``DiffusionStage``); streams per-step progress.
+
+    ``sample`` is a generator: it yields ``{"event": "step", "step": i, "total": n}`` after
+    every sampler step and finally ``{"event": "result", "latents": tensor}``. Call it with
+    ``handle.options(stream=True)``. Cancelling the request stops the sampler at its next
+    step (a Python thread cannot be killed, so the step callback raises instead).
+    """
+
+    stage_name = "diffusion"
+
+    async def lip_sync(self) -> bool:
+        """Whether the loaded DiT has the MultiTalk audio adapter."""
+        return bool(getattr(self.stage, "lip_sync", True))
+
+    async def sample(self, job, audio, image, text):
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        cancelled = threading.Event()
+
+        def on_step(step: int, total: int) -> None:
+            if cancelled.is_set():
+                raise StageCancelled()
+            loop.call_soon_threadsafe(events.put_nowait, {"event": "step", "step": int(step), "total": int(total)})
+
+        async with self._lock:
+            work = asyncio.ensure_future(asyncio.to_thread(self.stage.sample, job, audio, image, text, on_step))
+            try:
+                while True:
+                    getter = asyncio.ensure_future(events.get())
+                    done, _ = await asyncio.wait({work, getter}, return_when=asyncio.FIRST_COMPLETED)
+                    if getter in done:
+                        yield getter.result()
+                        continue
+                    getter.cancel()
+                    while not events.empty():  # steps reported just before the end
+                        yield events.get_nowait()
+                    latents = to_cpu(work.result())
+                    yield {"event": "result", "latents": latents}
+                    return
+            finally:
+                if not work.done():
+                    cancelled.set()
+                    # Hold the lock until the thread notices, so the next request does not
+                    # share the GPU with a zombie sampler.
+                    await asyncio.gather(work, return_exceptions=True)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=2)
+class VaeDecoder(_StageReplica):
+    """VAE decoder: latents to frames (``DecodeStage``)."""
+
+    stage_name = "decode"
+
+    async def decode(self, latents):
+        return await self._run(self.stage.decode, latents)
+
+
+class ServeStages:
+    """The driver's ``Stages`` protocol (``multitalk.driver``) over deployment handles.
+
+    Methods return handles without awaiting: Serve ``DeploymentResponse`` objects, which
+    may be awaited more than once and, passed as top-level arguments into the next stage
+    call, travel from deployment to deployment without a round trip through the ingress
+    (audio/image/text into the DiT). The DiT call is streamed (per-step progress), so its
+    handle is an asyncio task that consumes the stream and holds the latents; the decoder
+    call awaits it first (the latents pass through the ingress, a few MB per chunk).
+
+    One instance per job (:meth:`for_job`) remembers its in-flight calls so that
+    :meth:`cancel` can stop them when the job is cancelled.
+    """
+
+    def __init__(self, audio, image, text, diffusion, decode, _shared: Optional[dict] = None):
+        self.audio, self.image, self.text, self.diffusion, self.decode = audio, image, text, diffusion, decode
+        self._shared = _shared if _shared is not None else {}
+        self._inflight: list[Any] = []
+        self._tasks: list[asyncio.Task] = []
+
+    def for_job(self) -> "ServeStages":
+        return ServeStages(self.audio, self.image, self.text, self.diffusion, self.decode, self._shared)
+
+    async def prepare(self) -> None:
+        """Fetch what the driver reads synchronously (``lip_sync``) once per ingress."""
+        if "lip_sync" not in self._shared:
+            self._shared["lip_sync"] = bool(await self.diffusion.lip_sync.remote())
+
+    @property
+    def lip_sync(self) -> bool:
+        return self._shared.get("lip_sync", True)
+
+    def _track(self, response):
+        self._inflight.append(response)
+        return response
+
+    def audio_encode(self, speeches):
+        return self._track(self.audio.encode.remote(speeches))
+
+    def image_encode(self, cond_pixels, frames):
+        return self._track(self.image.encode.remote(cond_pixels, frames))
+
+    def text_encode(self, prompt, negative_prompt):
+        return self._track(self.text.encode.remote(prompt, negative_prompt))
+
+    def diffusion_sample(self, job, audio, image, text, on_step=None):
+        stream = self._track(self.diffusion.options(stream=True).sample.remote(job, audio, image, text))
+
+        async def consume():
+            latents = None
+            try:
+                async for event in stream:
+                    if event["event"] == "step":
+                        if on_step is not None:
+                            on_step(event["step"], event["total"])
+                    elif event["event"] == "result":
+                        latents = event["latents"]
+            except asyncio.CancelledError:
+                stream.cancel()
+                raise
+            if latents is None:
+                raise RuntimeError("diffusion stream ended without latents")
+            return latents
+
+        task = asyncio.ensure_future(consume())
+        self._tasks.append(task)
+        return task
+
+    def vae_decode(self, latents):
+        if isinstance(latents, asyncio.Future):  # a streamed DiT result: wait for it here
+
+            async def chained():
+                return await self._track(self.decode.decode.remote(await latents))
+
+            task = asyncio.ensure_future(chained())
+            self._tasks.append(task)
+            return task
+        return self._track(self.decode.decode.remote(latents))
+
+    def cancel(self) -> None:
+        """Best-effort cancel of every call this job started (finished ones are unaffected)."""
+        for task in self._tasks:
+            task.cancel()
+        for response in self._inflight:
+            try:
+                response.cancel()
+            except Exception:  # noqa: BLE001 - cancelling is best effort
+                logger.debug("cancel failed", exc_info=True)

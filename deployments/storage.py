@@ -1,0 +1,392 @@
+"""Object storage behind one small interface: a local folder or an S3 bucket.
+
+The serving layer keeps three kinds of objects in the same store, side by side:
+
+* ``inputs/...``          uploaded images and audio (and anything users put there)
+* ``jobs/{id}.json``      job records (see ``jobs.py``)
+* ``outputs/{id}.mp4``    finished videos
+
+Keys are always ``/``-separated relative names. Every key that comes from a user goes
+through :func:`validate_key` first, and :class:`LocalStore` additionally checks the
+*resolved* path, so neither ``..``, absolute paths, URL-encoded tricks nor symlinks can
+reach outside the store's root.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tempfile
+import urllib.parse
+from pathlib import Path
+from typing import Iterator, Mapping, Optional, Protocol, runtime_checkable
+
+from multitalk.api import InputError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_REGION = "eu-west-1"
+DEFAULT_LOCAL_ROOT = "~/.cache/multitalk/store"
+_MAX_KEY_LEN = 1024
+# %xx escapes: keys are taken literally, so an encoded name is almost certainly an attempt
+# to smuggle ``/`` or ``..`` past a naive check. Reject instead of guessing.
+_PCT_ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
+_DRIVE = re.compile(r"^[A-Za-z]:")
+
+
+class NotFound(KeyError):
+    """The key does not exist in the store."""
+
+
+def validate_key(key: str, field: str = "key") -> str:
+    """Return ``key`` if it is a safe relative object key, else raise :class:`InputError`.
+
+    Rejected: empty keys, absolute paths (``/x``, ``C:x``, ``~x``), ``.``/``..``/empty
+    segments, backslashes, control characters, and %-escapes.
+    """
+    if not isinstance(key, str) or not key.strip():
+        raise InputError(field, "empty file name or key")
+    if len(key) > _MAX_KEY_LEN:
+        raise InputError(field, f"key longer than {_MAX_KEY_LEN} characters")
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in key):
+        raise InputError(field, "key contains control characters")
+    if "\\" in key:
+        raise InputError(field, "key contains a backslash")
+    if _PCT_ESCAPE.search(key):
+        raise InputError(field, "URL-encoded keys are not accepted; send the plain name")
+    if key.startswith(("/", "~")) or _DRIVE.match(key):
+        raise InputError(field, "absolute paths are not accepted; give a key relative to the store")
+    parts = key.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        raise InputError(field, "key must not contain '.', '..' or empty path segments")
+    return key
+
+
+@runtime_checkable
+class Store(Protocol):
+    """What the serving layer needs from a blob store."""
+
+    kind: str  # "local" | "s3"
+
+    def get(self, key: str) -> bytes: ...
+
+    def put(self, key: str, data: bytes, content_type: Optional[str] = None) -> None: ...
+
+    def exists(self, key: str) -> bool: ...
+
+    def presigned_url(self, key: str, expires: int = 3600) -> str: ...
+
+    def list(self, prefix: str = "") -> list[str]: ...
+
+    def delete(self, key: str) -> None: ...
+
+    def stream(self, key: str, chunk_size: int = 1 << 20) -> Iterator[bytes]: ...
+
+    def describe(self) -> str: ...
+
+
+class LocalStore:
+    """A folder on local disk. ``presigned_url`` gives a ``file://`` URL."""
+
+    kind = "local"
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root).expanduser().resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, key: str) -> Path:
+        """The file for ``key``; raises :class:`InputError` if it would leave the root.
+
+        Checked on the resolved path, so a symlink inside the root pointing outside it
+        is refused too (``Path.resolve`` follows links, also for missing leaf names).
+        """
+        validate_key(key)
+        p = (self.root / key).resolve()
+        if p != self.root and self.root not in p.parents:
+            raise InputError("key", f"'{key}' resolves outside the store")
+        return p
+
+    def get(self, key: str) -> bytes:
+        p = self.path(key)
+        if not p.is_file():
+            raise NotFound(key)
+        return p.read_bytes()
+
+    def stream(self, key: str, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+        p = self.path(key)
+        if not p.is_file():
+            raise NotFound(key)
+
+        def chunks() -> Iterator[bytes]:
+            with open(p, "rb") as f:
+                while block := f.read(chunk_size):
+                    yield block
+
+        return chunks()
+
+    def put(self, key: str, data: bytes, content_type: Optional[str] = None) -> None:
+        p = self.path(key)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        # Write-then-rename: a concurrent reader (another ingress replica polling a job
+        # record) never sees a half-written file.
+        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, p)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+
+    def exists(self, key: str) -> bool:
+        return self.path(key).is_file()
+
+    def presigned_url(self, key: str, expires: int = 3600) -> str:
+        return self.path(key).as_uri()
+
+    def list(self, prefix: str = "") -> list[str]:
+        # Walk only the deepest folder the prefix names, like an S3 prefix listing.
+        base = self.root
+        if "/" in prefix:
+            base = self.path(prefix.rsplit("/", 1)[0])
+        if not base.is_dir():
+            return []
+        keys = []
+        for dirpath, dirnames, filenames in os.walk(base):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".tmp-")]
+            for name in filenames:
+                if name.startswith(".tmp-"):
+                    continue
+                key = Path(dirpath, name).relative_to(self.root).as_posix()
+                if key.startswith(prefix):
+                    keys.append(key)
+        return sorted(keys)
+
+    def delete(self, key: str) -> None:
+        p = self.path(key)
+        try:
+            p.unlink()
+        except FileNotFoundError:
+            pass
+
+    def describe(self) -> str:
+        return str(self.root)
+
+
+class S3Store:
+    """An S3 bucket (or an S3-compatible endpoint such as MinIO or moto).
+
+    ``prefix`` is prepended to every key, so several deployments can share a bucket.
+    Retries use botocore's *standard* mode (exponential backoff on throttling and 5xx).
+    """
+
+    kind = "s3"
+
+    def __init__(
+        self,
+        bucket: str,
+        region: str = DEFAULT_REGION,
+        endpoint_url: Optional[str] = None,
+        prefix: str = "",
+        max_attempts: int = 4,
+        client=None,
+    ):
+        import boto3
+        from botocore.config import Config
+
+        if not bucket:
+            raise ValueError("S3Store needs a bucket name")
+        self.bucket = bucket
+        self.region = region or DEFAULT_REGION
+        self.endpoint_url = endpoint_url or None
+        self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        self.max_attempts = max_attempts
+        self.client = client or boto3.client(
+            "s3",
+            region_name=self.region,
+            endpoint_url=self.endpoint_url,
+            config=Config(
+                retries={"mode": "standard", "max_attempts": max_attempts},
+                signature_version="s3v4",
+            ),
+        )
+
+    def _k(self, key: str) -> str:
+        return self.prefix + validate_key(key)
+
+    @staticmethod
+    def _is_missing(err) -> bool:
+        code = str(err.response.get("Error", {}).get("Code", ""))
+        return code in ("404", "NoSuchKey", "NotFound")
+
+    def get(self, key: str) -> bytes:
+        from botocore.exceptions import ClientError
+
+        try:
+            obj = self.client.get_object(Bucket=self.bucket, Key=self._k(key))
+        except ClientError as e:
+            if self._is_missing(e):
+                raise NotFound(key) from None
+            raise
+        return obj["Body"].read()
+
+    def stream(self, key: str, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+        from botocore.exceptions import ClientError
+
+        try:
+            obj = self.client.get_object(Bucket=self.bucket, Key=self._k(key))
+        except ClientError as e:
+            if self._is_missing(e):
+                raise NotFound(key) from None
+            raise
+        return obj["Body"].iter_chunks(chunk_size)
+
+    def put(self, key: str, data: bytes, content_type: Optional[str] = None) -> None:
+        extra = {"ContentType": content_type} if content_type else {}
+        self.client.put_object(Bucket=self.bucket, Key=self._k(key), Body=data, **extra)
+
+    def exists(self, key: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self._k(key))
+            return True
+        except ClientError as e:
+            if self._is_missing(e):
+                return False
+            raise
+
+    def presigned_url(self, key: str, expires: int = 3600) -> str:
+        return self.client.generate_presigned_url(
+            "get_object", Params={"Bucket": self.bucket, "Key": self._k(key)}, ExpiresIn=int(expires)
+        )
+
+    def list(self, prefix: str = "") -> list[str]:
+        keys = []
+        paginator = self.client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix):
+            for obj in page.get("Contents", []):
+                keys.append(obj["Key"][len(self.prefix):])
+        return sorted(keys)
+
+    def delete(self, key: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self._k(key))
+
+    def get_external(self, bucket: str, key: str) -> bytes:
+        """Read ``key`` (no prefix applied) from another allowed bucket with this client."""
+        from botocore.exceptions import ClientError
+
+        try:
+            return self.client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        except ClientError as e:
+            if self._is_missing(e):
+                raise NotFound(key) from None
+            raise
+
+    def exists_external(self, bucket: str, key: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_object(Bucket=bucket, Key=key)
+            return True
+        except ClientError as e:
+            if self._is_missing(e):
+                return False
+            raise
+
+    def describe(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}"
+
+
+def store_from_settings(settings: Optional[Mapping] = None, env: Optional[Mapping[str, str]] = None) -> Store:
+    """Build the store from explicit settings, falling back to the environment.
+
+    ``settings`` keys (all optional): ``bucket``, ``region``, ``endpoint_url``, ``prefix``,
+    ``local_root``. Environment: ``AWS_S3_BUCKET_NAME``, ``AWS_REGION`` (default
+    ``eu-west-1``), ``AWS_ENDPOINT_URL``, ``MULTITALK_S3_PREFIX``, ``MULTITALK_STORE_DIR``.
+    Credentials are boto3's business (``AWS_ACCESS_KEY_ID`` ... or an instance role).
+    """
+    settings = dict(settings or {})
+    env = os.environ if env is None else env
+    bucket = settings.get("bucket") or env.get("AWS_S3_BUCKET_NAME")
+    if bucket:
+        return S3Store(
+            bucket=bucket,
+            region=settings.get("region") or env.get("AWS_REGION") or DEFAULT_REGION,
+            endpoint_url=settings.get("endpoint_url") or env.get("AWS_ENDPOINT_URL") or None,
+            prefix=settings.get("prefix") or env.get("MULTITALK_S3_PREFIX") or "",
+        )
+    root = settings.get("local_root") or env.get("MULTITALK_STORE_DIR") or DEFAULT_LOCAL_ROOT
+    return LocalStore(root)
+
+
+def store_from_env(env: Optional[Mapping[str, str]] = None) -> Store:
+    """S3 when ``AWS_S3_BUCKET_NAME`` is set, else a :class:`LocalStore`."""
+    return store_from_settings(None, env)
+
+
+def parse_s3_url(ref: str, field: str) -> tuple[str, str]:
+    parsed = urllib.parse.urlparse(ref)
+    bucket, key = parsed.netloc, parsed.path.lstrip("/")
+    if not bucket or not key or parsed.query or parsed.fragment:
+        raise InputError(field, f"'{ref}' is not an s3://bucket/key URL")
+    return bucket, key
+
+
+def check_input(ref: str, store: Store, field: str, allowed_buckets: tuple[str, ...] = ()) -> str:
+    """Validate an input reference and check it exists; return the canonical reference.
+
+    Accepted: ``s3://bucket/key`` (``bucket`` must be the store's own bucket or one of
+    ``allowed_buckets``) or a key/simple file name in ``store`` (looked up as given,
+    then under ``inputs/``). Raises :class:`InputError` (422 bad reference, 404 missing).
+    """
+    if not isinstance(ref, str) or not ref.strip():
+        raise InputError(field, "missing input reference")
+    ref = ref.strip()
+    scheme = urllib.parse.urlparse(ref).scheme.lower()
+    if scheme == "s3":
+        bucket, key = parse_s3_url(ref, field)
+        validate_key(key, field)
+        own = isinstance(store, S3Store) and bucket == store.bucket
+        if not own and bucket not in allowed_buckets:
+            raise InputError(field, f"bucket '{bucket}' is not one this service reads from", 403)
+        if not isinstance(store, S3Store):
+            raise InputError(field, "s3:// references need an S3 store (set AWS_S3_BUCKET_NAME)")
+        if not store.exists_external(bucket, key):
+            raise InputError(field, f"'{ref}' not found", 404)
+        return ref
+    if scheme and len(scheme) > 1:  # one letter would be a Windows drive, caught below
+        raise InputError(field, f"'{scheme}://' references are not accepted; use s3://bucket/key or a file name")
+    validate_key(ref, field)
+    try:
+        if store.exists(ref):
+            return ref
+        if store.exists("inputs/" + ref):
+            return "inputs/" + ref
+    except InputError as e:  # symlink escaping a LocalStore root: report the right field
+        raise InputError(field, e.message, e.status) from None
+    raise InputError(field, f"'{ref}' not found in {store.describe()}", 404)
+
+
+def resolve_input(
+    ref: str | bytes | bytearray | memoryview,
+    store: Store,
+    field: str = "input",
+    allowed_buckets: tuple[str, ...] = (),
+) -> bytes:
+    """Fetch an input's bytes: uploaded bytes pass through, references are read from the store."""
+    if isinstance(ref, (bytes, bytearray, memoryview)):
+        if not len(ref):
+            raise InputError(field, "empty upload")
+        return bytes(ref)
+    canonical = check_input(ref, store, field, allowed_buckets)
+    try:
+        if canonical.startswith("s3://"):
+            bucket, key = parse_s3_url(canonical, field)
+            return store.get_external(bucket, key)  # type: ignore[union-attr]
+        return store.get(canonical)
+    except NotFound:
+        raise InputError(field, f"'{ref}' not found", 404) from None

@@ -1,0 +1,75 @@
+"""What the models volume holds: the RunPod ``model_check`` / ``volume_explore`` actions
+and ``GET /v1/models``.
+
+The model library knows which files its loaders accept, so the reports are its own
+(``multitalk.checkpoints.discovery``); this module only resolves the models root the way
+the stage replicas do and keeps ``volume_explore`` inside the volume.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+from multitalk.api import InputError
+
+DEFAULT_CACHE_DIR = "~/.cache/multitalk"
+
+
+def resolve_models_root(settings: Mapping[str, Any]) -> str:
+    """The models root from settings; empty means "tiny random weights in the cache".
+
+    Tiny weights are generated once per machine (``ensure_tiny_weights`` is race-safe; the
+    file lock also keeps concurrently starting replicas from all doing the work).
+    """
+    root = (settings.get("models_root") or os.environ.get("MULTITALK_MODELS_ROOT") or "").strip()
+    if root:
+        return str(Path(root).expanduser())
+    cache_dir = Path(settings.get("cache_dir") or os.environ.get("MULTITALK_CACHE_DIR") or DEFAULT_CACHE_DIR).expanduser()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    from multitalk.checkpoints.tiny import ensure_tiny_weights
+
+    with open(cache_dir / ".tiny.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            return str(ensure_tiny_weights(str(cache_dir)))
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def optional_models_root(settings: Mapping[str, Any]) -> Optional[str]:
+    """Like :func:`resolve_models_root`, but ``None`` where the tiny-weights generator is
+    not available (reports must not fail because of it)."""
+    try:
+        return resolve_models_root(settings)
+    except ImportError:
+        return None
+
+
+def model_check(models_root: str) -> dict[str, Any]:
+    """Which model components are present (and which layout/dtype) under ``models_root``."""
+    from multitalk.checkpoints.discovery import find_checkpoints
+
+    report = find_checkpoints(models_root).report()
+    report["ready"] = report.get("kind") != "incomplete"
+    return report
+
+
+def volume_explore(models_root: str, path: str = "", max_depth: int = 3, max_entries: int = 500) -> dict[str, Any]:
+    """A size-annotated listing of the models volume, or of a folder inside it."""
+    from multitalk.checkpoints.discovery import explore
+
+    from .storage import validate_key
+
+    root = Path(models_root).expanduser().resolve()
+    base = root
+    if path:
+        validate_key(path, "path")
+        base = (root / path).resolve()
+        if base != root and root not in base.parents:
+            raise InputError("path", "outside the models volume")
+    out = explore(base, max_depth=max_depth, max_entries=max_entries)
+    out["models_root"] = str(root)
+    out["path"] = path
+    return out
