@@ -92,7 +92,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from .client import serve_main
+    from deployments.launcher import serve_main
 
     serve_main(args.config, host=args.host, port=args.port)
     return 0
@@ -108,7 +108,7 @@ def cmd_submit(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .client import demo_main
+    from deployments.launcher import demo_main
 
     return demo_main(out=args.out, fixtures=args.fixtures)
 

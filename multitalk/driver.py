@@ -203,9 +203,10 @@ async def generate(
     image = stages.image_encode(prep.reference[:, None], request.frames)
 
     chunks_u8: list[np.ndarray] = []
+    motion_pixels: Optional[torch.Tensor] = None  # last frames of the previous chunk
     for index, start in enumerate(plan.starts):
         if index > 0:
-            image = stages.image_encode(motion_pixels, request.frames)  # noqa: F821 - set below
+            image = stages.image_encode(motion_pixels, request.frames)
         job = ChunkJob(
             frames=request.frames, latent_hw=lat_hw, audio_start=start, ref_masks=prep.ref_masks,
             seed=s.seed + index, steps=s.steps, shift=shift, guidance=guidance,
@@ -233,7 +234,7 @@ async def generate(
             t0 = time.perf_counter()
             pixels = await asyncio.to_thread(color_match, pixels, prep.reference, request.color_correction)
             timer.add("color_correction", time.perf_counter() - t0)
-        motion_pixels = pixels[:, -request.motion_frames:].contiguous()  # noqa: F841 - used next chunk
+        motion_pixels = pixels[:, -request.motion_frames:].contiguous()
         keep = pixels if index == 0 else pixels[:, request.motion_frames:]
         chunks_u8.append(frames_to_uint8(keep))
         del pixels, keep

@@ -152,7 +152,6 @@ class ImageStage:
     @classmethod
     def from_pretrained(cls, models: "str | CheckpointSet", device: str = "cpu", dtype="float32") -> "ImageStage":
         from .modules.image_encoder import ImageEncoder
-        from .modules.vae import WanVAE
 
         ckpt = _as_checkpoints(models)
         dt = _dtype(dtype)

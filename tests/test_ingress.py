@@ -342,7 +342,7 @@ def test_misc_routes(tmp_path):
 def test_serve_config_and_app_builder():
     """The embedded config parses as a Serve config and names the graph's deployments."""
     import pipeline_graph
-    from multitalk.client import load_serve_config
+    from deployments.launcher import load_serve_config
 
     schema = load_serve_config(None, host="0.0.0.0", port=9123)
     assert schema.http_options.host == "0.0.0.0" and schema.http_options.port == 9123
