@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -197,7 +197,14 @@ class MultiTalkBlock(nn.Module):
         x = x + self.cross_attn(self.norm3(x), context)
 
         if self.audio_cross_attn is not None:
-            x = x + self._audio_attention(x, q, k, audio_tokens, people, ref_masks, layout)
+            if isinstance(people, int):
+                x = x + self._audio_attention(x, q, k, audio_tokens, people, ref_masks, layout)
+            else:  # batched guidance: each sample has its own audio and speaker count
+                x = x + torch.cat([
+                    self._audio_attention(x[i : i + 1], q[i : i + 1], k[i : i + 1], audio_tokens[i], people[i],
+                                          ref_masks, layout)
+                    for i in range(len(people))
+                ])
 
         y = self.ffn((self.norm2(x).float() * (1 + e[4]) + e[3]).to(dtype))
         return (x.float() + y.float() * e[5]).to(dtype)
@@ -426,6 +433,51 @@ class MultiTalkTransformer3DModel(ModelMixin, ConfigMixin):
             tokens = tokens + teacache.residuals[branch]
         out = self.head(tokens, e)
         return self.unpatchify(out[0], grid)
+
+    def forward_branches(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        contexts: Sequence[torch.Tensor],
+        clip_fea: torch.Tensor,
+        y: torch.Tensor,
+        audios: Sequence[torch.Tensor],
+        ref_target_masks: Optional[torch.Tensor] = None,
+    ) -> list[torch.Tensor]:
+        """Several guidance passes of one step as one batch.
+
+        The passes share the latent, the timestep, the image conditioning and the masks and
+        differ only in text context and audio, so the patch embedding and timestep embedding
+        are computed once and the transformer runs with batch ``len(contexts)``; only the
+        audio cross-attention runs per sample (its speaker count may differ: the no-audio
+        pass has one silent speaker). Each output equals :meth:`forward` on that pass's
+        inputs. Returns ``[16, N_t, h, w]`` float32 per pass, in order.
+        """
+        if len(contexts) != len(audios):
+            raise ValueError("one audio tensor per context")
+        dtype = self.patch_embedding.weight.dtype
+        grid = self.token_grid(tuple(x.shape))
+        tokens = self.patchify(x, y, dtype)
+        batch = len(contexts)
+        embedded = [self.embed_conditions(t, c, clip_fea, dtype) for c in contexts]
+        e, e0 = embedded[0][0], embedded[0][1]
+        ctx = torch.cat([c for _, _, c in embedded], dim=0)
+        audio_tokens, people = [], []
+        for a in audios:
+            tok, n = self.embed_audio(a, dtype) if self.has_audio else (None, 0)
+            audio_tokens.append(tok)
+            people.append(n)
+        masks = None
+        if 2 in people:
+            if ref_target_masks is None:
+                raise ValueError("two people need ref_target_masks [3, h, w]")
+            masks = self.token_masks(ref_target_masks, grid, dtype)
+        layout = TokenLayout(grid)
+        rotations = video_rope_grid(self.rope_freqs, grid)
+        tokens = tokens.expand(batch, -1, -1).contiguous()
+        tokens = self.run_blocks(tokens, e0, rotations, ctx, audio_tokens, people, masks, layout)
+        out = self.head(tokens, e)
+        return [self.unpatchify(out[i], grid) for i in range(batch)]
 
     def run_blocks(self, tokens, e0, rotations, ctx, audio_tokens, people, masks, layout) -> torch.Tensor:
         for block in self.blocks:

@@ -188,6 +188,8 @@ def add_noise(clean: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torc
 
 
 DenoiseFn = Callable[[torch.Tensor, torch.Tensor, str], torch.Tensor]
+# All of a step's branches in one call (batched guidance): (latent, t, branches) -> {branch: velocity}
+DenoiseManyFn = Callable[[torch.Tensor, torch.Tensor, tuple], dict]
 
 
 def sample(
@@ -199,6 +201,7 @@ def sample(
     generator: Optional[torch.Generator] = None,
     on_step: Optional[Callable[[int, int], None]] = None,
     teacache: Optional[TeaCache] = None,
+    denoise_many: Optional[DenoiseManyFn] = None,
 ) -> torch.Tensor:
     """Run the sampler.
 
@@ -210,6 +213,8 @@ def sample(
             (streaming); re-noised and written over the first ``T_m`` latent frames.
         on_step: ``(done, total)`` after every step; may raise to cancel.
         teacache: the cache ``denoise`` passes to the DiT; its step counter is kept here.
+        denoise_many: if given, evaluates all of a step's guidance branches in one call
+            (one batched DiT forward) instead of one ``denoise`` call per branch.
     Returns:
         The denoised latent ``[16, N_t, h, w]`` float32.
     """
@@ -227,7 +232,10 @@ def sample(
         t = timesteps[i : i + 1].to(latent.device)
         if teacache is not None:
             teacache.step = i
-        preds = {branch: denoise(latent, t, branch) for branch in guidance.branches}
+        if denoise_many is not None:
+            preds = denoise_many(latent, t, guidance.branches)
+        else:
+            preds = {branch: denoise(latent, t, branch) for branch in guidance.branches}
         velocity = guidance(preds)
         dt = (timesteps[i] - timesteps[i + 1]) / NUM_TRAIN_TIMESTEPS
         latent = latent - velocity * dt
