@@ -1,0 +1,21 @@
+"""The GPU benches also run at tiny size on a CPU, and their quality guard holds there."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_dit_bench_runs_at_tiny_size_and_lossless_levers_match():
+    out = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "dit_gpu.py"), "--model", "tiny", "--size", "128", "--frames", "9",
+         "--steps", "2", "--levers", "batched,sdpa_math", "--device", "cpu"],
+        check=True, capture_output=True, text=True, timeout=300,
+    ).stdout
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.strip().split()[:1] in
+            (["plain"], ["batched"], ["sdpa_math"])}
+    assert set(rows) == {"plain", "batched", "sdpa_math"}
+    assert float(rows["batched"][-1]) < 1e-5  # batching the guidance passes is lossless
+    assert float(rows["sdpa_math"][-1]) < 1e-4  # another attention kernel, same math
