@@ -226,14 +226,22 @@ class DiffusionStage:
 
     @classmethod
     def from_pretrained(cls, models: "str | CheckpointSet", device: str = "cpu", dtype="float32",
-                        attention_backend: Optional[str] = None, batch_guidance: bool = False) -> "DiffusionStage":
+                        attention_backend: Optional[str] = None, batch_guidance: bool = False,
+                        low_vram: bool = False) -> "DiffusionStage":
+        """``low_vram``: keep the DiT blocks in CPU memory and stream them to ``device`` one by
+        one (official ``--num_persistent_param_in_dit 0``); slower, fits 24 GB cards."""
         from .checkpoints.dit import load_dit
 
         ckpt = _as_checkpoints(models)
         adapter = ckpt.components["audio_adapter"].path if ckpt.components["audio_adapter"].found else None
         if adapter is None:
             logger.warning("no MultiTalk adapter under %s: the DiT runs without lip sync", ckpt.root)
-        model = load_dit(ckpt.path("dit"), ckpt.layout("dit"), adapter, device=device, dtype=_dtype(dtype))
+        model = load_dit(ckpt.path("dit"), ckpt.layout("dit"), adapter,
+                         device="cpu" if low_vram else device, dtype=_dtype(dtype))
+        if low_vram:
+            from .modules.offload import BlockStreamer
+
+            model._block_streamer = BlockStreamer(model, device)
         if attention_backend:
             model.set_attention_backend(attention_backend)
         return cls(model, device, _dtype(dtype), batch_guidance=batch_guidance)

@@ -151,3 +151,17 @@ def test_diffusion_stage_batched_guidance_matches_sequential(tiny_official):
     b = batched.sample(job, audio, image, text)
     assert a.shape == (16, 5, 8, 12)
     assert (a - b).abs().max() < 1e-4
+
+
+def test_low_vram_block_streaming_gives_the_same_output():
+    from multitalk.modules.offload import BlockStreamer
+
+    model = tiny_dit(0)
+    inp = _inputs(2)
+    with torch.no_grad():
+        ref = model(**inp)
+        streamer = BlockStreamer(model, "cpu")
+        out = model(**inp)
+        streamer.remove()
+    assert torch.equal(ref, out)
+    assert all(p.device.type == "cpu" for p in model.blocks.parameters())
