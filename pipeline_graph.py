@@ -13,6 +13,7 @@
         store: {bucket: my-bucket, region: eu-west-1, endpoint_url: null, prefix: "", local_root: null}
         ingress: {max_concurrent_jobs: 2, max_queued_jobs: 16, runsync_timeout_s: 120, ...}
         stage_classes: {diffusion: "my_pkg:QuantisedDiffusionStage"}   # optional overrides
+        parallel: {sp_degree: 4, ulysses_degree: 4, ring_degree: 1}     # optional: DiT over 4 GPUs
       deployments:          # per-deployment resources, standard Serve overrides
       - name: Diffusion
         num_replicas: 1
@@ -29,10 +30,11 @@ from typing import Any, Optional
 
 from ray.serve import Application
 
+from deployments.diffusion_parallel import deployment_options as diffusion_deployment_options
 from deployments.ingress import MultiTalkIngress
 from deployments.stages import AudioEncoder, Diffusion, ImageEncoder, TextEncoder, VaeDecoder
 
-_STAGE_KEYS = ("models_root", "device", "dtype", "cache_dir", "stage_classes")
+_STAGE_KEYS = ("models_root", "device", "dtype", "cache_dir", "stage_classes", "parallel")
 _KNOWN = set(_STAGE_KEYS) | {"store", "ingress"}
 
 
@@ -48,6 +50,9 @@ def build_app(args: Optional[dict[str, Any]] = None) -> Application:
         "dtype": args.get("dtype") or "float32",
         "cache_dir": args.get("cache_dir"),
         "stage_classes": args.get("stage_classes") or {},
+        # Diffusion sequence parallelism: {sp_degree, ulysses_degree, ring_degree, backend, ...}
+        # (deployments/diffusion_parallel.py); sp_degree > 1 gives Diffusion a placement group.
+        "parallel": args.get("parallel") or {},
     }
     ingress_settings = {
         **(args.get("ingress") or {}),
@@ -59,7 +64,7 @@ def build_app(args: Optional[dict[str, Any]] = None) -> Application:
         AudioEncoder.bind(stage_settings),
         ImageEncoder.bind(stage_settings),
         TextEncoder.bind(stage_settings),
-        Diffusion.bind(stage_settings),
+        Diffusion.options(**diffusion_deployment_options(stage_settings)).bind(stage_settings),
         VaeDecoder.bind(stage_settings),
         ingress_settings,
     )

@@ -6,6 +6,8 @@ Routes (see ``/docs`` or ``/openapi.json`` on a running server):
                                with files ``image``, ``audio`` (1-2, or ``audio_2``) and a
                                ``request`` field holding the JSON options. ``Idempotency-Key`` header.
 * ``GET /v1/jobs/{id}``        :class:`JobStatus` (state, progress, timings, result + URL, error)
+* ``GET /v1/jobs``             recent jobs, newest first (``?limit=20``); ``GET /`` the web page
+                               (``deployments/web/index.html``)
 * ``DELETE /v1/jobs/{id}``     cancel (also stops the in-flight stage calls)
 * ``GET /v1/jobs/{id}/video``  the mp4
 * ``GET /v1/models``           checkpoint report; ``GET /healthz``
@@ -42,7 +44,8 @@ from .schemas import (
     RunPodStatus,
     SubmitResponse,
 )
-from .service import JobService, Overloaded, ServiceSettings, runpod_status
+from .auth import AuthMiddleware, BodyLimitMiddleware, KeyRing
+from .service import JobService, Overloaded, ServiceSettings, check_access, runpod_status
 from .storage import LocalStore, NotFound, store_from_settings
 
 logger = logging.getLogger("multitalk.serve")
@@ -60,6 +63,9 @@ def _error(status: int, message: str, field: Optional[str] = None, headers: Opti
 
 
 def _validation_field(err: dict) -> str:
+    cause = (err.get("ctx") or {}).get("error")
+    if isinstance(cause, InputError):  # a model-level check that names its field (bbox)
+        return cause.field
     loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path", "header")]
     # Discriminated unions insert the tag into the location ("input.generate.audio_1").
     loc = [p for p in loc if p not in ("generate", "model_check", "volume_explore")]
@@ -81,8 +87,14 @@ def _from_validation(exc: Union[RequestValidationError, ValidationError], prefix
     return _error(422, msg, field)
 
 
-def create_app(service: JobService, title: str = "MultiTalk Serve") -> FastAPI:
-    """The HTTP API over ``service``."""
+def _tenant(request: Request) -> Optional[str]:
+    """The API-key tenant :class:`~deployments.auth.AuthMiddleware` authenticated (None: open)."""
+    return getattr(request.state, "tenant", None)
+
+
+def create_app(service: JobService, title: str = "MultiTalk Serve", keyring: Optional[KeyRing] = None) -> FastAPI:
+    """The HTTP API over ``service``. ``keyring``: API keys (default: from the environment,
+    ``MULTITALK_API_KEYS`` / ``MULTITALK_API_KEYS_FILE`` or ``api_keys_file``)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -96,6 +108,10 @@ def create_app(service: JobService, title: str = "MultiTalk Serve") -> FastAPI:
         lifespan=lifespan,
         description="Audio-driven talking video (MeiGen MultiTalk on WAN 2.1 I2V 14B).",
     )
+    # Hardening (docs/SECURITY.md): the body cap, then the API key check outermost.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=service.settings.max_body_bytes)
+    app.add_middleware(AuthMiddleware, keyring=keyring or KeyRing.from_env(keys_file=service.settings.api_keys_file),
+                       exempt=service.settings.auth_exempt_paths)
 
     @app.exception_handler(InputError)
     async def _input_error(request: Request, exc: InputError):
@@ -109,10 +125,11 @@ def create_app(service: JobService, title: str = "MultiTalk Serve") -> FastAPI:
     async def _invalid(request: Request, exc: RequestValidationError):
         return _from_validation(exc)
 
-    async def _status(job_id: str) -> JobStatus:
+    async def _status(job_id: str, tenant: Optional[str] = None) -> JobStatus:
         rec = await service.get(job_id)
         if rec is None:
             raise InputError("id", f"no job {job_id!r}", 404)
+        check_access(rec, tenant)
         rec = await service.refresh_url(rec)
         return rec.status()
 
@@ -148,7 +165,7 @@ def create_app(service: JobService, title: str = "MultiTalk Serve") -> FastAPI:
         """Queue a job. JSON body: a JobRequest with references; multipart: uploaded files."""
         ctype = request.headers.get("content-type", "")
         if ctype.startswith("multipart/form-data"):
-            job = await _from_multipart(request)
+            job = await _from_multipart(request, _tenant(request))
         else:
             try:
                 body = await request.json()
@@ -158,10 +175,10 @@ def create_app(service: JobService, title: str = "MultiTalk Serve") -> FastAPI:
                 job = JobRequest.model_validate(body)
             except ValidationError as e:
                 return _from_validation(e)
-        rec = await service.submit(job, idempotency_key=idempotency_key, source="api")
+        rec = await service.submit(job, idempotency_key=idempotency_key, source="api", tenant=_tenant(request))
         return SubmitResponse(id=rec.id, state=rec.state, status_url=f"/v1/jobs/{rec.id}")
 
-    async def _from_multipart(request: Request) -> JobRequest:
+    async def _from_multipart(request: Request, tenant: Optional[str] = None) -> JobRequest:
         form = await request.form()
         try:
             options = json.loads(form.get("request") or "{}")
@@ -177,7 +194,7 @@ def create_app(service: JobService, title: str = "MultiTalk Serve") -> FastAPI:
         elif isinstance(image, str):
             image_ref = image  # a reference given as a plain form field
         else:
-            image_ref = await service.save_upload("image", image.filename, await image.read())
+            image_ref = await service.save_upload("image", image.filename, await image.read(), tenant)
         audios = list(form.getlist("audio"))
         if form.get("audio_2") is not None:
             audios.append(form.get("audio_2"))
@@ -186,7 +203,7 @@ def create_app(service: JobService, title: str = "MultiTalk Serve") -> FastAPI:
             if isinstance(a, str):
                 audio_refs.append(a)
             else:
-                audio_refs.append(await service.save_upload(f"audio[{i}]", a.filename, await a.read()))
+                audio_refs.append(await service.save_upload(f"audio[{i}]", a.filename, await a.read(), tenant))
         if not audio_refs:
             audio_refs = options.get("audio") or []
         if not audio_refs:
@@ -197,12 +214,33 @@ def create_app(service: JobService, title: str = "MultiTalk Serve") -> FastAPI:
             errors = e.errors()
             raise InputError(_validation_field(errors[0]), str(errors[0]["msg"]), 422)
 
+    @app.get("/v1/jobs")
+    async def list_jobs(request: Request, limit: int = Query(20, ge=1, le=200)):
+        """Recent jobs, newest first: ``{"jobs": [{id, state, created_at, finished_at, progress,
+        prompt, video_url, error}]}`` (stored records plus this replica's live ones)."""
+        import asyncio
+
+        records = {r.id: r for r in await asyncio.to_thread(service.jobs.load_all)}
+        records.update(service.records)
+        if _tenant(request) is not None:  # a tenant sees only its own jobs
+            records = {k: r for k, r in records.items() if r.tenant == _tenant(request)}
+        recent = sorted(records.values(), key=lambda r: r.created_at, reverse=True)[:limit]
+        return {"jobs": [{
+            "id": r.id, "state": r.state.value, "action": r.action, "created_at": r.created_at,
+            "finished_at": r.finished_at, "progress": r.progress.model_dump(),
+            "prompt": r.request.prompt if r.request is not None else None,
+            "video_url": r.result.video_url if r.result is not None else None,
+            "error": r.error.message if r.error is not None else None,
+        } for r in recent]}
+
     @app.get("/v1/jobs/{job_id}", response_model=JobStatus, responses=_ERRORS)
-    async def get_job(job_id: str):
-        return await _status(job_id)
+    async def get_job(job_id: str, request: Request):
+        return await _status(job_id, _tenant(request))
 
     @app.delete("/v1/jobs/{job_id}", response_model=JobStatus, responses=_ERRORS)
-    async def cancel_job(job_id: str):
+    async def cancel_job(job_id: str, request: Request):
+        if (known := await service.get(job_id)) is not None:
+            check_access(known, _tenant(request))
         rec = await service.cancel(job_id)
         if rec is None:
             raise InputError("id", f"no job {job_id!r}", 404)
@@ -213,10 +251,11 @@ def create_app(service: JobService, title: str = "MultiTalk Serve") -> FastAPI:
         responses={200: {"content": {"video/mp4": {}}}, **_ERRORS},
         response_class=StreamingResponse,
     )
-    async def get_video(job_id: str):
+    async def get_video(job_id: str, request: Request):
         rec = await service.get(job_id)
         if rec is None:
             raise InputError("id", f"no job {job_id!r}", 404)
+        check_access(rec, _tenant(request))
         if rec.state != JobState.COMPLETED or rec.result is None:
             raise InputError("id", f"job is {rec.state.value}, no video yet", 409)
         store, key = service.video_location(rec)
@@ -238,13 +277,20 @@ def create_app(service: JobService, title: str = "MultiTalk Serve") -> FastAPI:
         root = await service.models_root()
         return await asyncio.to_thread(volume.model_check, root or "")
 
+    @app.get("/", include_in_schema=False)
+    async def web_page():
+        """The browser front end (``deployments/web/index.html``: static, no build step)."""
+        from pathlib import Path
+
+        return FileResponse(Path(__file__).resolve().parent / "web" / "index.html", media_type="text/html")
+
     @app.get("/healthz")
     async def healthz():
         return {"status": "ok", "store": service.store.describe(), "jobs_running": service._unfinished()}
 
     # --- RunPod contract -------------------------------------------------------------
 
-    async def _runpod_submit(body: Any, idempotency_key: Optional[str]):
+    async def _runpod_submit(body: Any, idempotency_key: Optional[str], tenant: Optional[str] = None):
         try:
             req = RunPodRequest.model_validate(body)
         except ValidationError as e:
@@ -255,9 +301,9 @@ def create_app(service: JobService, title: str = "MultiTalk Serve") -> FastAPI:
                 job = inp.to_job_request()
             except ValidationError as e:
                 return None, _from_validation(e, "input")
-            rec = await service.submit(job, idempotency_key=idempotency_key, source="runpod")
+            rec = await service.submit(job, idempotency_key=idempotency_key, source="runpod", tenant=tenant)
         else:
-            rec = await service.run_action(inp.action, inp.model_dump(exclude={"action"}), idempotency_key)
+            rec = await service.run_action(inp.action, inp.model_dump(exclude={"action"}), idempotency_key, tenant)
         return rec, None
 
     async def _json(request: Request):
@@ -269,7 +315,7 @@ def create_app(service: JobService, title: str = "MultiTalk Serve") -> FastAPI:
     @app.post("/run", response_model=RunPodStatus, responses=_ERRORS)
     async def run(request: Request, idempotency_key: Optional[str] = Header(None)):
         """RunPod async submit: answers ``{"id", "status"}`` at once."""
-        rec, err = await _runpod_submit(await _json(request), idempotency_key)
+        rec, err = await _runpod_submit(await _json(request), idempotency_key, _tenant(request))
         if err is not None:
             return err
         status = runpod_status(rec)
@@ -282,7 +328,7 @@ def create_app(service: JobService, title: str = "MultiTalk Serve") -> FastAPI:
         wait: Optional[float] = Query(None, ge=0, description="Seconds to wait (default: server setting)"),
     ):
         """RunPod sync submit: waits (up to a timeout), then answers like ``/status``."""
-        rec, err = await _runpod_submit(await _json(request), idempotency_key)
+        rec, err = await _runpod_submit(await _json(request), idempotency_key, _tenant(request))
         if err is not None:
             return err
         timeout = service.settings.runsync_timeout_s if wait is None else min(wait, service.settings.runsync_timeout_s)
@@ -290,14 +336,17 @@ def create_app(service: JobService, title: str = "MultiTalk Serve") -> FastAPI:
         return runpod_status(await service.refresh_url(rec))
 
     @app.get("/status/{job_id}", response_model=RunPodStatus, responses=_ERRORS)
-    async def status(job_id: str):
+    async def status(job_id: str, request: Request):
         rec = await service.get(job_id)
         if rec is None:
             raise InputError("id", f"no job {job_id!r}", 404)
+        check_access(rec, _tenant(request))
         return runpod_status(await service.refresh_url(rec))
 
     @app.post("/cancel/{job_id}", response_model=RunPodStatus, responses=_ERRORS)
-    async def runpod_cancel(job_id: str):
+    async def runpod_cancel(job_id: str, request: Request):
+        if (known := await service.get(job_id)) is not None:
+            check_access(known, _tenant(request))
         rec = await service.cancel(job_id)
         if rec is None:
             raise InputError("id", f"no job {job_id!r}", 404)
@@ -316,8 +365,10 @@ class MultiTalkIngress:
     """
 
     def __init__(self, audio, image, text, diffusion, decode, settings: Optional[dict] = None):
+        from .metrics import replica_logging
         from .stages import ServeStages
 
+        replica_logging()  # the [job <id>] lines into this replica's Serve log
         settings = dict(settings or {})
         store = store_from_settings(settings.pop("store", None))
         self.service = JobService(
@@ -334,23 +385,30 @@ class MultiTalkIngress:
     def _request(request: Union[JobRequest, dict]) -> JobRequest:
         return request if isinstance(request, JobRequest) else JobRequest.model_validate(request)
 
-    async def submit(self, request: Union[JobRequest, dict], idempotency_key: Optional[str] = None) -> JobStatus:
-        """Queue a job; raises InputError / Overloaded like the HTTP route answers 4xx/429."""
-        rec = await self.service.submit(self._request(request), idempotency_key, source="handle")
+    async def submit(self, request: Union[JobRequest, dict], idempotency_key: Optional[str] = None,
+                     tenant: Optional[str] = None) -> JobStatus:
+        """Queue a job; raises InputError / Overloaded like the HTTP route answers 4xx/429.
+        ``tenant``: run it as that tenant (handles are trusted in-cluster callers)."""
+        rec = await self.service.submit(self._request(request), idempotency_key, source="handle", tenant=tenant)
         return rec.status()
 
     async def generate(
-        self, request: Union[JobRequest, dict], idempotency_key: Optional[str] = None, timeout: Optional[float] = None
+        self, request: Union[JobRequest, dict], idempotency_key: Optional[str] = None, timeout: Optional[float] = None,
+        tenant: Optional[str] = None,
     ) -> JobStatus:
         """Run a job to the end and return its final status (COMPLETED/FAILED/CANCELLED)."""
-        rec = await self.service.submit(self._request(request), idempotency_key, source="handle")
+        rec = await self.service.submit(self._request(request), idempotency_key, source="handle", tenant=tenant)
         rec = await self.service.wait(rec.id, timeout)
         return (await self.service.refresh_url(rec)).status()
 
-    async def status(self, job_id: str) -> Optional[JobStatus]:
+    async def status(self, job_id: str, tenant: Optional[str] = None) -> Optional[JobStatus]:
         rec = await self.service.get(job_id)
+        if rec is not None:
+            check_access(rec, tenant)
         return None if rec is None else (await self.service.refresh_url(rec)).status()
 
-    async def cancel(self, job_id: str) -> Optional[JobStatus]:
+    async def cancel(self, job_id: str, tenant: Optional[str] = None) -> Optional[JobStatus]:
+        if (known := await self.service.get(job_id)) is not None:
+            check_access(known, tenant)
         rec = await self.service.cancel(job_id)
         return None if rec is None else rec.status()

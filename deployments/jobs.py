@@ -30,8 +30,8 @@ IDEMPOTENCY_PREFIX = "jobs/idempotency/"
 ACTIVE_PREFIX = "jobs/active/"
 
 
-def output_key(job_id: str) -> str:
-    return f"outputs/{job_id}.mp4"
+def output_key(job_id: str, tenant: Optional[str] = None) -> str:
+    return f"outputs/{tenant}/{job_id}.mp4" if tenant else f"outputs/{job_id}.mp4"
 
 
 def valid_job_id(job_id: str) -> bool:
@@ -53,6 +53,7 @@ class JobRecord(BaseModel):
     request: Optional[JobRequest] = None
     action: str = "generate"  # RunPod action; non-generate actions complete at once
     source: str = "api"  # "api" | "runpod" | "handle": how field names are reported
+    tenant: Optional[str] = None  # API-key tenant that submitted it (None: open service)
     idempotency_key: Optional[str] = None
     progress: ProgressInfo = Field(default_factory=ProgressInfo)
     timings: dict[str, float] = Field(default_factory=dict)
@@ -94,6 +95,7 @@ class JobStore:
         source: str = "api",
         action: str = "generate",
         job_id: Optional[str] = None,
+        tenant: Optional[str] = None,
     ) -> tuple[JobRecord, bool]:
         """Create and persist a queued job; returns ``(record, created)``.
 
@@ -124,6 +126,7 @@ class JobStore:
                 action=action,
                 source=source,
                 idempotency_key=idempotency_key,
+                tenant=tenant,
             )
             if action == "generate":
                 self.store.put(ACTIVE_PREFIX + record.id, b"", "text/plain")

@@ -17,7 +17,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from multitalk.api import GenerationRequest, SamplingOptions
+from multitalk.api import GenerationRequest, InputError, SamplingOptions
 
 
 class JobState(str, Enum):
@@ -107,10 +107,10 @@ class JobRequest(BaseModel):
     def _bbox_per_speaker(self):
         if self.bbox is not None:
             if len(self.bbox) != len(self.audio):
-                raise ValueError("bbox needs one box per audio track")
+                raise InputError("bbox", "bbox needs one box per audio track")
             for box in self.bbox:
                 if len(box) != 4 or box[0] >= box[2] or box[1] >= box[3]:
-                    raise ValueError("each bbox is [r0, c0, r1, c1] with r0 < r1 and c0 < c1")
+                    raise InputError("bbox", "each bbox is [r0, c0, r1, c1] with r0 < r1 and c0 < c1")
         return self
 
     def input_fields(self) -> list[tuple[str, str]]:

@@ -23,7 +23,7 @@ from typing import Any, Awaitable, Callable, Optional
 
 from multitalk.api import GenerationResult, InputError, Progress
 
-from . import volume
+from . import metrics, volume
 from .jobs import JobRecord, JobStore, output_key, valid_job_id
 from .schemas import (
     NATIVE_FIELD_NAMES,
@@ -75,6 +75,18 @@ class ServiceSettings:
     models_root: str = ""
     cache_dir: Optional[str] = None
     replica_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    # --- hardening (issue 7; docs/SECURITY.md) ---
+    max_body_bytes: int = 50 * 1024 * 1024  # request bodies over this answer 413 (0: no cap)
+    max_stage_retries: int = 2  # re-runs of a job whose stage replica died (RayActorError...)
+    stage_retry_backoff_s: float = 1.0  # doubled on each retry
+    job_timeout_s: Optional[float] = 3600.0  # running job deadline -> FAILED "deadline exceeded"
+    requeue_on_shutdown: bool = True  # running jobs go back to IN_QUEUE when the ingress stops
+    precheck_inputs: Optional[bool] = None  # decode media at submit (4xx now); None: with the real driver
+    max_audio_seconds: float = 300.0
+    max_image_pixels: int = 40_000_000
+    max_prompt_chars: int = 2000
+    api_keys_file: Optional[str] = None  # else MULTITALK_API_KEYS_FILE; keys also from MULTITALK_API_KEYS
+    auth_exempt_paths: tuple[str, ...] = ("/healthz", "/")
 
     @classmethod
     def from_dict(cls, d: Optional[dict]) -> "ServiceSettings":
@@ -85,6 +97,8 @@ class ServiceSettings:
             raise ValueError(f"unknown ingress settings: {sorted(unknown)}")
         if "allowed_buckets" in d:
             d["allowed_buckets"] = tuple(d["allowed_buckets"] or ())
+        if "auth_exempt_paths" in d:
+            d["auth_exempt_paths"] = tuple(d["auth_exempt_paths"] or ())
         return cls(**d)
 
 
@@ -102,6 +116,31 @@ def _input_error(exc: BaseException) -> Optional[InputError]:
         exc = getattr(exc, "cause", None) or exc.__cause__
         seen += 1
     return None
+
+
+# Stage failures worth another attempt: the replica (actor) died or was unreachable.
+RETRYABLE_ERRORS = frozenset({
+    "RayActorError", "ActorDiedError", "ActorUnavailableError", "ReplicaUnavailableError",
+    "DeploymentUnavailableError", "NodeDiedError", "WorkerCrashedError", "OwnerDiedError",
+})
+
+
+def retryable(exc: BaseException) -> bool:
+    """True when ``exc`` (or what it wraps) is a dead/unreachable replica error."""
+    seen = 0
+    while exc is not None and seen < 5:
+        if any(c.__name__ in RETRYABLE_ERRORS for c in type(exc).__mro__):
+            return True
+        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
+        seen += 1
+    return False
+
+
+def check_access(rec: JobRecord, tenant: Optional[str]) -> JobRecord:
+    """403 when an authenticated tenant asks for another tenant's job."""
+    if tenant is not None and rec.tenant != tenant:
+        raise InputError("id", "this job belongs to another tenant", 403)
+    return rec
 
 
 class JobService:
@@ -132,6 +171,12 @@ class JobService:
         self._started = False
         self._sweeper: Optional[asyncio.Task] = None
         self._models_root: Optional[str] = None
+        self._stopping = False
+        self._user_cancelled: set[str] = set()  # cancelled by a client, not by shutdown
+        self._expired: set[str] = set()  # past job_timeout_s
+        real_driver = generate_fn is None and self.settings.driver == "multitalk.driver:generate"
+        self._real_driver = real_driver
+        self._precheck = real_driver if self.settings.precheck_inputs is None else self.settings.precheck_inputs
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -147,6 +192,9 @@ class JobService:
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
 
     async def stop(self) -> None:
+        """Graceful shutdown: running and queued jobs are persisted as IN_QUEUE (owner
+        cleared) so that the next ingress runs them (``requeue_on_shutdown``)."""
+        self._stopping = True
         if self._sweeper:
             self._sweeper.cancel()
         for task in list(self.tasks.values()):
@@ -186,7 +234,8 @@ class JobService:
     def _unfinished(self) -> int:
         return sum(1 for t in self.tasks.values() if not t.done())
 
-    async def save_upload(self, field_name: str, filename: Optional[str], data: bytes) -> str:
+    async def save_upload(self, field_name: str, filename: Optional[str], data: bytes,
+                          tenant: Optional[str] = None) -> str:
         """Store an uploaded input; returns its key. Content-addressed, so a retried
         upload (same Idempotency-Key) yields the same request and the same job."""
         if not data:
@@ -196,19 +245,73 @@ class JobService:
             ext = "." + filename.rsplit(".", 1)[1].lower()
             if not re.fullmatch(r"\.[a-z0-9]{1,8}", ext):
                 ext = ""
-        key = f"inputs/uploads/{hashlib.sha256(data).hexdigest()[:32]}{ext}"
+        folder = f"inputs/uploads/{tenant}/" if tenant else "inputs/uploads/"
+        key = f"{folder}{hashlib.sha256(data).hexdigest()[:32]}{ext}"
         if not await asyncio.to_thread(self.store.exists, key):
             await asyncio.to_thread(self.store.put, key, data, None)
         return key
 
-    async def _validate_inputs(self, request: JobRequest, source: str) -> JobRequest:
+    def _allowed_for(self, ref: str, name: str, tenant: Optional[str]) -> tuple[str, ...]:
+        """Buckets ``ref`` may be read from. ``allowed_buckets`` entries are ``bucket`` or
+        ``bucket/prefix``; the store's own bucket only under its prefix (and, like the
+        local store, never job records, other tenants' uploads or outputs)."""
+        if not ref.strip().lower().startswith("s3://"):
+            return self.settings.allowed_buckets
+        from .storage import S3Store, parse_s3_url
+
+        bucket, key = parse_s3_url(ref.strip(), name)
+        if isinstance(self.store, S3Store) and bucket == self.store.bucket:
+            if not key.startswith(self.store.prefix):
+                raise InputError(name, f"'{ref}' is outside this service's prefix", 403)
+            self._confine(key[len(self.store.prefix):], name, tenant)
+        allowed = []
+        for entry in self.settings.allowed_buckets:
+            b, _, prefix = entry.partition("/")
+            if b == bucket and key.startswith(prefix):
+                allowed.append(b)
+        return tuple(allowed)
+
+    @staticmethod
+    def _confine(key: str, name: str, tenant: Optional[str]) -> None:
+        if key.startswith("jobs/"):
+            raise InputError(name, "job records cannot be used as inputs", 403)
+        if tenant is not None:
+            for area in ("outputs/", "inputs/uploads/"):
+                if key.startswith(area) and not key.startswith(f"{area}{tenant}/"):
+                    raise InputError(name, f"'{key}' belongs to another tenant", 403)
+
+    def _limits(self):
+        from multitalk.driver import Limits
+
+        return Limits(max_audio_seconds=self.settings.max_audio_seconds,
+                      max_image_pixels=self.settings.max_image_pixels,
+                      max_prompt_chars=self.settings.max_prompt_chars)
+
+    def _precheck_media(self, request: JobRequest, source: str) -> None:
+        """Decode and check the media now (the library's own checks) so that a bad file is
+        a 4xx naming the field instead of a FAILED job later."""
+        from multitalk.driver import plan_chunks, prepare_inputs
+
+        image, audio = self._fetch_inputs(request, source)
+        gen = request.to_generation_request(image, audio)
+        try:
+            prep = prepare_inputs(gen, self._limits())
+            plan_chunks(prep.audio_frames, gen.frames, gen.mode, gen.motion_frames,
+                        gen.frames if gen.mode == "clip" else gen.max_frames)
+        except InputError as e:
+            raise self._rename(e, source) from None
+
+    async def _validate_inputs(self, request: JobRequest, source: str, tenant: Optional[str] = None) -> JobRequest:
         """Check every reference exists (4xx now rather than a failed job later)."""
         canon = {}
         for name, ref in request.input_fields():
             try:
+                allowed = self._allowed_for(ref, name, tenant)
                 canon[name] = await asyncio.to_thread(
-                    check_input, ref, self.store, name, self.settings.allowed_buckets
+                    check_input, ref, self.store, name, allowed
                 )
+                if not canon[name].startswith("s3://"):
+                    self._confine(canon[name], name, tenant)
             except InputError as e:
                 raise self._rename(e, source) from None
         return request.model_copy(
@@ -227,14 +330,20 @@ class JobService:
         return e
 
     async def submit(
-        self, request: JobRequest, idempotency_key: Optional[str] = None, source: str = "api"
+        self, request: JobRequest, idempotency_key: Optional[str] = None, source: str = "api",
+        tenant: Optional[str] = None,
     ) -> JobRecord:
         """Validate, persist and queue a job. Raises InputError (4xx) or Overloaded (429)."""
         await self.start()
         if self._unfinished() >= self.settings.max_queued_jobs:
             raise Overloaded(self.settings.retry_after_s)
-        request = await self._validate_inputs(request, source)
-        rec, created = await asyncio.to_thread(self.jobs.create, request, idempotency_key, source)
+        request = await self._validate_inputs(request, source, tenant)
+        if self._precheck:
+            await asyncio.to_thread(self._precheck_media, request, source)
+        if tenant is not None and idempotency_key:
+            idempotency_key = f"{tenant}/{idempotency_key}"  # keys are per tenant
+        rec, created = await asyncio.to_thread(self.jobs.create, request, idempotency_key, source,
+                                               "generate", None, tenant)
         log = JobLog(logger, {"job_id": rec.id})
         if not created:
             log.info("idempotent retry (key %r): returning the existing job", idempotency_key)
@@ -247,11 +356,14 @@ class JobService:
         self._schedule(rec)
         return rec
 
-    async def run_action(self, action: str, params: dict, idempotency_key: Optional[str] = None) -> JobRecord:
+    async def run_action(self, action: str, params: dict, idempotency_key: Optional[str] = None,
+                         tenant: Optional[str] = None) -> JobRecord:
         """RunPod ``model_check`` / ``volume_explore``: answered at once, kept as a job record."""
         await self.start()
+        if tenant is not None and idempotency_key:
+            idempotency_key = f"{tenant}/{idempotency_key}"
         rec, created = await asyncio.to_thread(
-            self.jobs.create, None, idempotency_key, "runpod", action
+            self.jobs.create, None, idempotency_key, "runpod", action, None, tenant
         )
         if not created:
             return rec
@@ -283,6 +395,7 @@ class JobService:
 
     def _schedule(self, rec: JobRecord) -> None:
         self.records[rec.id] = rec
+        metrics.jobs.state(rec.id, rec.state)
         self.done[rec.id] = asyncio.Event()
         self.tasks[rec.id] = asyncio.get_running_loop().create_task(self._run(rec), name=f"job-{rec.id}")
 
@@ -320,6 +433,7 @@ class JobService:
         task = self.tasks.get(job_id)
         if task is not None:
             JobLog(logger, {"job_id": job_id}).info("cancel requested")
+            self._user_cancelled.add(job_id)
             task.cancel()
             await asyncio.wait({task}, timeout=30)
             return self.records.get(job_id, rec)
@@ -360,6 +474,7 @@ class JobService:
                     await self._persist(rec)
                 if await asyncio.to_thread(self.jobs.cancel_requested, rec.id):
                     JobLog(logger, {"job_id": rec.id}).info("cancel marker found")
+                    self._user_cancelled.add(rec.id)
                     task.cancel()
                     return
             except Exception:
@@ -379,17 +494,22 @@ class JobService:
         task = asyncio.current_task()
         dirty = [False]
         beat: Optional[asyncio.Task] = None
+        deadline: Optional[asyncio.TimerHandle] = None
         # Per-job view of the stages where supported, so a cancel reaches this job's calls.
-        stages = self.stages.for_job() if hasattr(self.stages, "for_job") else self.stages
+        stages = self.stages.for_job(rec.id) if hasattr(self.stages, "for_job") else self.stages
         try:
             assert self._slots is not None and rec.request is not None
             async with self._slots:
                 rec.state, rec.started_at = JobState.IN_PROGRESS, time.time()
+                metrics.jobs.state(rec.id, rec.state)
                 rec.attempts += 1
                 rec.timings["queue"] = round(rec.started_at - rec.created_at, 3)
                 rec.progress = ProgressInfo(stage="inputs", message="fetching inputs")
                 await self._persist(rec)
                 beat = asyncio.get_running_loop().create_task(self._heartbeat(rec, dirty, task))
+                if self.settings.job_timeout_s:
+                    deadline = asyncio.get_running_loop().call_later(
+                        self.settings.job_timeout_s, self._expire, rec.id, task)
                 log.info("started (attempt %d)", rec.attempts)
 
                 t0 = time.monotonic()
@@ -406,6 +526,7 @@ class JobService:
                         # clients' step bars do not jump back to zero.
                         info.step, info.total_steps = rec.progress.step, rec.progress.total_steps
                     rec.progress = info
+                    metrics.jobs.progress(rec.id, p)
                     dirty[0] = True
                     if p.stage != last_stage[0]:
                         last_stage[0] = p.stage
@@ -415,9 +536,7 @@ class JobService:
                                  p.chunk + 1, p.total_chunks)
 
                 t0 = time.monotonic()
-                if hasattr(stages, "prepare"):
-                    await stages.prepare()
-                result = await self.generate_fn()(gen_request, stages, on_progress)
+                result = await self._generate(rec, gen_request, stages, on_progress, log)
                 rec.timings["generate"] = round(time.monotonic() - t0, 3)
                 rec.timings.update({k: round(float(v), 3) for k, v in (result.timings or {}).items()})
 
@@ -434,9 +553,21 @@ class JobService:
         except asyncio.CancelledError:
             if hasattr(stages, "cancel"):
                 stages.cancel()
-            rec.state = JobState.CANCELLED
-            rec.progress.message = "cancelled"
-            log.info("cancelled")
+            if rec.id in self._expired:
+                rec.state = JobState.FAILED
+                rec.error = ErrorInfo(message=f"deadline exceeded (job_timeout_s={self.settings.job_timeout_s:g})",
+                                      status=504)
+                log.warning("deadline exceeded after %.0f s", self.settings.job_timeout_s)
+            elif self._stopping and self.settings.requeue_on_shutdown and rec.id not in self._user_cancelled:
+                # Not the client's cancel: the ingress is shutting down. Leave the job
+                # queued and unowned; the next ingress's recovery runs it again.
+                rec.state, rec.owner = JobState.IN_QUEUE, None
+                rec.progress = ProgressInfo(stage="queued", message="re-queued at ingress shutdown")
+                log.info("re-queued at shutdown")
+            else:
+                rec.state = JobState.CANCELLED
+                rec.progress.message = "cancelled"
+                log.info("cancelled")
         except Exception as e:  # noqa: BLE001 - every failure must land in the record
             if hasattr(stages, "cancel"):
                 stages.cancel()  # calls the driver started but no longer waits for
@@ -452,9 +583,14 @@ class JobService:
         finally:
             if beat is not None:
                 beat.cancel()
-            rec.finished_at = time.time()
-            if rec.started_at:
+            if deadline is not None:
+                deadline.cancel()
+            self._expired.discard(rec.id)
+            self._user_cancelled.discard(rec.id)
+            rec.finished_at = time.time() if rec.state.terminal else None
+            if rec.started_at and rec.finished_at:
                 rec.timings["total"] = round(rec.finished_at - rec.started_at, 3)
+            metrics.jobs.finished(rec.id, rec.state, rec.timings)
             try:
                 await self._persist(rec)
             except Exception:
@@ -462,9 +598,42 @@ class JobService:
             self.tasks.pop(rec.id, None)
             self.done[rec.id].set()
 
+    def _expire(self, job_id: str, task: asyncio.Task) -> None:
+        if not task.done():
+            self._expired.add(job_id)
+            task.cancel()
+
+    async def _generate(self, rec: JobRecord, gen_request, stages, on_progress, log) -> GenerationResult:
+        """The driver run; re-run (up to ``max_stage_retries`` times, with backoff) when a
+        stage replica died or was unreachable. Other errors propagate at once."""
+        kwargs = {"limits": self._limits()} if self._real_driver else {}
+        attempt = 0
+        while True:
+            try:
+                if hasattr(stages, "prepare"):
+                    await stages.prepare()
+                return await self.generate_fn()(gen_request, stages, on_progress, **kwargs)
+            except Exception as e:
+                if not retryable(e) or attempt >= self.settings.max_stage_retries:
+                    if attempt:
+                        log.warning("giving up after %d stage retries", attempt)
+                    raise
+                attempt += 1
+                if hasattr(stages, "cancel"):
+                    stages.cancel()  # whatever the failed attempt left running
+                rec.timings["stage_retries"] = attempt
+                rec.progress = ProgressInfo(stage="retry", message=f"stage failed ({type(e).__name__}); "
+                                                                   f"retry {attempt}/{self.settings.max_stage_retries}")
+                log.warning("stage failed (%s: %s); retry %d/%d", type(e).__name__, e, attempt,
+                            self.settings.max_stage_retries)
+                await asyncio.sleep(self.settings.stage_retry_backoff_s * 2 ** (attempt - 1))
+
     async def _upload(self, rec: JobRecord, result: GenerationResult) -> ResultInfo:
         out = rec.request.output
-        key = out.key or output_key(rec.id)
+        key = out.key or output_key(rec.id, rec.tenant)
+        if rec.tenant and not key.startswith(f"outputs/{rec.tenant}/"):
+            # each tenant's outputs live under its own prefix
+            key = f"outputs/{rec.tenant}/" + (key[len("outputs/"):] if key.startswith("outputs/") else key)
         if not key.startswith("outputs/"):
             key = "outputs/" + key  # never let an output overwrite inputs or job records
         if not key.endswith(".mp4"):

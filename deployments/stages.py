@@ -19,6 +19,7 @@ import dataclasses
 import logging
 import sys
 import threading
+import time
 from typing import Any, Callable, Optional
 
 from ray import serve
@@ -95,10 +96,19 @@ class _StageReplica:
         logger.info("%s: loading %s from %s on %s (%s)", type(self).__name__, cls_path, root, device, dtype)
         self.stage = stage_cls.from_pretrained(root, device=device, dtype=dtype)
         self._lock = asyncio.Lock()
+        from . import metrics
 
-    async def _run(self, fn: Callable, *args, **kwargs):
+        metrics.watch_gpu_memory()  # GPU memory gauge; nothing without CUDA
+        metrics.replica_logging()  # our [job <id>] lines into the replica's Serve log
+
+    async def _run(self, fn: Callable, *args, job_id: Optional[str] = None, **kwargs):
         async with self._lock:
-            return to_cpu(await asyncio.to_thread(fn, *args, **kwargs))
+            t0 = time.monotonic()
+            out = to_cpu(await asyncio.to_thread(fn, *args, **kwargs))
+            if job_id:
+                logger.info("[job %s] %s.%s done in %.3f s", job_id, type(self).__name__,
+                            getattr(fn, "__name__", "call"), time.monotonic() - t0)
+            return out
 
     def check_health(self) -> None:
         """Serve calls this periodically; loading succeeded if we are here."""
@@ -111,8 +121,8 @@ class AudioEncoder(_StageReplica):
 
     stage_name = "audio"
 
-    async def encode(self, speeches):
-        return await self._run(self.stage.encode, speeches)
+    async def encode(self, speeches, job_id: Optional[str] = None):
+        return await self._run(self.stage.encode, speeches, job_id=job_id)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=4)
@@ -121,8 +131,8 @@ class ImageEncoder(_StageReplica):
 
     stage_name = "image"
 
-    async def encode(self, cond_pixels, frames: int):
-        return await self._run(self.stage.encode, cond_pixels, frames)
+    async def encode(self, cond_pixels, frames: int, job_id: Optional[str] = None):
+        return await self._run(self.stage.encode, cond_pixels, frames, job_id=job_id)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=4)
@@ -131,8 +141,8 @@ class TextEncoder(_StageReplica):
 
     stage_name = "text"
 
-    async def encode(self, prompt: str, negative_prompt: str):
-        return await self._run(self.stage.encode, prompt, negative_prompt)
+    async def encode(self, prompt: str, negative_prompt: str, job_id: Optional[str] = None):
+        return await self._run(self.stage.encode, prompt, negative_prompt, job_id=job_id)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=2)
@@ -147,11 +157,57 @@ class Diffusion(_StageReplica):
 
     stage_name = "diffusion"
 
+    async def __init__(self, settings: dict):
+        # sp_degree > 1 (app arg ``parallel``): this actor holds no model; it starts one rank
+        # actor per placement-group bundle (deployments/diffusion_parallel.py).
+        from .diffusion_parallel import ParallelSettings
+
+        self._par = ParallelSettings.from_settings(settings)
+        self._group = None
+        if self._par.sp_degree <= 1:
+            _StageReplica.__init__(self, settings)
+            return
+        from .diffusion_parallel import RankGroup, dit_num_heads, validate_parallel
+        from .volume import resolve_models_root
+
+        settings = dict(settings or {})
+        settings["models_root"] = await asyncio.to_thread(resolve_models_root, settings)
+        num_heads = await asyncio.to_thread(dit_num_heads, settings["models_root"])
+        validate_parallel(self._par, num_heads)  # a bad configuration fails the replica start here
+        self.stage = None
+        self._lock = asyncio.Lock()
+        self._group = RankGroup(settings, self._par)
+        await self._group.start()
+        logger.info("Diffusion: %d sequence-parallel ranks ready (ulysses %d x ring %d)",
+                    self._par.sp_degree, self._par.ulysses, self._par.ring_degree)
+
+    async def check_health(self) -> None:
+        """With ranks: ping every rank; a dead one makes this replica unhealthy (Serve replaces it)."""
+        if self._group is not None:
+            await self._group.check()
+
+    async def ranks(self) -> dict:
+        """This replica's rank actors (tests and debugging)."""
+        from ray import serve as _serve
+
+        ctx = _serve.get_replica_context()
+        return {"replica": ctx.replica_id.unique_id, "ranks": list(self._group.ranks) if self._group else [],
+                "broken": self._group.broken if self._group else None}
+
     async def lip_sync(self) -> bool:
         """Whether the loaded DiT has the MultiTalk audio adapter."""
+        if self._group is not None:
+            return self._group.lip_sync
         return bool(getattr(self.stage, "lip_sync", True))
 
-    async def sample(self, job, audio, image, text):
+    async def sample(self, job, audio, image, text, job_id: Optional[str] = None):
+        if job_id:
+            logger.info("[job %s] Diffusion.sample started", job_id)
+        if self._group is not None:  # sequence parallel: all ranks in lockstep, rank 0 streams
+            async with self._lock:
+                async for event in self._group.sample(job, audio, image, text):
+                    yield event
+            return
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         cancelled = threading.Event()
@@ -190,8 +246,23 @@ class VaeDecoder(_StageReplica):
 
     stage_name = "decode"
 
-    async def decode(self, latents):
-        return await self._run(self.stage.decode, latents)
+    async def decode(self, latents, job_id: Optional[str] = None):
+        return await self._run(self.stage.decode, latents, job_id=job_id)
+
+
+# Bounded retry of a Diffusion chunk call that failed with a retryable error (a dead
+# sequence-parallel rank or a dead replica, see deployments/diffusion_parallel.py): the broken
+# replica is marked unhealthy and replaced by Serve meanwhile; ~45 s of back-off in all.
+DIFFUSION_RETRIES = 6
+
+
+def diffusion_retry_delay(exc: BaseException, attempt: int) -> Optional[float]:
+    """Seconds to wait before re-sending a failed diffusion call, or ``None``: do not retry."""
+    from .diffusion_parallel import is_retryable
+
+    if attempt >= DIFFUSION_RETRIES or not is_retryable(exc):
+        return None
+    return float(min(2 ** attempt, 15))
 
 
 class ServeStages:
@@ -208,14 +279,16 @@ class ServeStages:
     :meth:`cancel` can stop them when the job is cancelled.
     """
 
-    def __init__(self, audio, image, text, diffusion, decode, _shared: Optional[dict] = None):
+    def __init__(self, audio, image, text, diffusion, decode, _shared: Optional[dict] = None,
+                 job_id: Optional[str] = None):
         self.audio, self.image, self.text, self.diffusion, self.decode = audio, image, text, diffusion, decode
+        self._kw = {"job_id": job_id} if job_id else {}  # stage replicas log it with their lines
         self._shared = _shared if _shared is not None else {}
         self._inflight: list[Any] = []
         self._tasks: list[asyncio.Task] = []
 
-    def for_job(self) -> "ServeStages":
-        return ServeStages(self.audio, self.image, self.text, self.diffusion, self.decode, self._shared)
+    def for_job(self, job_id: Optional[str] = None) -> "ServeStages":
+        return ServeStages(self.audio, self.image, self.text, self.diffusion, self.decode, self._shared, job_id)
 
     async def prepare(self) -> None:
         """Fetch what the driver reads synchronously (``lip_sync``) once per ingress."""
@@ -231,29 +304,46 @@ class ServeStages:
         return response
 
     def audio_encode(self, speeches):
-        return self._track(self.audio.encode.remote(speeches))
+        return self._track(self.audio.encode.remote(speeches, **self._kw))
 
     def image_encode(self, cond_pixels, frames):
-        return self._track(self.image.encode.remote(cond_pixels, frames))
+        return self._track(self.image.encode.remote(cond_pixels, frames, **self._kw))
 
     def text_encode(self, prompt, negative_prompt):
-        return self._track(self.text.encode.remote(prompt, negative_prompt))
+        return self._track(self.text.encode.remote(prompt, negative_prompt, **self._kw))
 
     def diffusion_sample(self, job, audio, image, text, on_step=None):
-        stream = self._track(self.diffusion.options(stream=True).sample.remote(job, audio, image, text))
+        def start():
+            return self._track(self.diffusion.options(stream=True).sample.remote(job, audio, image, text, **self._kw))
+
+        stream = start()
 
         async def consume():
-            latents = None
-            try:
-                async for event in stream:
-                    if event["event"] == "step":
-                        if on_step is not None:
-                            on_step(event["step"], event["total"])
-                    elif event["event"] == "result":
-                        latents = event["latents"]
-            except asyncio.CancelledError:
-                stream.cancel()
-                raise
+            nonlocal stream
+            attempt = 0
+            while True:
+                latents = None
+                try:
+                    async for event in stream:
+                        if event["event"] == "step":
+                            if on_step is not None:
+                                on_step(event["step"], event["total"])
+                        elif event["event"] == "result":
+                            latents = event["latents"]
+                except asyncio.CancelledError:
+                    stream.cancel()
+                    raise
+                except Exception as e:  # noqa: BLE001 - only retryable failures are retried
+                    delay = diffusion_retry_delay(e, attempt)
+                    if delay is None:
+                        raise
+                    attempt += 1
+                    logger.warning("diffusion call failed (%s: %s); retry %d/%d in %.0f s", type(e).__name__,
+                                   str(e)[:200], attempt, DIFFUSION_RETRIES, delay)
+                    await asyncio.sleep(delay)
+                    stream = start()
+                    continue
+                break
             if latents is None:
                 raise RuntimeError("diffusion stream ended without latents")
             return latents
@@ -266,12 +356,12 @@ class ServeStages:
         if isinstance(latents, asyncio.Future):  # a streamed DiT result: wait for it here
 
             async def chained():
-                return await self._track(self.decode.decode.remote(await latents))
+                return await self._track(self.decode.decode.remote(await latents, **self._kw))
 
             task = asyncio.ensure_future(chained())
             self._tasks.append(task)
             return task
-        return self._track(self.decode.decode.remote(latents))
+        return self._track(self.decode.decode.remote(latents, **self._kw))
 
     def cancel(self) -> None:
         """Best-effort cancel of every call this job started (finished ones are unaffected)."""

@@ -17,16 +17,33 @@ from multitalk.api import InputError
 DEFAULT_CACHE_DIR = "~/.cache/multitalk"
 
 
-def resolve_models_root(settings: Mapping[str, Any]) -> str:
-    """The models root from settings; empty means "tiny random weights in the cache".
+def _cache_dir(settings: Mapping[str, Any]) -> Path:
+    return Path(settings.get("cache_dir") or os.environ.get("MULTITALK_CACHE_DIR") or DEFAULT_CACHE_DIR).expanduser()
 
-    Tiny weights are generated once per machine (``ensure_tiny_weights`` is race-safe; the
-    file lock also keeps concurrently starting replicas from all doing the work).
+
+def resolve_models_root(settings: Mapping[str, Any], download: bool = True) -> str:
+    """The models root from settings, as a local folder.
+
+    ``s3://bucket/prefix`` is mirrored once into the node-local cache (where the stage
+    replicas run; ``download=False`` only finds an existing complete mirror, so the
+    ingress never pulls 80 GB for a report). Empty means "tiny random weights in the
+    cache", generated once per machine (``ensure_tiny_weights`` is race-safe; the file
+    lock also keeps concurrently starting replicas from all doing the work).
     """
     root = (settings.get("models_root") or os.environ.get("MULTITALK_MODELS_ROOT") or "").strip()
+    if root.startswith("s3://"):
+        from multitalk.checkpoints.remote import mirrored_path
+        from multitalk.checkpoints.remote import resolve_models_root as mirror
+
+        if download:
+            return mirror(root, str(_cache_dir(settings)))
+        local = mirrored_path(root, str(_cache_dir(settings)))
+        if local is None:
+            raise FileNotFoundError(f"{root} is not mirrored on this node yet")
+        return str(local)
     if root:
         return str(Path(root).expanduser())
-    cache_dir = Path(settings.get("cache_dir") or os.environ.get("MULTITALK_CACHE_DIR") or DEFAULT_CACHE_DIR).expanduser()
+    cache_dir = _cache_dir(settings)
     cache_dir.mkdir(parents=True, exist_ok=True)
     from multitalk.checkpoints.tiny import ensure_tiny_weights
 
@@ -42,8 +59,8 @@ def optional_models_root(settings: Mapping[str, Any]) -> Optional[str]:
     """Like :func:`resolve_models_root`, but ``None`` where the tiny-weights generator is
     not available (reports must not fail because of it)."""
     try:
-        return resolve_models_root(settings)
-    except ImportError:
+        return resolve_models_root(settings, download=False)
+    except (ImportError, FileNotFoundError):
         return None
 
 

@@ -217,3 +217,12 @@ def explore(root: str | os.PathLike, max_depth: int = 3, max_entries: int = 500)
         "truncated": len(entries) >= max_entries,
         "total_bytes": total,
     }
+
+
+def find_checkpoints_resolved(root: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> CheckpointSet:
+    """Like :func:`find_checkpoints`, but ``root`` may be an ``s3://bucket/prefix``: it is
+    mirrored once into the node-local cache (``multitalk.checkpoints.remote``) and the
+    mirror is scanned."""
+    from .remote import resolve_models_root
+
+    return find_checkpoints(resolve_models_root(str(root), cache_dir))
