@@ -11,7 +11,6 @@ Goals (issue 3): streaming time ≈ 3× the single chunk, peak memory ≤ 1.3×.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import multiprocessing as mp
 import resource
@@ -20,33 +19,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-
-def _speech(seconds: float, seed: int = 0) -> bytes:
-    """Speech-like test audio: noise bursts under a syllable-rate envelope, as a wav."""
-    import soundfile as sf
-
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * 16000)) / 16000
-    envelope = 0.5 * (1 + np.sin(2 * np.pi * 4 * t)) * (0.6 + 0.4 * np.sin(2 * np.pi * 0.7 * t))
-    signal = (rng.standard_normal(t.shape) * 0.1 + np.sin(2 * np.pi * 180 * t) * 0.2) * envelope
-    buf = io.BytesIO()
-    sf.write(buf, signal.astype(np.float32), 16000, format="WAV")
-    return buf.getvalue()
-
-
-def _image() -> bytes:
-    from PIL import Image
-
-    rng = np.random.default_rng(1)
-    img = Image.fromarray((rng.random((360, 640, 3)) * 255).astype(np.uint8))
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
+from bench.synthetic import noise_png, speech_wav  # noqa: E402
 
 
 def _run(case: dict, models: str, queue) -> None:
@@ -58,11 +35,11 @@ def _run(case: dict, models: str, queue) -> None:
 
     pipe = MultiTalkPipeline.from_pretrained(models)
     # Warm-up (first-call costs of torch, ffmpeg, the thread pool) so both cases time steady state.
-    pipe.generate(GenerationRequest(image=_image(), audio=[_speech(2.0)], size=case["size"], frames=17,
+    pipe.generate(GenerationRequest(image=noise_png(), audio=[speech_wav(2.0)], size=case["size"], frames=17,
                                     sampling=SamplingOptions(steps=1)))
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     req = GenerationRequest(
-        image=_image(), audio=[_speech(case["seconds"])], prompt="a person talks", size=case["size"],
+        image=noise_png(), audio=[speech_wav(case["seconds"])], prompt="a person talks", size=case["size"],
         frames=case["frames"], mode=case["mode"], motion_frames=5, color_correction=1.0,
         sampling=SamplingOptions(steps=case["steps"]),
     )

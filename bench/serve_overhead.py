@@ -10,15 +10,15 @@ Measured side by side in one run, on the same tiny random weights and inputs:
 
     .venv/bin/python bench/serve_overhead.py [--steps 4] [--frames 17] [--size multitalk-128]
 
-Both sides use the same torch thread count (``--threads``, default: all cores): the served
-replicas get it through ``OMP_NUM_THREADS`` (Ray would otherwise give fractional-CPU
-actors a single thread).
+Both sides use the same torch thread count per computation (``--threads``, default 1, what
+the CPU config's replicas pin themselves to: their CPU share rounded up); the served
+replicas get it through ``OMP_NUM_THREADS``. With more threads per replica than cores,
+concurrent jobs oversubscribe the CPU (see docs/BENCHMARKS.md).
 """
 from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
-import io
 import json
 import os
 import socket
@@ -28,32 +28,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-
-def _speech(seconds: float, seed: int = 0) -> bytes:
-    import soundfile as sf
-
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * 16000)) / 16000
-    envelope = 0.5 * (1 + np.sin(2 * np.pi * 4 * t)) * (0.6 + 0.4 * np.sin(2 * np.pi * 0.7 * t))
-    signal = (rng.standard_normal(t.shape) * 0.1 + np.sin(2 * np.pi * 180 * t) * 0.2) * envelope
-    buf = io.BytesIO()
-    sf.write(buf, signal.astype(np.float32), 16000, format="WAV")
-    return buf.getvalue()
-
-
-def _image() -> bytes:
-    from PIL import Image
-
-    rng = np.random.default_rng(1)
-    img = Image.fromarray((rng.random((360, 640, 3)) * 255).astype(np.uint8))
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
+from bench.synthetic import noise_png, speech_wav  # noqa: E402
 
 
 def _free_port() -> int:
@@ -148,13 +127,13 @@ def main() -> None:
     ap.add_argument("--size", default="multitalk-128")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--jobs", type=int, default=4)
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+    ap.add_argument("--threads", type=int, default=1,
                     help="torch threads in-process and per served replica (OMP_NUM_THREADS)")
     args = ap.parse_args()
     from multitalk.checkpoints.tiny import make_tiny_weights
 
     models = str(make_tiny_weights(tempfile.mkdtemp(prefix="bench-tiny-"), "official"))
-    image, audio = _image(), _speech((args.frames + 4) / 25)
+    image, audio = noise_png(), speech_wav((args.frames + 4) / 25)
 
     local, local_timings = in_process(models, image, audio, args)  # before Ray starts: a plain process
     srv = served(models, image, audio, args)

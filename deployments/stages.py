@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import sys
 import threading
 import time
@@ -78,6 +79,25 @@ def _device(setting: Optional[str]) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _pin_torch_threads(settings: dict) -> None:
+    """torch threads = this replica's CPU share, rounded up (``settings["torch_threads"]`` or
+    ``OMP_NUM_THREADS`` override): replicas sharing a node must not each start one thread
+    per core, or a few concurrent jobs oversubscribe the CPUs and every stage slows down."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return
+    threads = settings.get("torch_threads")
+    if not threads and "OMP_NUM_THREADS" not in os.environ:
+        import math
+
+        import ray
+
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+        threads = max(1, math.ceil(cpus))
+    if threads:
+        torch.set_num_threads(int(threads))
+
+
 class _StageReplica:
     """Loads one stage object from the models root given in ``settings``."""
 
@@ -91,6 +111,7 @@ class _StageReplica:
         root = resolve_models_root(settings)
         cls_path = {**DEFAULT_STAGE_CLASSES, **(settings.get("stage_classes") or {})}[self.stage_name]
         stage_cls = import_attr(cls_path)  # imports torch for the real stages
+        _pin_torch_threads(settings)
         device = _device(settings.get("device"))
         dtype = _dtype(settings.get("dtype", "float32"))
         logger.info("%s: loading %s from %s on %s (%s)", type(self).__name__, cls_path, root, device, dtype)

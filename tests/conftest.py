@@ -1,6 +1,9 @@
 """Shared pytest fixtures."""
 from __future__ import annotations
 
+import contextlib
+import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -38,3 +41,37 @@ def tiny_pipeline(tiny_official):
     from multitalk.pipeline import MultiTalkPipeline
 
     return MultiTalkPipeline.from_pretrained(str(tiny_official))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def local_serve(tmp_dir: Path, num_cpus: int, namespace: str):
+    """A local Ray + Serve for one test module; yields ``(base_url, tmp_dir)``.
+
+    The repository and tests folder go on PYTHONPATH first so Ray workers import
+    ``pipeline_graph``/``deployments`` and test helper modules by name.
+    """
+    ray = pytest.importorskip("ray")
+    from ray import serve
+
+    here = Path(__file__).resolve().parent
+    paths = [str(here.parent), str(here)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(paths)
+    port = free_port()
+    ray.init(num_cpus=num_cpus, include_dashboard=False, namespace=namespace, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        yield f"http://127.0.0.1:{port}", tmp_dir
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        if old is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = old

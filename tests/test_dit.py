@@ -10,27 +10,13 @@ from safetensors.torch import load_file, save_file
 
 from multitalk.checkpoints.dit import load_dit
 from multitalk.checkpoints.loading import CheckpointError
-from multitalk.checkpoints.tiny import MULTITALK_DIR, WAN_DIFFUSERS_DIR, WAN_DIR, tiny_dit, tiny_dit_config
+from multitalk.checkpoints.tiny import (
+    MULTITALK_DIR, WAN_DIFFUSERS_DIR, WAN_DIR, tiny_dit, tiny_dit_config, tiny_dit_inputs,
+)
 
 
 def _inputs(people: int, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    cfg = tiny_dit_config()
-    t_lat, h, w = 5, 8, 12
-    frames = 1 + 4 * (t_lat - 1)
-    masks = torch.zeros(3, h, w)
-    masks[0, :, : w // 2 - 1] = 1
-    masks[1, :, w // 2 + 1 :] = 1
-    masks[2] = 1 - masks[0] - masks[1]
-    return dict(
-        x=torch.randn(16, t_lat, h, w, generator=g),
-        t=torch.tensor([811.0]),
-        context=torch.randn(7, cfg["text_dim"], generator=g),
-        clip_fea=torch.randn(1, 257, cfg["image_dim"], generator=g),
-        y=torch.randn(20, t_lat, h, w, generator=g),
-        audio=torch.randn(people, frames, 5, cfg["audio_blocks"], cfg["audio_channels"], generator=g),
-        ref_target_masks=masks,
-    )
+    return tiny_dit_inputs(people, seed=seed)
 
 
 @pytest.mark.parametrize("people", [1, 2])

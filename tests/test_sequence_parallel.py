@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from multitalk.checkpoints.tiny import tiny_dit, tiny_dit_config
+from multitalk.checkpoints.tiny import tiny_dit, tiny_dit_config, tiny_dit_inputs
 from multitalk.distributed import FrameSplit, SequenceParallel, sp_forward, validate_sp_degrees
 from multitalk.distributed.launch import spawn_ranks
 from multitalk.modules.transformer_multitalk import MultiTalkTransformer3DModel
@@ -20,24 +20,7 @@ BACKENDS = ("yunchang", "torch")
 
 
 def _inputs(people: int, t_lat: int = 5, seed: int = 0):
-    """Valid DiT inputs (as tests/test_dit.py builds them) with a chosen latent frame count."""
-    g = torch.Generator().manual_seed(seed)
-    cfg = tiny_dit_config()
-    h, w = 8, 12
-    frames = 1 + 4 * (t_lat - 1)
-    masks = torch.zeros(3, h, w)
-    masks[0, :, : w // 2 - 1] = 1
-    masks[1, :, w // 2 + 1 :] = 1
-    masks[2] = 1 - masks[0] - masks[1]
-    return dict(
-        x=torch.randn(16, t_lat, h, w, generator=g),
-        t=torch.tensor([811.0]),
-        context=torch.randn(7, cfg["text_dim"], generator=g),
-        clip_fea=torch.randn(1, 257, cfg["image_dim"], generator=g),
-        y=torch.randn(20, t_lat, h, w, generator=g),
-        audio=torch.randn(people, frames, 5, cfg["audio_blocks"], cfg["audio_channels"], generator=g),
-        ref_target_masks=masks,
-    )
+    return tiny_dit_inputs(people, t_lat=t_lat, seed=seed)
 
 
 def _worker(rank: int, world_size: int, result_path: str) -> None:

@@ -11,12 +11,12 @@ and the repository root on their PYTHONPATH.
 """
 from __future__ import annotations
 
-import os
-import socket
 import time
 from pathlib import Path
 
 import pytest
+
+from conftest import local_serve
 
 pytestmark = [pytest.mark.serve, pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -101,32 +101,10 @@ async def fake_driver(request, stages, progress=None):
 # --- fixtures --------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def serve_env(tmp_path_factory):
-    ray = pytest.importorskip("ray")
-    from ray import serve
-
-    paths = [str(ROOT), str(HERE)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    old = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join(paths)
-    port = _free_port()
-    ray.init(num_cpus=2, include_dashboard=False, namespace="serve", log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    try:
-        yield f"http://127.0.0.1:{port}", tmp_path_factory.mktemp("serve")
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-        if old is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = old
+    with local_serve(tmp_path_factory.mktemp("serve"), num_cpus=2, namespace="serve") as env:
+        yield env
 
 
 def _wait(url, job_id, timeout=120, states=("COMPLETED", "FAILED", "CANCELLED")):

@@ -15,12 +15,12 @@ their PYTHONPATH.
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
 import time
 from pathlib import Path
 
 import pytest
+
+from conftest import local_serve
 import torch
 
 pytestmark = [pytest.mark.serve, pytest.mark.slow, pytest.mark.timeout(600)]
@@ -30,32 +30,10 @@ ROOT = HERE.parent
 TOLERANCE = 1e-4
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ray_env(tmp_path_factory):
-    ray = pytest.importorskip("ray")
-    from ray import serve
-
-    paths = [str(ROOT), str(HERE)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    old = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join(paths)
-    port = _free_port()
-    ray.init(num_cpus=4, include_dashboard=False, namespace="serve-sp", log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    try:
-        yield f"http://127.0.0.1:{port}", tmp_path_factory.mktemp("serve-sp")
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-        if old is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = old
+    with local_serve(tmp_path_factory.mktemp("serve-sp"), num_cpus=4, namespace="serve-sp") as env:
+        yield env
 
 
 # --------------------------------------------------------------------------- (a) parity

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from .discovery import ADAPTER_FILE, CLIP_FILE, T5_FILE, T5_TOKENIZER, VAE_FILE
+from .discovery import CLIP_FILE, T5_FILE, T5_TOKENIZER, VAE_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +75,31 @@ def tiny_dit(seed: int = 0):
             else:
                 p.copy_(0.1 * noise)
     return model.eval()
+
+
+def tiny_dit_inputs(people: int, t_lat: int = 5, seed: int = 0, hw: tuple[int, int] = (8, 12)) -> dict:
+    """Valid keyword inputs for :func:`tiny_dit`'s forward (tests and benches).
+
+    ``people`` speakers, ``t_lat`` latent frames (``1 + 4 (t_lat - 1)`` video frames) of
+    ``hw`` latents; person masks: left and right thirds, background in between.
+    """
+    g = torch.Generator().manual_seed(seed)
+    cfg = tiny_dit_config()
+    h, w = hw
+    frames = 1 + 4 * (t_lat - 1)
+    masks = torch.zeros(3, h, w)
+    masks[0, :, : w // 2 - 1] = 1
+    masks[1, :, w // 2 + 1 :] = 1
+    masks[2] = 1 - masks[0] - masks[1]
+    return dict(
+        x=torch.randn(16, t_lat, h, w, generator=g),
+        t=torch.tensor([811.0]),
+        context=torch.randn(7, cfg["text_dim"], generator=g),
+        clip_fea=torch.randn(1, 257, cfg["image_dim"], generator=g),
+        y=torch.randn(20, t_lat, h, w, generator=g),
+        audio=torch.randn(people, frames, 5, cfg["audio_blocks"], cfg["audio_channels"], generator=g),
+        ref_target_masks=masks,
+    )
 
 
 def make_tiny_weights(root: str | os.PathLike, layout: str = "official", seed: int = 0) -> Path:
