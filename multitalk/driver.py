@@ -174,7 +174,7 @@ async def generate(
     limits: Limits = Limits(),
 ) -> GenerationResult:
     """Run one job through the stages; returns the finished mp4."""
-    from .utils.video import color_match, frames_to_uint8, write_mp4
+    from .utils.video import Mp4Writer, color_match
 
     timer = _Timer()
     emit = progress or (lambda p: None)
@@ -202,52 +202,59 @@ async def generate(
     text = stages.text_encode(request.prompt, negative)
     image = stages.image_encode(prep.reference[:, None], request.frames)
 
-    chunks_u8: list[np.ndarray] = []
-    motion_pixels: Optional[torch.Tensor] = None  # last frames of the previous chunk
-    for index, start in enumerate(plan.starts):
-        if index > 0:
-            image = stages.image_encode(motion_pixels, request.frames)
-        job = ChunkJob(
-            frames=request.frames, latent_hw=lat_hw, audio_start=start, ref_masks=prep.ref_masks,
-            seed=s.seed + index, steps=s.steps, shift=shift, guidance=guidance,
-            teacache_thresh=s.teacache_thresh, size=request.size, audio_extend=plan.audio_extend,
-        )
-        done_before = index * s.steps
+    height, width = prep.target_hw
+    speech = prep.mixed[: int(math.ceil(plan.total_frames / FPS * SPEECH_RATE))]
+    # Frames stream into the encoder chunk by chunk: a long video never sits in memory whole.
+    writer = Mp4Writer(height, width, plan.total_frames, speech, FPS)
+    try:
+        motion_pixels: Optional[torch.Tensor] = None  # last frames of the previous chunk
+        for index, start in enumerate(plan.starts):
+            if index > 0:
+                image = stages.image_encode(motion_pixels, request.frames)
+            job = ChunkJob(
+                frames=request.frames, latent_hw=lat_hw, audio_start=start, ref_masks=prep.ref_masks,
+                seed=s.seed + index, steps=s.steps, shift=shift, guidance=guidance,
+                teacache_thresh=s.teacache_thresh, size=request.size, audio_extend=plan.audio_extend,
+            )
+            done_before = index * s.steps
 
-        def on_step(step: int, total: int, _done=done_before, _chunk=index) -> None:
-            emit(Progress("diffusion", step=_done + step, total_steps=total_steps,
-                          chunk=_chunk + 1, total_chunks=len(plan.starts)))
+            def on_step(step: int, total: int, _done=done_before, _chunk=index) -> None:
+                emit(Progress("diffusion", step=_done + step, total_steps=total_steps,
+                              chunk=_chunk + 1, total_chunks=len(plan.starts)))
 
-        t0 = time.perf_counter()
-        latents = stages.diffusion_sample(job, audio, image, text, on_step)
-        # Conditioning is ready before sampling can start: book that wait as encoding.
-        await asyncio.gather(_await(audio), _await(text), _await(image))
-        timer.add("encode", time.perf_counter() - (t_enc if index == 0 else t0))
-        t0 = time.perf_counter()
-        await _await(latents)
-        timer.add("diffusion", time.perf_counter() - t0)
-        emit(Progress("decode", chunk=index + 1, total_chunks=len(plan.starts)))
-        t0 = time.perf_counter()
-        pixels = await _await(stages.vae_decode(latents))
-        timer.add("decode", time.perf_counter() - t0)
-        if request.color_correction > 0:
             t0 = time.perf_counter()
-            pixels = await asyncio.to_thread(color_match, pixels, prep.reference, request.color_correction)
-            timer.add("color_correction", time.perf_counter() - t0)
-        motion_pixels = pixels[:, -request.motion_frames:].contiguous()
-        keep = pixels if index == 0 else pixels[:, request.motion_frames:]
-        chunks_u8.append(frames_to_uint8(keep))
-        del pixels, keep
+            latents = stages.diffusion_sample(job, audio, image, text, on_step)
+            # Conditioning is ready before sampling can start: book that wait as encoding.
+            await asyncio.gather(_await(audio), _await(text), _await(image))
+            timer.add("encode", time.perf_counter() - (t_enc if index == 0 else t0))
+            t0 = time.perf_counter()
+            await _await(latents)
+            timer.add("diffusion", time.perf_counter() - t0)
+            emit(Progress("decode", chunk=index + 1, total_chunks=len(plan.starts)))
+            t0 = time.perf_counter()
+            pixels = await _await(stages.vae_decode(latents))
+            timer.add("decode", time.perf_counter() - t0)
+            if request.color_correction > 0:
+                t0 = time.perf_counter()
+                pixels = await asyncio.to_thread(color_match, pixels, prep.reference, request.color_correction)
+                timer.add("color_correction", time.perf_counter() - t0)
+            motion_pixels = pixels[:, -request.motion_frames:].contiguous()
+            keep = pixels if index == 0 else pixels[:, request.motion_frames:]
+            t0 = time.perf_counter()
+            await asyncio.to_thread(writer.write, keep)
+            timer.add("mux", time.perf_counter() - t0)
+            del pixels, keep
+    except BaseException:
+        writer.abort()
+        raise
 
-    video = np.concatenate(chunks_u8, axis=0)[: plan.total_frames]
-    emit(Progress("mux", message=f"{len(video)} frames"))
+    emit(Progress("mux", message=f"{writer.written} frames"))
     t0 = time.perf_counter()
-    speech = prep.mixed[: int(math.ceil(len(video) / FPS * SPEECH_RATE))]
-    mp4 = await asyncio.to_thread(write_mp4, video, speech, FPS)
+    mp4 = await asyncio.to_thread(writer.close)
     timer.add("mux", time.perf_counter() - t0)
     timer.add("total", time.perf_counter() - started)
-    h, w = video.shape[1:3]
-    return GenerationResult(mp4, len(video), FPS, w, h, len(plan.starts), stages.lip_sync, timer.timings, warnings)
+    return GenerationResult(mp4, writer.written, FPS, width, height, len(plan.starts), stages.lip_sync,
+                            timer.timings, warnings)
 
 
 async def _await(handle: Any) -> Any:

@@ -74,6 +74,106 @@ def _write_wav(path: str, samples: np.ndarray, sample_rate: int) -> None:
         handle.writeframes(pcm.tobytes())
 
 
+class Mp4Writer:
+    """Streams frames into ffmpeg as they are produced, so a long video never sits in
+    memory whole; the speech track is known up front and muxed at the end.
+
+    ``num_frames`` frames of ``height`` x ``width`` are expected (the audio is cut or
+    zero-padded to ``num_frames / fps`` seconds); :meth:`write` takes float [3, T, H, W]
+    in [-1, 1] or uint8 [T, H, W, 3] chunks; :meth:`close` returns the mp4 bytes.
+    Output as :func:`write_mp4`.
+    """
+
+    def __init__(
+        self,
+        height: int,
+        width: int,
+        num_frames: int,
+        audio: Optional[np.ndarray] = None,
+        fps: int = 25,
+        crf: int = 18,
+        preset: str = "medium",
+        sample_rate: int = SPEECH_SAMPLE_RATE,
+    ):
+        if num_frames <= 0:
+            raise ValueError("no frames to write")
+        self.pad_h, self.pad_w = height % 2, width % 2
+        self.height, self.width = height + self.pad_h, width + self.pad_w
+        self.num_frames, self.written = num_frames, 0
+        self._tmp = tempfile.TemporaryDirectory(prefix="multitalk-mp4-")
+        tmp = self._tmp.name
+        self.output = os.path.join(tmp, "out.mp4")
+        self.log_path = os.path.join(tmp, "ffmpeg.log")
+        command = [
+            _ffmpeg_exe(), "-y", "-hide_banner", "-loglevel", "error",
+            "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{self.width}x{self.height}", "-framerate", str(fps),
+            "-i", "pipe:0",
+        ]  # fmt: skip
+        if audio is not None:
+            samples = np.asarray(audio, dtype=np.float32).reshape(-1)
+            # Round to whole samples: T / fps seconds of speech.
+            target_samples = int(round(num_frames * sample_rate / fps))
+            samples = samples[:target_samples]
+            if samples.shape[0] < target_samples:
+                samples = np.pad(samples, (0, target_samples - samples.shape[0]))
+            wav_path = os.path.join(tmp, "speech.wav")
+            _write_wav(wav_path, samples, sample_rate)
+            command += ["-i", wav_path, "-map", "0:v:0", "-map", "1:a:0", "-c:a", "aac", "-b:a", "128k"]
+        else:
+            command += ["-map", "0:v:0"]
+        command += [
+            "-c:v", "libx264", "-preset", preset, "-crf", str(crf), "-pix_fmt", "yuv420p",
+            "-r", str(fps), "-movflags", "+faststart", "-f", "mp4", self.output,
+        ]  # fmt: skip
+        # stderr goes to a file: a pipe we do not drain while writing stdin could fill
+        # up and deadlock both processes on long videos.
+        self._log = open(self.log_path, "wb")
+        self._process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self._log)
+
+    def write(self, frames: Union[torch.Tensor, np.ndarray]) -> None:
+        """Append frames; frames beyond ``num_frames`` are dropped."""
+        video = frames_to_uint8(frames)[: self.num_frames - self.written]
+        if self.pad_h or self.pad_w:
+            video = np.pad(video, ((0, 0), (0, self.pad_h), (0, self.pad_w), (0, 0)), mode="edge")
+        try:
+            for frame in video:
+                self._process.stdin.write(frame.tobytes())
+        except (BrokenPipeError, OSError):
+            pass  # ffmpeg died early; its log says why (reported by close)
+        self.written += len(video)
+
+    def abort(self) -> None:
+        """Stop the encoder and remove its files (the job failed or was cancelled)."""
+        if self._process.poll() is None:
+            self._process.kill()
+            self._process.wait()
+        self._log.close()
+        self._tmp.cleanup()
+
+    def close(self, path: Optional[Union[str, os.PathLike]] = None) -> bytes:
+        """Finish the file and return its bytes (also written to ``path`` if given)."""
+        try:
+            try:
+                self._process.stdin.close()
+            except (BrokenPipeError, OSError):
+                pass
+            return_code = self._process.wait()
+            self._log.close()
+            if return_code != 0 or not os.path.exists(self.output):
+                with open(self.log_path, "rb") as log:
+                    tail = _stderr_tail(log.read())
+                raise RuntimeError(f"ffmpeg failed to encode the mp4 (exit {return_code}): {tail}")
+            with open(self.output, "rb") as handle:
+                mp4_bytes = handle.read()
+        finally:
+            if self._process.poll() is None:
+                self._process.kill()
+            self._tmp.cleanup()
+        if path is not None:
+            Path(path).write_bytes(mp4_bytes)
+        return mp4_bytes
+
+
 def write_mp4(
     frames: Union[torch.Tensor, np.ndarray],
     audio: Optional[np.ndarray] = None,
@@ -99,59 +199,9 @@ def write_mp4(
     """
     video = frames_to_uint8(frames)
     num_frames, height, width, _ = video.shape
-    if num_frames == 0:
-        raise ValueError("no frames to write")
-    pad_h, pad_w = height % 2, width % 2
-    if pad_h or pad_w:
-        video = np.pad(video, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
-        height, width = height + pad_h, width + pad_w
-
-    ffmpeg = _ffmpeg_exe()
-    with tempfile.TemporaryDirectory(prefix="multitalk-mp4-") as tmp:
-        output = os.path.join(tmp, "out.mp4")
-        log_path = os.path.join(tmp, "ffmpeg.log")
-        command = [
-            ffmpeg, "-y", "-hide_banner", "-loglevel", "error",
-            "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}", "-framerate", str(fps),
-            "-i", "pipe:0",
-        ]  # fmt: skip
-        if audio is not None:
-            samples = np.asarray(audio, dtype=np.float32).reshape(-1)
-            # Round to whole samples: T / fps seconds of speech.
-            target_samples = int(round(num_frames * sample_rate / fps))
-            samples = samples[:target_samples]
-            if samples.shape[0] < target_samples:
-                samples = np.pad(samples, (0, target_samples - samples.shape[0]))
-            wav_path = os.path.join(tmp, "speech.wav")
-            _write_wav(wav_path, samples, sample_rate)
-            command += ["-i", wav_path, "-map", "0:v:0", "-map", "1:a:0", "-c:a", "aac", "-b:a", "128k"]
-        else:
-            command += ["-map", "0:v:0"]
-        command += [
-            "-c:v", "libx264", "-preset", preset, "-crf", str(crf), "-pix_fmt", "yuv420p",
-            "-r", str(fps), "-movflags", "+faststart", "-f", "mp4", output,
-        ]  # fmt: skip
-
-        # stderr goes to a file: a pipe we do not drain while writing stdin could fill
-        # up and deadlock both processes on long videos.
-        with open(log_path, "wb") as log:
-            process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=log)
-            try:
-                for frame in video:
-                    process.stdin.write(frame.tobytes())
-                process.stdin.close()
-            except (BrokenPipeError, OSError):
-                pass  # ffmpeg died early; its log says why (reported below)
-            return_code = process.wait()
-        if return_code != 0 or not os.path.exists(output):
-            with open(log_path, "rb") as log:
-                tail = _stderr_tail(log.read())
-            raise RuntimeError(f"ffmpeg failed to encode the mp4 (exit {return_code}): {tail}")
-        with open(output, "rb") as handle:
-            mp4_bytes = handle.read()
-    if path is not None:
-        Path(path).write_bytes(mp4_bytes)
-    return mp4_bytes
+    writer = Mp4Writer(height, width, num_frames, audio, fps, crf, preset, sample_rate)
+    writer.write(video)
+    return writer.close(path)
 
 
 # ---------------------------------------------------------------------------------------
