@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from multitalk.api import GenerationRequest, InputError, SamplingOptions
@@ -28,6 +29,17 @@ def _request(fixtures_dir, people=2, **kw):
     return GenerationRequest(**args)
 
 
+def _decoded_audio(mp4: bytes) -> np.ndarray:
+    """The mp4's audio track as float32 mono 16 kHz (ffmpeg from imageio-ffmpeg)."""
+    import imageio_ffmpeg
+
+    out = subprocess.run(
+        [imageio_ffmpeg.get_ffmpeg_exe(), "-loglevel", "error", "-i", "pipe:0", "-f", "s16le", "-ac", "1",
+         "-ar", "16000", "pipe:1"], input=mp4, capture_output=True, check=True,
+    ).stdout
+    return np.frombuffer(out, np.int16).astype(np.float32) / 32768
+
+
 def test_plan_chunks_follows_the_official_loop():
     assert plan_chunks(100, 81, "clip", 25, 81).starts == [0]
     plan = plan_chunks(267, 81, "streaming", 25, 1000)
@@ -46,6 +58,16 @@ def test_two_speakers_with_bboxes(tiny_pipeline, fixtures_dir):
     assert info["audio_codec"] == "aac" and info["audio_duration"] == pytest.approx(17 / 25, abs=0.06)
     assert (info["height"], info["width"]) == (96, 176)
     assert result.lip_sync and result.chunks == 1
+    # The soundtrack is the input speech (both speakers, 'add': speaker 1 first).
+    from multitalk.utils.audio import combine_speakers, load_speech
+
+    req = _request(fixtures_dir, 2)
+    _, mixed = combine_speakers([load_speech(a) for a in req.audio], "add")
+    track = _decoded_audio(result.video)
+    n = min(len(track), len(mixed))
+    assert n >= 0.6 * 16000
+    corr = np.corrcoef(track[:n], mixed[:n])[0, 1]
+    assert corr > 0.9, corr
 
 
 @pytest.mark.slow
