@@ -212,11 +212,11 @@ class RankActor:
         from multitalk.distributed import SequenceParallel, sp_forward
 
         from .service import import_attr
-        from .stages import DEFAULT_STAGE_CLASSES, _device, _dtype
+        from .replica import DEFAULT_STAGE_CLASSES, resolve_device, resolve_dtype
         from .volume import resolve_models_root
 
         par = ParallelSettings(**par_raw)
-        device = _device(settings.get("device"))
+        device = resolve_device(settings.get("device"))
         backend = "nccl" if device.startswith("cuda") else "gloo"
         if backend == "gloo":
             if master_addr in ("127.0.0.1", "localhost"):
@@ -228,7 +228,7 @@ class RankActor:
                                 world_size=self.world_size, timeout=timedelta(seconds=300))
         root = resolve_models_root(settings)
         cls_path = {**DEFAULT_STAGE_CLASSES, **(settings.get("stage_classes") or {})}["diffusion"]
-        stage = import_attr(cls_path).from_pretrained(root, device=device, dtype=_dtype(settings.get("dtype", "float32")))
+        stage = import_attr(cls_path).from_pretrained(root, device=device, dtype=resolve_dtype(settings.get("dtype", "float32")))
         sp = SequenceParallel(None, ulysses_degree=par.ulysses, ring_degree=par.ring_degree, backend=par.backend)
         sp.parallelize(stage.model)
         stage.forward_fn = functools.partial(sp_forward, stage.model)
@@ -253,7 +253,7 @@ class RankActor:
             flag = torch.tensor([1 if self._cancel.is_set() else 0], device=dev)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             if int(flag.item()):
-                from .stages import StageCancelled
+                from .replica import StageCancelled
 
                 raise StageCancelled()
             if events is not None:

@@ -15,87 +15,18 @@ Resources (num_gpus, replicas, autoscaling) come from the serve config, not from
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
-import os
-import sys
 import threading
 import time
 from typing import Any, Callable, Optional
 
 from ray import serve
 
+from .replica import (
+    DEFAULT_STAGE_CLASSES, StageCancelled, pin_torch_threads, resolve_device, resolve_dtype, to_cpu,
+)
+
 logger = logging.getLogger("multitalk.serve")
-
-# Default implementation of each stage; ``settings["stage_classes"]`` may name others
-# ("module:Class" with the same interface, e.g. a quantised DiT).
-DEFAULT_STAGE_CLASSES = {
-    "audio": "multitalk.stages:AudioStage",
-    "image": "multitalk.stages:ImageStage",
-    "text": "multitalk.stages:TextStage",
-    "diffusion": "multitalk.stages:DiffusionStage",
-    "decode": "multitalk.stages:DecodeStage",
-}
-
-
-class StageCancelled(Exception):
-    """Raised inside the sampler thread when the request that started it was cancelled."""
-
-
-def to_cpu(obj: Any) -> Any:
-    """Recursively move tensors to CPU (tensors, dataclasses, lists/tuples/dicts)."""
-    torch = sys.modules.get("torch")
-    if torch is None:  # nothing imported torch, so there are no tensors to move
-        return obj
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu() if obj.device.type != "cpu" else obj
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        changes = {f.name: to_cpu(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init}
-        return dataclasses.replace(obj, **changes)
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(to_cpu(x) for x in obj)
-    if isinstance(obj, dict):
-        return {k: to_cpu(v) for k, v in obj.items()}
-    return obj
-
-
-def _dtype(name: Any):
-    """torch dtype for a config name. Stage classes that do not use torch (nothing has
-    imported it) get the name as is, so replicas do not pay for importing torch."""
-    torch = sys.modules.get("torch")
-    if torch is None or not isinstance(name, str):
-        return name
-    return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[name]
-
-
-def _device(setting: Optional[str]) -> str:
-    if setting and setting != "auto":
-        return setting
-    torch = sys.modules.get("torch")
-    if torch is None:
-        return "cpu"
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _pin_torch_threads(settings: dict) -> None:
-    """torch threads = this replica's CPU share, rounded up (``settings["torch_threads"]`` or
-    ``OMP_NUM_THREADS`` override): replicas sharing a node must not each start one thread
-    per core, or a few concurrent jobs oversubscribe the CPUs and every stage slows down."""
-    torch = sys.modules.get("torch")
-    if torch is None:
-        return
-    threads = settings.get("torch_threads")
-    if not threads and "OMP_NUM_THREADS" not in os.environ:
-        import math
-
-        import ray
-
-        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
-        threads = max(1, math.ceil(cpus))
-    if threads:
-        torch.set_num_threads(int(threads))
 
 
 class _StageReplica:
@@ -111,9 +42,9 @@ class _StageReplica:
         root = resolve_models_root(settings)
         cls_path = {**DEFAULT_STAGE_CLASSES, **(settings.get("stage_classes") or {})}[self.stage_name]
         stage_cls = import_attr(cls_path)  # imports torch for the real stages
-        _pin_torch_threads(settings)
-        device = _device(settings.get("device"))
-        dtype = _dtype(settings.get("dtype", "float32"))
+        pin_torch_threads(settings)
+        device = resolve_device(settings.get("device"))
+        dtype = resolve_dtype(settings.get("dtype", "float32"))
         logger.info("%s: loading %s from %s on %s (%s)", type(self).__name__, cls_path, root, device, dtype)
         self.stage = stage_cls.from_pretrained(root, device=device, dtype=dtype)
         self._lock = asyncio.Lock()
