@@ -151,3 +151,23 @@ def test_low_vram_block_streaming_gives_the_same_output():
         streamer.remove()
     assert torch.equal(ref, out)
     assert all(p.device.type == "cpu" for p in model.blocks.parameters())
+
+
+def test_teacache_in_the_dit_reuses_the_branch_residual():
+    from multitalk.utils.sampler import TeaCache
+
+    model = tiny_dit(0)
+    inp = _inputs(1)
+    with torch.no_grad():
+        plain = model(**inp)
+        cache = TeaCache(threshold=0.0, steps=10, warmup_steps=0)  # threshold 0: always compute
+        assert torch.equal(model(**inp, teacache=cache, branch="cond"), plain)
+        cache = TeaCache(threshold=1e9, steps=10, warmup_steps=1)
+        cache.step = 0
+        model(**inp, teacache=cache, branch="cond")
+        cache.step = 1
+        near = {**inp, "t": inp["t"] - 1.0}
+        skipped = model(**near, teacache=cache, branch="cond")
+        assert cache.skipped == 1 and cache.computed == 1
+        # skipping = the blocks' residual of the last full pass added to this pass's input
+        assert (skipped - model(**near)).abs().max() < 0.05 * plain.abs().max()

@@ -404,16 +404,8 @@ class SequenceParallel:
 
         self.token_lengths = split.token_lengths
         try:
-            if teacache is None:
-                tokens = model.run_blocks(tokens, e0, rotations, ctx, audio_tokens, people, masks, layout)
-            elif teacache.should_compute(branch, e0 if teacache.use_ret_steps else e):
-                # The decision depends on e/e0 only (identical on all ranks), so ranks agree;
-                # each rank caches the residual of its own tokens.
-                before = tokens
-                tokens = model.run_blocks(tokens, e0, rotations, ctx, audio_tokens, people, masks, layout)
-                teacache.residuals[branch] = tokens - before
-            else:
-                tokens = tokens + teacache.residuals[branch]
+            tokens = model.run_blocks_cached(tokens, e, e0, rotations, ctx, audio_tokens, people, masks, layout,
+                                             teacache, branch)
         finally:
             self.token_lengths = None
         out = model.head(tokens, e)  # [1, S_local, prod(patch) * out_dim] float32

@@ -423,14 +423,8 @@ class MultiTalkTransformer3DModel(ModelMixin, ConfigMixin):
             masks = self.token_masks(ref_target_masks, grid, dtype)
         layout = TokenLayout(grid)
         rotations = video_rope_grid(self.rope_freqs, grid)
-        if teacache is None:
-            tokens = self.run_blocks(tokens, e0, rotations, ctx, audio_tokens, people, masks, layout)
-        elif teacache.should_compute(branch, e0 if teacache.use_ret_steps else e):
-            before = tokens
-            tokens = self.run_blocks(tokens, e0, rotations, ctx, audio_tokens, people, masks, layout)
-            teacache.residuals[branch] = tokens - before
-        else:
-            tokens = tokens + teacache.residuals[branch]
+        tokens = self.run_blocks_cached(tokens, e, e0, rotations, ctx, audio_tokens, people, masks, layout,
+                                        teacache, branch)
         out = self.head(tokens, e)
         return self.unpatchify(out[0], grid)
 
@@ -478,6 +472,21 @@ class MultiTalkTransformer3DModel(ModelMixin, ConfigMixin):
         tokens = self.run_blocks(tokens, e0, rotations, ctx, audio_tokens, people, masks, layout)
         out = self.head(tokens, e)
         return [self.unpatchify(out[i], grid) for i in range(batch)]
+
+    def run_blocks_cached(self, tokens, e, e0, rotations, ctx, audio_tokens, people, masks, layout,
+                          teacache=None, branch: str = "cond") -> torch.Tensor:
+        """:meth:`run_blocks`, or TeaCache's reuse of this branch's cached residual.
+
+        The decision depends on ``e``/``e0`` only, so sequence-parallel ranks agree on it;
+        each caches the residual of the tokens it holds.
+        """
+        if teacache is None:
+            return self.run_blocks(tokens, e0, rotations, ctx, audio_tokens, people, masks, layout)
+        if teacache.should_compute(branch, e0 if teacache.use_ret_steps else e):
+            out = self.run_blocks(tokens, e0, rotations, ctx, audio_tokens, people, masks, layout)
+            teacache.residuals[branch] = out - tokens
+            return out
+        return tokens + teacache.residuals[branch]
 
     def run_blocks(self, tokens, e0, rotations, ctx, audio_tokens, people, masks, layout) -> torch.Tensor:
         for block in self.blocks:
