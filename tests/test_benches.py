@@ -19,3 +19,16 @@ def test_dit_bench_runs_at_tiny_size_and_lossless_levers_match():
     assert set(rows) == {"plain", "batched", "sdpa_math"}
     assert float(rows["batched"][-1]) < 1e-5  # batching the guidance passes is lossless
     assert float(rows["sdpa_math"][-1]) < 1e-4  # another attention kernel, same math
+
+
+def test_pipeline_bench_runs_end_to_end_at_tiny_size():
+    import json
+
+    out = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "pipeline_gpu.py"), "--scale", "tiny", "--size", "multitalk-128",
+         "--frames", "9", "--steps", "1", "--device", "cpu", "--batch-guidance"],
+        check=True, capture_output=True, text=True, timeout=300,
+    ).stdout
+    report = json.loads(out[out.index("{"):])
+    assert report["video"] == "176x96x9"
+    assert set(report["timings_s"]) >= {"prepare", "encode", "diffusion", "decode", "mux", "total"}
