@@ -58,6 +58,15 @@ RUN mkdir -p multitalk deployments \
  && rm -rf multitalk deployments pipeline_graph.py build ./*.egg-info \
  && python -c "import torch; assert torch.version.cuda, torch.__version__; print(torch.__version__)"
 
+# Optional flash attention (diffusers' "flash" attention backend), only where a prebuilt wheel
+# matches this torch/CUDA: building it from source takes an hour. SDPA (cuDNN/flash kernels
+# inside torch) is the default either way.
+ARG INSTALL_FLASH_ATTN=0
+RUN if [ "${INSTALL_FLASH_ATTN}" = "1" ]; then \
+      uv pip install --python "${VIRTUAL_ENV}/bin/python" --only-binary=:all: flash-attn \
+      || echo "no prebuilt flash-attn wheel for this torch/CUDA: using SDPA"; \
+    fi
+
 # The project itself (no dependency changes: --no-deps).
 COPY multitalk ./multitalk
 COPY deployments ./deployments
