@@ -12,7 +12,8 @@ Every lever's output is compared with the plain path on the same inputs: relativ
 error of the guided velocity (``quality``); a lever that changes the video shows up there.
 Levers: ``batched`` (the 3 passes as one batch), ``teacache`` (official threshold 0.2,
 measured over ``--steps`` steps), ``compile`` (torch.compile of each block, regional),
-``sdpa_math`` / ``sdpa_cudnn`` / ``flash`` / ``sage`` (diffusers attention backends).
+``sdpa_math`` / ``sdpa_cudnn`` / ``flash`` / ``sage`` (diffusers attention backends),
+``int8`` / ``fp8`` (weight-only DiT blocks via torchao; lossy: watch the quality column).
 """
 from __future__ import annotations
 
@@ -162,6 +163,10 @@ def main() -> None:
         if lever == "compile":
             for block in model.blocks:
                 block.compile()
+        if lever in ("int8", "fp8"):  # weight-only quantisation (torchao); a fresh copy of the model
+            from multitalk.modules.quantize import quantize_dit_blocks
+
+            plain_model, model = model, quantize_dit_blocks(build(args.model, args.device, dtype), lever)
         try:
             t, out, peak = run_lever(model, inp, lever if lever in ("batched", "teacache") else "plain",
                                      args.steps, args.device)
@@ -170,6 +175,8 @@ def main() -> None:
         except Exception as e:  # a lever unavailable on this machine (kernel not installed ...)
             rows.append((lever, float("nan"), float("nan"), 0))
             print(f"{lever}: unavailable ({type(e).__name__}: {str(e)[:120]})", file=sys.stderr)
+        if lever in ("int8", "fp8"):
+            model = plain_model
         model.set_attention_backend(None)
     print(json.dumps(dict(model=args.model, size=args.size, frames=args.frames, tokens=tokens, device=args.device,
                           dtype=str(dtype), tflop_per_step=flops_step / 1e12)))

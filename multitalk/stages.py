@@ -227,17 +227,26 @@ class DiffusionStage:
     @classmethod
     def from_pretrained(cls, models: "str | CheckpointSet", device: str = "cpu", dtype="float32",
                         attention_backend: Optional[str] = None, batch_guidance: bool = False,
-                        low_vram: bool = False) -> "DiffusionStage":
+                        low_vram: bool = False, quantize: Optional[str] = None) -> "DiffusionStage":
         """``low_vram``: keep the DiT blocks in CPU memory and stream them to ``device`` one by
-        one (official ``--num_persistent_param_in_dit 0``); slower, fits 24 GB cards."""
+        one (official ``--num_persistent_param_in_dit 0``); slower, fits 24 GB cards.
+        ``quantize``: ``"int8"`` or ``"fp8"`` weight-only DiT blocks (torchao), quantised on
+        the CPU before the weights move to ``device``."""
         from .checkpoints.dit import load_dit
 
         ckpt = _as_checkpoints(models)
         adapter = ckpt.components["audio_adapter"].path if ckpt.components["audio_adapter"].found else None
         if adapter is None:
             logger.warning("no MultiTalk adapter under %s: the DiT runs without lip sync", ckpt.root)
+        on_cpu_first = low_vram or quantize is not None
         model = load_dit(ckpt.path("dit"), ckpt.layout("dit"), adapter,
-                         device="cpu" if low_vram else device, dtype=_dtype(dtype))
+                         device="cpu" if on_cpu_first else device, dtype=_dtype(dtype))
+        if quantize is not None:
+            from .modules.quantize import quantize_dit_blocks
+
+            quantize_dit_blocks(model, quantize)
+            if not low_vram:
+                model.to(device)
         if low_vram:
             from .modules.offload import BlockStreamer
 

@@ -177,3 +177,18 @@ def test_teacache_in_the_dit_reuses_the_branch_residual():
         expected = model.unpatchify(model.head(tokens, e)[0], grid)
         assert torch.allclose(skipped, expected, atol=1e-6)
         assert (skipped - model(**near)).abs().max() > 1e-4
+
+
+def test_int8_weight_only_dit_stays_close_to_the_full_precision_one():
+    pytest.importorskip("torchao")
+    from multitalk.modules.quantize import quantize_dit_blocks
+
+    model = tiny_dit(0)
+    inp = _inputs(2)
+    with torch.no_grad():
+        ref = model(**inp)
+        out = quantize_dit_blocks(tiny_dit(0), "int8")(**inp)
+    rel = ((out - ref).norm() / ref.norm()).item()
+    assert 0 < rel < 0.05, rel  # lossy, but close: the bench's quality column reports it
+    with pytest.raises(ValueError, match="int4"):
+        quantize_dit_blocks(model, "int4")
