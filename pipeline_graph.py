@@ -34,7 +34,8 @@ from deployments.diffusion_parallel import deployment_options as diffusion_deplo
 from deployments.ingress import MultiTalkIngress
 from deployments.stages import AudioEncoder, Diffusion, ImageEncoder, TextEncoder, VaeDecoder
 
-_STAGE_KEYS = ("models_root", "device", "dtype", "cache_dir", "stage_classes", "parallel", "torch_threads")
+_STAGE_KEYS = ("models_root", "device", "dtype", "cache_dir", "stage_classes", "parallel", "torch_threads",
+               "stage_options")
 _KNOWN = set(_STAGE_KEYS) | {"store", "ingress"}
 
 

@@ -228,7 +228,10 @@ class RankActor:
                                 world_size=self.world_size, timeout=timedelta(seconds=300))
         root = resolve_models_root(settings)
         cls_path = {**DEFAULT_STAGE_CLASSES, **(settings.get("stage_classes") or {})}["diffusion"]
-        stage = import_attr(cls_path).from_pretrained(root, device=device, dtype=resolve_dtype(settings.get("dtype", "float32")))
+        options = {k: v for k, v in ((settings.get("stage_options") or {}).get("diffusion", {})).items()
+                   if k != "batch_guidance"}  # batched guidance is not combined with SP
+        stage = import_attr(cls_path).from_pretrained(
+            root, device=device, dtype=resolve_dtype(settings.get("dtype", "float32")), **options)
         sp = SequenceParallel(None, ulysses_degree=par.ulysses, ring_degree=par.ring_degree, backend=par.backend)
         sp.parallelize(stage.model)
         stage.forward_fn = functools.partial(sp_forward, stage.model)

@@ -46,7 +46,9 @@ class _StageReplica:
         device = resolve_device(settings.get("device"))
         dtype = resolve_dtype(settings.get("dtype", "float32"))
         logger.info("%s: loading %s from %s on %s (%s)", type(self).__name__, cls_path, root, device, dtype)
-        self.stage = stage_cls.from_pretrained(root, device=device, dtype=dtype)
+        # Per-stage extras from the config, e.g. {diffusion: {batch_guidance: true, quantize: int8}}.
+        options = (settings.get("stage_options") or {}).get(self.stage_name, {})
+        self.stage = stage_cls.from_pretrained(root, device=device, dtype=dtype, **options)
         self._lock = asyncio.Lock()
         from . import metrics
 
