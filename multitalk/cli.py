@@ -63,7 +63,10 @@ def cmd_generate(args) -> int:
         bbox=_bbox(args.bbox), mode=args.mode, frames=args.frames, size=args.size, sampling=sampling,
         color_correction=args.color_correction,
     )
-    pipe = MultiTalkPipeline.from_pretrained(args.models, device=args.device, dtype=args.dtype)
+    pipe = MultiTalkPipeline.from_pretrained(
+        args.models, device=args.device, dtype=args.dtype, attention_backend=args.attention_backend,
+        tiled_vae=args.tiled_vae, batch_guidance=args.batch_guidance, quantize=args.quantize, low_vram=args.low_vram,
+    )
     bar = tqdm(total=1, desc="prepare", unit="step")
 
     def progress(p):
@@ -154,6 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--color-correction", type=float, default=1.0)
     s.add_argument("--device", default="cpu")
     s.add_argument("--dtype", default="float32")
+    s.add_argument("--attention-backend", help="diffusers attention backend: flash, _flash_3, sage, _native_cudnn ...")
+    s.add_argument("--batch-guidance", action="store_true", help="run the 3 guidance passes as one batch (lossless)")
+    s.add_argument("--quantize", choices=["int8", "fp8"], help="weight-only DiT blocks via torchao (lossy)")
+    s.add_argument("--low-vram", action="store_true", help="stream DiT blocks from CPU memory (24 GB cards)")
+    s.add_argument("--tiled-vae", action="store_true", help="tiled VAE decode (less memory)")
     s.add_argument("--out", required=True)
     s.set_defaults(fn=cmd_generate)
 

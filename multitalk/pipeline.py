@@ -25,14 +25,20 @@ class MultiTalkPipeline:
 
     @classmethod
     def from_pretrained(cls, models_root: str, device: str = "cpu", dtype: str = "float32",
-                        attention_backend: Optional[str] = None, tiled_vae: bool = False) -> "MultiTalkPipeline":
-        """Load every stage from a models root (official or diffusers layout, see ``multitalk check``)."""
+                        attention_backend: Optional[str] = None, tiled_vae: bool = False,
+                        **diffusion_options) -> "MultiTalkPipeline":
+        """Load every stage from a models root (official or diffusers layout, see ``multitalk check``).
+
+        ``diffusion_options``: :meth:`DiffusionStage.from_pretrained` levers (``batch_guidance``,
+        ``quantize``, ``low_vram``).
+        """
         ckpt = find_checkpoints(models_root).require_complete()
         stages = LocalStages(
             AudioStage.from_pretrained(ckpt, device, dtype),
             ImageStage.from_pretrained(ckpt, device, dtype),
             TextStage.from_pretrained(ckpt, device, dtype),
-            DiffusionStage.from_pretrained(ckpt, device, dtype, attention_backend=attention_backend),
+            DiffusionStage.from_pretrained(ckpt, device, dtype, attention_backend=attention_backend,
+                                           **diffusion_options),
             DecodeStage.from_pretrained(ckpt, device, dtype, tiled=tiled_vae),
         )
         return cls(stages, ckpt)

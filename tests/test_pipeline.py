@@ -168,3 +168,19 @@ def test_official_and_diffusers_layouts_make_the_same_video(tiny_pipeline, tiny_
     mse = ((a - b) ** 2).mean()
     psnr = 10 * np.log10(255**2 / max(mse, 1e-12))
     assert psnr >= 40, psnr
+
+
+@pytest.mark.slow
+def test_cli_generate_two_speakers_with_bboxes(tiny_official, fixtures_dir, tmp_path):
+    out = tmp_path / "multi1.mp4"
+    m = fixtures_dir / "multi1"
+    report = subprocess.run(
+        [sys.executable, "-m", "multitalk.cli", "generate", "--models", str(tiny_official),
+         "--image", str(m / "multi1.png"), "--audio", str(m / "1.wav"), "--audio2", str(m / "2.wav"),
+         "--audio-type", "add", "--bbox", "160,120,1280,1080", "160,1320,1280,2280", "--prompt", "two people talk",
+         "--size", "multitalk-128", "--frames", "21", "--steps", "2", "--batch-guidance", "--out", str(out)],
+        check=True, capture_output=True, text=True, timeout=600,
+    ).stdout
+    assert json.loads(report.strip().splitlines()[-1])["frames"] == 21
+    info = probe_mp4(out)
+    assert info["fps"] == 25 and info["num_frames"] == 21 and info["audio_codec"] == "aac"
