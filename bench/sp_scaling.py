@@ -69,11 +69,13 @@ def make_model(args, device, dtype):
     return model.to(device, dtype)
 
 
-def _timed(fn, steps: int, device) -> tuple[torch.Tensor, float]:
+def _timed(fn, steps: int, device, barrier: bool = True) -> tuple[torch.Tensor, float]:
+    """Mean seconds per call after one warm-up call; ``barrier``: line the ranks up first."""
     import torch.distributed as dist
 
     out = fn()  # warm-up
-    dist.barrier()
+    if barrier:
+        dist.barrier()
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -95,7 +97,7 @@ def rank_main(rank: int, world_size: int, args, result_path: str) -> None:
         # Serial baseline: rank 0 alone (the others idle at the barrier), same threads/GPU.
         serial, serial_s = None, float("nan")
         if rank == 0:
-            serial, serial_s = _timed_local(lambda: model(**inp), args.steps, device)
+            serial, serial_s = _timed(lambda: model(**inp), args.steps, device, barrier=False)
         dist.barrier()
         SequenceParallel(None, ulysses_degree=world_size, backend=args.backend).parallelize(model)
         parallel, parallel_s = _timed(lambda: sp_forward(model, **inp), args.steps, device)
@@ -103,18 +105,6 @@ def rank_main(rank: int, world_size: int, args, result_path: str) -> None:
         diff = (parallel.float() - serial.float()).abs().max().item()
         torch.save(dict(diff=diff, serial_s=serial_s, parallel_s=parallel_s,
                         backend=model.sequence_parallel.backend), result_path)
-
-
-def _timed_local(fn, steps: int, device):
-    out = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        out = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return out, (time.perf_counter() - start) / steps
 
 
 def main(argv=None) -> int:

@@ -225,7 +225,9 @@ async def generate(
             t0 = time.perf_counter()
             latents = stages.diffusion_sample(job, audio, image, text, on_step)
             # Conditioning is ready before sampling can start: book that wait as encoding.
-            await asyncio.gather(_await(audio), _await(text), _await(image))
+            # Audio and text are the same for every chunk: wait for them once (a served
+            # handle fetches its result on every await).
+            await asyncio.gather(*([_await(audio), _await(text)] if index == 0 else []), _await(image))
             timer.add("encode", time.perf_counter() - (t_enc if index == 0 else t0))
             t0 = time.perf_counter()
             await _await(latents)

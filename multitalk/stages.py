@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
@@ -158,7 +159,7 @@ class ImageStage:
         if ckpt.layout("image_encoder") == "official":
             clip = ImageEncoder.from_original(ckpt.path("image_encoder"), device=device, dtype=dt)
         else:
-            clip = ImageEncoder.from_diffusers(str(torch_path_parent(ckpt.path("image_encoder"))), device=device, dtype=dt)
+            clip = ImageEncoder.from_diffusers(Path(ckpt.path("image_encoder")).parent, device=device, dtype=dt)
         # The VAE runs in fp32 like the official (its convolutions are sensitive to bf16).
         vae = load_vae(ckpt, device)
         return cls(clip, vae, device, dt)
@@ -340,12 +341,6 @@ class DecodeStage:
 
 
 # --------------------------------------------------------------------------- helpers
-def torch_path_parent(path: str):
-    from pathlib import Path
-
-    return Path(path).parent
-
-
 def load_vae(ckpt: CheckpointSet, device: str):
     from .modules.vae import WanVAE
 
