@@ -14,6 +14,8 @@ Levers: ``batched`` (the 3 passes as one batch), ``teacache`` (official threshol
 measured over ``--steps`` steps), ``compile`` (torch.compile of each block, regional),
 ``sdpa_math`` / ``sdpa_cudnn`` / ``flash`` / ``sage`` (diffusers attention backends),
 ``int8`` / ``fp8`` (weight-only DiT blocks via torchao; lossy: watch the quality column).
+Levers combine with ``+`` (``batched+sdpa_cudnn+compile``); ``batched`` and ``teacache``
+exclude each other (TeaCache decides per guidance pass).
 """
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ MODELS = {
     "tiny": dict(dim=64, ffn_dim=128, num_heads=4, num_layers=2, text_dim=32, image_dim=32, audio_blocks=2,
                  audio_channels=32, intermediate_dim=32, output_dim=32, context_tokens=8),
 }
+LEVERS = {"batched", "teacache", "compile", "int8", "fp8", "sdpa_math", "sdpa_cudnn", "flash", "sage", "flash3"}
 BACKENDS = {"sdpa_math": "_native_math", "sdpa_cudnn": "_native_cudnn", "flash": "flash", "sage": "sage",
             "flash3": "_flash_3"}
 
@@ -158,34 +161,45 @@ def main() -> None:
     base_t, base_out, base_peak = run_lever(model, inp, "plain", args.steps, args.device)
     rows.append(("plain", base_t, 0.0, base_peak))
     for lever in [x for x in args.levers.split(",") if x]:
-        if lever in BACKENDS:
-            model.set_attention_backend(BACKENDS[lever])
-        if lever == "compile":
-            for block in model.blocks:
-                block.compile()
-        if lever in ("int8", "fp8"):  # weight-only quantisation (torchao); a fresh copy of the model
-            from multitalk.modules.quantize import quantize_dit_blocks
-
-            plain_model, model = model, quantize_dit_blocks(build(args.model, args.device, dtype), lever)
+        parts = lever.split("+")  # a combination, e.g. batched+sdpa_cudnn+compile
+        unknown = [p for p in parts if p not in LEVERS]
+        if unknown:
+            raise SystemExit(f"unknown lever(s) {unknown}; known: {sorted(LEVERS)}")
+        if "batched" in parts and "teacache" in parts:
+            raise SystemExit("batched and teacache exclude each other (TeaCache decides per guidance pass)")
+        mode = "batched" if "batched" in parts else "teacache" if "teacache" in parts else "plain"
+        plain_model = model
         try:
-            t, out, peak = run_lever(model, inp, lever if lever in ("batched", "teacache") else "plain",
-                                     args.steps, args.device)
+            quant = [p for p in parts if p in ("int8", "fp8")]
+            if quant:  # weight-only quantisation (torchao) of a fresh copy of the model
+                from multitalk.modules.quantize import quantize_dit_blocks
+
+                model = quantize_dit_blocks(build(args.model, args.device, dtype), quant[0])
+            for p in parts:
+                if p in BACKENDS:
+                    model.set_attention_backend(BACKENDS[p])
+            if "compile" in parts:  # regional: one graph for all blocks, as DiffusionStage(compile=True)
+                model.compile_repeated_blocks(fullgraph=True)
+            t, out, peak = run_lever(model, inp, mode, args.steps, args.device)
             err = ((out - base_out).norm() / base_out.norm()).item()
             rows.append((lever, t, err, peak))
         except Exception as e:  # a lever unavailable on this machine (kernel not installed ...)
             rows.append((lever, float("nan"), float("nan"), 0))
-            print(f"{lever}: unavailable ({type(e).__name__}: {str(e)[:120]})", file=sys.stderr)
-        if lever in ("int8", "fp8"):
+            print(f"{lever}: unavailable ({type(e).__name__}: {str(e)[:160]})", file=sys.stderr)
+        finally:
             model = plain_model
-        model.set_attention_backend(None)
+            model.set_attention_backend(None)
+            for block in model.blocks:  # undo nn.Module.compile
+                block._compiled_call_impl = None
+            torch._dynamo.reset()
     print(json.dumps(dict(model=args.model, size=args.size, frames=args.frames, tokens=tokens, device=args.device,
                           dtype=str(dtype), tflop_per_step=flops_step / 1e12)))
-    print(f"{'lever':>12} {'s/step':>10} {'x plain':>8} {'TFLOP/s':>9} {'MFU':>7} {'peak GiB':>9} {'quality (rel err)':>18}")
+    print(f"{'lever':>28} {'s/step':>10} {'x plain':>8} {'TFLOP/s':>9} {'MFU':>7} {'peak GiB':>9} {'quality (rel err)':>18}")
     for name, t, err, peak in rows:
         tflops = flops_step / t / 1e12 if t == t else float("nan")
         mfu = f"{tflops / args.peak_tflops:.1%}" if args.peak_tflops else "n/a"
         mem = f"{peak / 2**30:9.2f}" if args.device.startswith("cuda") else f"{'n/a':>9}"
-        print(f"{name:>12} {t:10.4f} {t / base_t:8.2f} {tflops:9.3f} {mfu:>7} {mem} {err:18.2e}")
+        print(f"{name:>28} {t:10.4f} {t / base_t:8.2f} {tflops:9.3f} {mfu:>7} {mem} {err:18.2e}")
 
 
 if __name__ == "__main__":

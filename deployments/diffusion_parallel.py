@@ -230,6 +230,9 @@ class RankActor:
         cls_path = {**DEFAULT_STAGE_CLASSES, **(settings.get("stage_classes") or {})}["diffusion"]
         options = {k: v for k, v in ((settings.get("stage_options") or {}).get("diffusion", {})).items()
                    if k != "batch_guidance"}  # batched guidance is not combined with SP
+        if options.get("compile"):  # the all-to-all inside each block's attention is a graph break
+            options["compile"] = {**(options["compile"] if isinstance(options["compile"], dict) else {}),
+                                  "fullgraph": False}
         stage = import_attr(cls_path).from_pretrained(
             root, device=device, dtype=resolve_dtype(settings.get("dtype", "float32")), **options)
         sp = SequenceParallel(None, ulysses_degree=par.ulysses, ring_degree=par.ring_degree, backend=par.backend)

@@ -66,6 +66,7 @@ def cmd_generate(args) -> int:
     pipe = MultiTalkPipeline.from_pretrained(
         args.models, device=args.device, dtype=args.dtype, attention_backend=args.attention_backend,
         tiled_vae=args.tiled_vae, batch_guidance=args.batch_guidance, quantize=args.quantize, low_vram=args.low_vram,
+        compile=args.compile,
     )
     bar = tqdm(total=1, desc="prepare", unit="step")
 
@@ -162,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quantize", choices=["int8", "fp8"], help="weight-only DiT blocks via torchao (lossy)")
     s.add_argument("--low-vram", action="store_true", help="stream DiT blocks from CPU memory (24 GB cards)")
     s.add_argument("--tiled-vae", action="store_true", help="tiled VAE decode (less memory)")
+    s.add_argument("--compile", action="store_true",
+                   help="torch.compile the DiT block (regional; the first step pays the compile time)")
     s.add_argument("--out", required=True)
     s.set_defaults(fn=cmd_generate)
 

@@ -30,7 +30,7 @@ class MultiTalkPipeline:
         """Load every stage from a models root (official or diffusers layout, see ``multitalk check``).
 
         ``diffusion_options``: :meth:`DiffusionStage.from_pretrained` levers (``batch_guidance``,
-        ``quantize``, ``low_vram``).
+        ``quantize``, ``low_vram``, ``compile``).
         """
         ckpt = find_checkpoints(models_root).require_complete()
         stages = LocalStages(

@@ -211,6 +211,18 @@ class TextStage:
         )
 
 
+def _compile_kwargs(compile: "bool | dict | None") -> Optional[dict]:
+    """``torch.compile`` keyword arguments for the DiT block, or ``None`` for eager."""
+    if not compile:
+        return None
+    kwargs = {"fullgraph": True}  # a graph break inside the block would cost a kernel launch gap per block
+    if isinstance(compile, dict):
+        kwargs.update(compile)
+    elif compile is not True:
+        raise ValueError(f"compile must be true/false or torch.compile arguments, got {compile!r}")
+    return kwargs
+
+
 class DiffusionStage:
     """The MultiTalk DiT and the sampler."""
 
@@ -228,11 +240,20 @@ class DiffusionStage:
     @classmethod
     def from_pretrained(cls, models: "str | CheckpointSet", device: str = "cpu", dtype="float32",
                         attention_backend: Optional[str] = None, batch_guidance: bool = False,
-                        low_vram: bool = False, quantize: Optional[str] = None) -> "DiffusionStage":
+                        low_vram: bool = False, quantize: Optional[str] = None,
+                        compile: "bool | dict" = False) -> "DiffusionStage":
         """``low_vram``: keep the DiT blocks in CPU memory and stream them to ``device`` one by
         one (official ``--num_persistent_param_in_dit 0``); slower, fits 24 GB cards.
         ``quantize``: ``"int8"`` or ``"fp8"`` weight-only DiT blocks (torchao), quantised on
-        the CPU before the weights move to ``device``."""
+        the CPU before the weights move to ``device``.
+        ``compile``: regional ``torch.compile`` of the transformer block (one graph shared by
+        all blocks, no recompiles across steps or chunks); ``True`` or ``torch.compile``
+        keyword arguments, e.g. ``{"mode": "max-autotune-no-cudagraphs"}``. The first step
+        of the first job pays the compile time."""
+        compile_kwargs = _compile_kwargs(compile)
+        if compile_kwargs is not None and low_vram:
+            raise ValueError("compile and low_vram cannot be combined: the block streamer swaps weights "
+                             "in hooks around each block, which the compiled block would not see")
         from .checkpoints.dit import load_dit
 
         ckpt = _as_checkpoints(models)
@@ -254,6 +275,8 @@ class DiffusionStage:
             model._block_streamer = BlockStreamer(model, device)
         if attention_backend:
             model.set_attention_backend(attention_backend)
+        if compile_kwargs is not None:
+            model.compile_repeated_blocks(**compile_kwargs)
         return cls(model, device, _dtype(dtype), batch_guidance=batch_guidance)
 
     @property

@@ -11,14 +11,15 @@ REPO = Path(__file__).resolve().parents[1]
 def test_dit_bench_runs_at_tiny_size_and_lossless_levers_match():
     out = subprocess.run(
         [sys.executable, str(REPO / "bench" / "dit_gpu.py"), "--model", "tiny", "--size", "128", "--frames", "9",
-         "--steps", "2", "--levers", "batched,sdpa_math", "--device", "cpu"],
-        check=True, capture_output=True, text=True, timeout=300,
+         "--steps", "2", "--levers", "batched,sdpa_math,batched+compile", "--device", "cpu"],
+        check=True, capture_output=True, text=True, timeout=600,
     ).stdout
-    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.strip().split()[:1] in
-            (["plain"], ["batched"], ["sdpa_math"])}
-    assert set(rows) == {"plain", "batched", "sdpa_math"}
+    names = {"plain", "batched", "sdpa_math", "batched+compile"}
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split()[:1] and line.split()[0] in names}
+    assert set(rows) == names
     assert float(rows["batched"][-1]) < 1e-5  # batching the guidance passes is lossless
     assert float(rows["sdpa_math"][-1]) < 1e-4  # another attention kernel, same math
+    assert float(rows["batched+compile"][-1]) < 1e-4  # inductor's kernels, same math (nan if it failed)
 
 
 def test_pipeline_bench_runs_end_to_end_at_tiny_size():

@@ -4,7 +4,8 @@ Two kinds:
 
 * 3-axis RoPE over (frame, height, width) for the video self-attention, as in Wan 2.1:
   the head dim is split ``d - 4*(d//6)`` / ``2*(d//6)`` / ``2*(d//6)`` between the axes,
-  complex rotation in float64.
+  rotation in float64 (real arithmetic: the same numbers as the official complex product,
+  and ``torch.compile`` fuses it, which it cannot do for complex tensors).
 * 1-D RoPE for MultiTalk's audio cross-attention ("L-RoPE"): video tokens and audio
   tokens get positions in per-person ranges so that each person's tokens attend to
   their own audio. Interleaved-pair rotation in float32.
@@ -40,8 +41,9 @@ def video_rope_freqs(head_dim: int, max_seq_len: int = 1024) -> torch.Tensor:
 def video_rope_grid(freqs: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
     """Rotations for every token of an ``(f, h, w)`` grid, flattened frame-major.
 
-    Returns ``[f*h*w, 1, head_dim // 2]`` complex128. Slicing its first dim gives the
-    rotations of any contiguous token range (what a sequence-parallel rank holds).
+    Returns ``[f*h*w, 1, head_dim // 2, 2]`` float64 (cos, sin) pairs. Slicing its first
+    dim gives the rotations of any contiguous token range (what a sequence-parallel rank
+    holds).
     """
     f, h, w = grid
     c = freqs.shape[1]
@@ -54,14 +56,20 @@ def video_rope_grid(freqs: torch.Tensor, grid: tuple[int, int, int]) -> torch.Te
         ],
         dim=-1,
     )
-    return grid_freqs.reshape(f * h * w, 1, -1)
+    return torch.view_as_real(grid_freqs.reshape(f * h * w, 1, -1))
 
 
 def apply_video_rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` ``[B, S, H, D]`` by ``rotations`` ``[S, 1, D/2]``; returns float32."""
+    """Rotate ``x`` ``[B, S, H, D]`` by ``rotations`` ``[S, 1, D/2, 2]`` (cos, sin); returns float32.
+
+    Consecutive channel pairs ``(re, im)`` are multiplied by ``cos + i sin`` in float64,
+    written out in real arithmetic.
+    """
     b, s, n, d = x.shape
-    x_c = torch.view_as_complex(x.to(torch.float64).reshape(b, s, n, d // 2, 2))
-    out = torch.view_as_real(x_c * rotations.to(x_c.device)).flatten(3)
+    pairs = x.to(torch.float64).reshape(b, s, n, d // 2, 2)
+    re, im = pairs.unbind(-1)
+    cos, sin = rotations.to(x.device).unbind(-1)
+    out = torch.stack((re * cos - im * sin, re * sin + im * cos), dim=-1).flatten(3)
     return out.float()
 
 

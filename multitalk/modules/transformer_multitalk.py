@@ -107,7 +107,7 @@ class WanSelfAttention(nn.Module):
         self.attention: AttentionKernel = LocalAttention()
 
     def forward(self, x: torch.Tensor, rotations: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x ``[1, S, dim]``, rotations ``[S, 1, head_dim/2]`` → (out ``[1, S, dim]``, q, k roped ``[1, S, H, D]``)."""
+        """x ``[1, S, dim]``, rotations ``[S, 1, head_dim/2, 2]`` → (out ``[1, S, dim]``, q, k roped ``[1, S, H, D]``)."""
         b, s = x.shape[:2]
         n, d = self.num_heads, self.head_dim
         q = apply_video_rope(self.norm_q(self.q(x)).view(b, s, n, d), rotations)
@@ -255,6 +255,10 @@ class MultiTalkTransformer3DModel(ModelMixin, ConfigMixin):
 
     config_name = "config.json"
     _no_split_modules = ["MultiTalkBlock"]
+    # diffusers' regional compilation (``compile_repeated_blocks``) compiles this block once:
+    # all 40 share the compiled code, and a step's guidance passes need at most two graphs
+    # (one and two speakers), so sampling never recompiles.
+    _repeated_blocks = ["MultiTalkBlock"]
     ignore_for_config = ["_class_name", "_diffusers_version"]
 
     @register_to_config
