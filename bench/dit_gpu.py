@@ -13,13 +13,17 @@ error of the guided velocity (``quality``); a lever that changes the video shows
 Levers: ``batched`` (the 3 passes as one batch), ``teacache`` (official threshold 0.2,
 measured over ``--steps`` steps), ``compile`` (torch.compile of each block, regional),
 ``sdpa_math`` / ``sdpa_cudnn`` / ``flash`` / ``sage`` (diffusers attention backends),
-``int8`` / ``fp8`` (weight-only DiT blocks via torchao; lossy: watch the quality column).
+``int8`` / ``fp8`` (weight-only DiT blocks via torchao), ``fp8_dynamic`` (fp8 weights and
+activations, CUDA 8.9+): lossy, watch the quality column. ``low_vram`` streams the blocks
+from pinned CPU memory (``DiffusionStage(low_vram=True)``): its peak memory is the figure
+to compare with a 24 GB card.
 Levers combine with ``+`` (``batched+sdpa_cudnn+compile``); ``batched`` and ``teacache``
 exclude each other (TeaCache decides per guidance pass).
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -43,7 +47,7 @@ MODELS = {
     "tiny": dict(dim=64, ffn_dim=128, num_heads=4, num_layers=2, text_dim=32, image_dim=32, audio_blocks=2,
                  audio_channels=32, intermediate_dim=32, output_dim=32, context_tokens=8),
 }
-LEVERS = {"batched", "teacache", "compile", "int8", "fp8", "sdpa_math", "sdpa_cudnn", "flash", "sage", "flash3"}
+LEVERS = {"batched", "teacache", "compile", "int8", "fp8", "fp8_dynamic", "low_vram", "sdpa_math", "sdpa_cudnn", "flash", "sage", "flash3"}
 BACKENDS = {"sdpa_math": "_native_math", "sdpa_cudnn": "_native_cudnn", "flash": "flash", "sage": "sage",
             "flash3": "_flash_3"}
 
@@ -140,6 +144,28 @@ def run_lever(model, inp, lever: str, steps: int, device: str) -> tuple[float, t
     return (time.perf_counter() - t0) / steps, torch.stack(outs).float(), peak
 
 
+QUANT = ("int8", "fp8", "fp8_dynamic")
+
+
+def lever_model(plain: torch.nn.Module, device: str, quantize=None, low_vram: bool = False):
+    """A copy of the (CPU-resident) plain model set up as ``DiffusionStage.from_pretrained``
+    does for these levers: quantised on the CPU, then moved (or, low-VRAM, streamed block by
+    block) to ``device``. Same weights as the plain path, so the quality column compares like
+    with like."""
+    model = copy.deepcopy(plain)
+    if quantize:
+        from multitalk.modules.quantize import quantize_dit_blocks
+
+        quantize_dit_blocks(model, quantize)
+    if low_vram:
+        from multitalk.modules.offload import BlockStreamer
+
+        model._block_streamer = BlockStreamer(model, device)
+    else:
+        model.to(device)
+    return model
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", choices=list(MODELS), default="tiny")
@@ -150,6 +176,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="guided steps timed per lever")
     ap.add_argument("--levers", default="batched,sdpa_math,teacache", help="comma list; plain always runs")
     ap.add_argument("--peak-tflops", type=float, default=None, help="card's dense bf16 peak, for MFU (H100 SXM: 989)")
+    ap.add_argument("--json", help="also write the table as JSON to this file")
     args = ap.parse_args()
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, None: None}[args.dtype]
     dtype = dtype or (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
@@ -170,11 +197,15 @@ def main() -> None:
         mode = "batched" if "batched" in parts else "teacache" if "teacache" in parts else "plain"
         plain_model = model
         try:
-            quant = [p for p in parts if p in ("int8", "fp8")]
-            if quant:  # weight-only quantisation (torchao) of a fresh copy of the model
-                from multitalk.modules.quantize import quantize_dit_blocks
-
-                model = quantize_dit_blocks(build(args.model, args.device, dtype), quant[0])
+            quant = [p for p in parts if p in QUANT]
+            if quant or "low_vram" in parts:
+                # Levers with their own copy of the model: the plain one leaves the GPU meanwhile,
+                # so that the peak memory column is the lever's alone.
+                model = None
+                plain_model.to("cpu")
+                if args.device.startswith("cuda"):
+                    torch.cuda.empty_cache()
+                model = lever_model(plain_model, args.device, quant[0] if quant else None, "low_vram" in parts)
             for p in parts:
                 if p in BACKENDS:
                     model.set_attention_backend(BACKENDS[p])
@@ -187,19 +218,30 @@ def main() -> None:
             rows.append((lever, float("nan"), float("nan"), 0))
             print(f"{lever}: unavailable ({type(e).__name__}: {str(e)[:160]})", file=sys.stderr)
         finally:
+            if model is not plain_model:
+                del model
+                plain_model.to(args.device)
             model = plain_model
             model.set_attention_backend(None)
             for block in model.blocks:  # undo nn.Module.compile
                 block._compiled_call_impl = None
             torch._dynamo.reset()
-    print(json.dumps(dict(model=args.model, size=args.size, frames=args.frames, tokens=tokens, device=args.device,
-                          dtype=str(dtype), tflop_per_step=flops_step / 1e12)))
+    header = dict(model=args.model, size=args.size, frames=args.frames, tokens=tokens, device=args.device,
+                  card=torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+                  dtype=str(dtype), tflop_per_step=flops_step / 1e12, steps=args.steps)
+    print(json.dumps(header))
     print(f"{'lever':>28} {'s/step':>10} {'x plain':>8} {'TFLOP/s':>9} {'MFU':>7} {'peak GiB':>9} {'quality (rel err)':>18}")
+    table = []
     for name, t, err, peak in rows:
         tflops = flops_step / t / 1e12 if t == t else float("nan")
-        mfu = f"{tflops / args.peak_tflops:.1%}" if args.peak_tflops else "n/a"
+        mfu = tflops / args.peak_tflops if args.peak_tflops else None
         mem = f"{peak / 2**30:9.2f}" if args.device.startswith("cuda") else f"{'n/a':>9}"
-        print(f"{name:>28} {t:10.4f} {t / base_t:8.2f} {tflops:9.3f} {mfu:>7} {mem} {err:18.2e}")
+        print(f"{name:>28} {t:10.4f} {t / base_t:8.2f} {tflops:9.3f} {f'{mfu:.1%}' if mfu else 'n/a':>7} {mem} "
+              f"{err:18.2e}")
+        table.append(dict(lever=name, s_per_step=t, x_plain=t / base_t, tflops=tflops, mfu=mfu,
+                          peak_gib=peak / 2**30, rel_err=err))
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(header, rows=table), indent=1))
 
 
 if __name__ == "__main__":

@@ -160,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default="float32")
     s.add_argument("--attention-backend", help="diffusers attention backend: flash, _flash_3, sage, _native_cudnn ...")
     s.add_argument("--batch-guidance", action="store_true", help="run the 3 guidance passes as one batch (lossless)")
-    s.add_argument("--quantize", choices=["int8", "fp8"], help="weight-only DiT blocks via torchao (lossy)")
+    s.add_argument("--quantize", choices=["int8", "fp8", "fp8_dynamic"],
+                   help="DiT blocks via torchao: int8/fp8 weight-only, fp8_dynamic weights+activations (lossy)")
     s.add_argument("--low-vram", action="store_true", help="stream DiT blocks from CPU memory (24 GB cards)")
     s.add_argument("--tiled-vae", action="store_true", help="tiled VAE decode (less memory)")
     s.add_argument("--compile", action="store_true",

@@ -192,3 +192,11 @@ def test_int8_weight_only_dit_stays_close_to_the_full_precision_one():
     assert 0 < rel < 0.05, rel  # lossy, but close: the bench's quality column reports it
     with pytest.raises(ValueError, match="int4"):
         quantize_dit_blocks(model, "int4")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on machines without fp8 tensor cores")
+def test_fp8_dynamic_quantisation_is_refused_clearly_without_fp8_tensor_cores():
+    from multitalk.modules.quantize import quantize_dit_blocks
+
+    with pytest.raises(ValueError, match="compute capability 8.9"):
+        quantize_dit_blocks(tiny_dit(0), "fp8_dynamic")
