@@ -156,3 +156,30 @@ def test_not_a_vae_checkpoint(tmp_path):
     torch.save({"foo": torch.zeros(1)}, path)
     with pytest.raises(KeyError, match=r"encoder\.conv1\.weight"):
         WanVAE.from_original(path)
+
+
+def test_concurrent_calls_on_one_vae_match_serial_ones(vae):
+    """Stage replicas serve several requests at once from worker threads; the Wan VAE keeps
+    its causal-conv cache on the module, so unguarded concurrent calls mixed frames and even
+    returned wrong frame counts."""
+    import threading
+
+    latents = [torch.randn(1, 16, 2 + i, 6, 8, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    videos = [_video((1, 3, 5 + 4 * i, 48, 64), seed=i) for i in range(4)]
+    serial_dec = [vae.decode(z) for z in latents]
+    serial_enc = [vae.encode(v) for v in videos]
+    got: dict = {}
+
+    def work(i):
+        got["dec", i] = vae.decode(latents[i])
+        got["enc", i] = vae.encode(videos[i])
+
+    for _ in range(2):
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for i in range(4):
+            assert torch.equal(got["dec", i], serial_dec[i])
+            assert torch.equal(got["enc", i], serial_enc[i])

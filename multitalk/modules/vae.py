@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from typing import Dict, List, Optional
 
 import torch
@@ -269,6 +270,10 @@ class WanVAE:
         self.model = model.to(device=device).eval().requires_grad_(False)
         self.device = torch.device(device)
         self.dtype = dtype
+        # AutoencoderKLWan keeps its causal-conv frame cache and the tiling switch on the
+        # module: two encodes/decodes at once on one model corrupt each other (wrong frame
+        # counts, mixed frames). Calls on one WanVAE therefore run one at a time.
+        self._lock = threading.Lock()
         z_dim = model.config.z_dim
         mean = model.config.latents_mean
         std = model.config.latents_std
@@ -376,12 +381,13 @@ class WanVAE:
         """
         if video.ndim != 5 or video.shape[1] != 3:
             raise ValueError(f"expected video [B, 3, T, H, W], got {tuple(video.shape)}")
-        self._set_tiling(tiled, tile_size, tile_stride)
-        try:
-            x = video.to(device=self.device, dtype=self.dtype)
-            posterior_mean = self.model.encode(x).latent_dist.mean  # [B, z, T', H/8, W/8]
-        finally:
-            self.model.disable_tiling()
+        with self._lock:
+            self._set_tiling(tiled, tile_size, tile_stride)
+            try:
+                x = video.to(device=self.device, dtype=self.dtype)
+                posterior_mean = self.model.encode(x).latent_dist.mean  # [B, z, T', H/8, W/8]
+            finally:
+                self.model.disable_tiling()
         mu = posterior_mean.float()
         shape = (1, self.z_dim, 1, 1, 1)
         return (mu - self.latents_mean.view(shape)) * self._inv_std.view(shape)
@@ -406,9 +412,10 @@ class WanVAE:
         shape = (1, self.z_dim, 1, 1, 1)
         z = latents.to(device=self.device, dtype=torch.float32)
         z = z / self._inv_std.view(shape) + self.latents_mean.view(shape)
-        self._set_tiling(tiled, tile_size, tile_stride)
-        try:
-            video = self.model.decode(z.to(self.dtype)).sample
-        finally:
-            self.model.disable_tiling()
+        with self._lock:
+            self._set_tiling(tiled, tile_size, tile_stride)
+            try:
+                video = self.model.decode(z.to(self.dtype)).sample
+            finally:
+                self.model.disable_tiling()
         return video.float().clamp_(-1.0, 1.0)
