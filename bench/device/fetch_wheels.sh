@@ -14,6 +14,7 @@ PKGS=(
   torchao==0.18.0            # int8 / fp8 levers
   imageio-ffmpeg==0.6.0      # ffmpeg binary (0.8 is 68 MB, over the carry limit)
   soundfile==0.14.0          # wav decode (bundles libsndfile)
+  cffi==2.1.1 pycparser==3.12  # soundfile's binding (not on the device image)
   pyloudnorm==0.2.0          # official loudness normalisation
   ftfy==6.3.1 wcwidth==0.9.4  # UMT5 prompt cleaning
 )
