@@ -2,8 +2,15 @@
 
 ``jobs/{id}.json`` holds one :class:`JobRecord`; ``jobs/idempotency/{sha256}.json`` maps an
 ``Idempotency-Key`` to the job it created; ``jobs/active/{id}`` marks an unfinished job;
-``jobs/{id}.cancel`` is a cancel request for a job another ingress replica owns. Records are the source of truth: a restarted ingress
-reloads them and runs again whatever was queued or in progress (:meth:`JobStore.orphans`).
+``jobs/{id}.cancel`` is a cancel request for a job another ingress replica owns;
+``jobs/claims/{id}/{n}`` records who took over an orphaned job for the n-th time. Records are
+the source of truth: a restarted ingress reloads them and runs again whatever was queued or
+in progress (:meth:`JobStore.orphans`).
+
+Taking over is atomic: every replica that finds an orphan with lease number ``n`` tries to
+create ``claims/{id}/{n+1}`` with a put-if-absent (:meth:`Store.create`); only the one that
+creates it runs the job. The former owner, if it was only slow, sees the claim at its next
+heartbeat and stops (:meth:`JobStore.superseded`).
 
 All methods are blocking (S3 calls); the async ingress calls them via ``asyncio.to_thread``.
 """
@@ -28,6 +35,7 @@ IDEMPOTENCY_PREFIX = "jobs/idempotency/"
 # One empty object per unfinished job, so recovery lists only those instead of reading
 # every record ever written.
 ACTIVE_PREFIX = "jobs/active/"
+CLAIMS_PREFIX = "jobs/claims/"
 
 
 def output_key(job_id: str, tenant: Optional[str] = None) -> str:
@@ -62,6 +70,7 @@ class JobRecord(BaseModel):
     error: Optional[ErrorInfo] = None
     owner: Optional[str] = None  # ingress replica running it
     heartbeat_at: Optional[float] = None
+    lease: int = 0  # how many times an ingress replica took the job over (claims/{id}/{lease})
     attempts: int = 0
 
     def status(self) -> JobStatus:
@@ -184,6 +193,19 @@ class JobStore:
             if rec.owner is None or now - beat > lease_s:
                 found.append(rec)
         return sorted(found, key=lambda r: r.created_at)
+
+    def claim(self, record: JobRecord, owner: str) -> bool:
+        """Take over an orphaned job: ``True`` (and ``record.lease`` advanced) for exactly one
+        of the replicas that try with the same record."""
+        if not self.store.create(f"{CLAIMS_PREFIX}{record.id}/{record.lease + 1}", owner.encode(), "text/plain"):
+            return False
+        record.lease += 1
+        record.owner = owner
+        return True
+
+    def superseded(self, record: JobRecord) -> bool:
+        """Another replica has claimed the job since ``record``'s owner took it."""
+        return self.store.exists(f"{CLAIMS_PREFIX}{record.id}/{record.lease + 1}")
 
     # Cancel requests for jobs another replica runs: a marker the owner polls.
     def request_cancel(self, job_id: str) -> None:

@@ -174,6 +174,7 @@ class JobService:
         self._stopping = False
         self._user_cancelled: set[str] = set()  # cancelled by a client, not by shutdown
         self._expired: set[str] = set()  # past job_timeout_s
+        self._superseded: set[str] = set()  # taken over by another replica: stop, write nothing
         real_driver = generate_fn is None and self.settings.driver == "multitalk.driver:generate"
         self._real_driver = real_driver
         self._precheck = real_driver if self.settings.precheck_inputs is None else self.settings.precheck_inputs
@@ -210,10 +211,17 @@ class JobService:
         for rec in orphans:
             if rec.id in self.tasks:
                 continue
+            previous_owner = rec.owner
+            try:
+                won = await asyncio.to_thread(self.jobs.claim, rec, self.settings.replica_id)
+            except Exception:
+                logger.exception("could not claim job %s", rec.id)
+                continue
+            if not won:  # another replica took it over first
+                continue
             JobLog(logger, {"job_id": rec.id}).info(
-                "re-queueing (was %s, owner %s)", rec.state.value, rec.owner
+                "re-queueing (was %s, owner %s, lease %d)", rec.state.value, previous_owner, rec.lease
             )
-            rec.owner = self.settings.replica_id
             rec.heartbeat_at = time.time()
             rec.state = JobState.IN_QUEUE
             rec.progress = ProgressInfo(stage="queued", message="re-queued after an ingress restart")
@@ -417,7 +425,10 @@ class JobService:
                 await asyncio.wait_for(event.wait(), timeout)
             except asyncio.TimeoutError:
                 pass
-            return await self.get(job_id)
+            rec = await self.get(job_id)
+            if rec is None or rec.state.terminal or job_id in self.records:
+                return rec
+            # Taken over by another replica while we waited: follow its record.
         while True:  # owned by another replica: poll its record
             rec = await self.get(job_id)
             if rec is None or rec.state.terminal:
@@ -469,6 +480,13 @@ class JobService:
             await asyncio.sleep(self.settings.persist_interval_s)
             try:
                 if dirty[0] or time.monotonic() - last > self.settings.lease_s / 3:
+                    if await asyncio.to_thread(self.jobs.superseded, rec):
+                        # We were too slow to beat: another replica claimed the job and runs it.
+                        JobLog(logger, {"job_id": rec.id}).warning("taken over by another ingress replica; "
+                                                                   "stopping here")
+                        self._superseded.add(rec.id)
+                        task.cancel()
+                        return
                     dirty[0] = False
                     last = time.monotonic()
                     await self._persist(rec)
@@ -553,7 +571,9 @@ class JobService:
         except asyncio.CancelledError:
             if hasattr(stages, "cancel"):
                 stages.cancel()
-            if rec.id in self._expired:
+            if rec.id in self._superseded:
+                log.info("left to the replica that took it over")
+            elif rec.id in self._expired:
                 rec.state = JobState.FAILED
                 rec.error = ErrorInfo(message=f"deadline exceeded (job_timeout_s={self.settings.job_timeout_s:g})",
                                       status=504)
@@ -587,14 +607,18 @@ class JobService:
                 deadline.cancel()
             self._expired.discard(rec.id)
             self._user_cancelled.discard(rec.id)
-            rec.finished_at = time.time() if rec.state.terminal else None
-            if rec.started_at and rec.finished_at:
-                rec.timings["total"] = round(rec.finished_at - rec.started_at, 3)
-            metrics.jobs.finished(rec.id, rec.state, rec.timings)
-            try:
-                await self._persist(rec)
-            except Exception:
-                log.exception("could not persist the final record")
+            if rec.id in self._superseded:  # the record is the new owner's now
+                self._superseded.discard(rec.id)
+                self.records.pop(rec.id, None)
+            else:
+                rec.finished_at = time.time() if rec.state.terminal else None
+                if rec.started_at and rec.finished_at:
+                    rec.timings["total"] = round(rec.finished_at - rec.started_at, 3)
+                metrics.jobs.finished(rec.id, rec.state, rec.timings)
+                try:
+                    await self._persist(rec)
+                except Exception:
+                    log.exception("could not persist the final record")
             self.tasks.pop(rec.id, None)
             self.done[rec.id].set()
 

@@ -74,6 +74,13 @@ class Store(Protocol):
 
     def exists(self, key: str) -> bool: ...
 
+    def create(self, key: str, data: bytes, content_type: Optional[str] = None) -> bool:
+        """Put only if ``key`` does not exist yet, atomically; ``False`` if it did.
+
+        Several ingress replicas race for the same orphaned job through this: exactly one wins.
+        """
+        ...
+
     def presigned_url(self, key: str, expires: int = 3600) -> str: ...
 
     def list(self, prefix: str = "") -> list[str]: ...
@@ -143,6 +150,22 @@ class LocalStore:
 
     def exists(self, key: str) -> bool:
         return self.path(key).is_file()
+
+    def create(self, key: str, data: bytes, content_type: Optional[str] = None) -> bool:
+        p = self.path(key)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        # Write a temporary file, then hard-link it into place: link() fails if the name
+        # exists, so creation is atomic and readers never see a partial file.
+        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.link(tmp, p)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
 
     def presigned_url(self, key: str, expires: int = 3600) -> str:
         return self.path(key).as_uri()
@@ -247,6 +270,21 @@ class S3Store:
     def put(self, key: str, data: bytes, content_type: Optional[str] = None) -> None:
         extra = {"ContentType": content_type} if content_type else {}
         self.client.put_object(Bucket=self.bucket, Key=self._k(key), Body=data, **extra)
+
+    def create(self, key: str, data: bytes, content_type: Optional[str] = None) -> bool:
+        from botocore.exceptions import ClientError
+
+        extra = {"ContentType": content_type} if content_type else {}
+        try:  # S3 conditional write (2024): fails with 412 when the key exists
+            self.client.put_object(Bucket=self.bucket, Key=self._k(key), Body=data, IfNoneMatch="*", **extra)
+            return True
+        except ClientError as e:
+            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            code = e.response.get("Error", {}).get("Code")
+            # 409 ConditionalRequestConflict: a concurrent conditional write to the same key won.
+            if status in (409, 412) or code in ("PreconditionFailed", "ConditionalRequestConflict"):
+                return False
+            raise
 
     def exists(self, key: str) -> bool:
         from botocore.exceptions import ClientError
