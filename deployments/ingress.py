@@ -215,23 +215,21 @@ def create_app(service: JobService, title: str = "MultiTalk Serve", keyring: Opt
             raise InputError(_validation_field(errors[0]), str(errors[0]["msg"]), 422)
 
     @app.get("/v1/jobs")
-    async def list_jobs(request: Request, limit: int = Query(20, ge=1, le=200)):
+    async def list_jobs(request: Request, limit: int = Query(20, ge=1, le=200), after: Optional[str] = None):
         """Recent jobs, newest first: ``{"jobs": [{id, state, created_at, finished_at, progress,
-        prompt, video_url, error}]}`` (stored records plus this replica's live ones)."""
+        prompt, video_url, error}], "next": cursor}``; pass ``after=<next>`` for the page after.
+        Reads one page of records from the store's index (this replica's live copies win)."""
         import asyncio
 
-        records = {r.id: r for r in await asyncio.to_thread(service.jobs.load_all)}
-        records.update(service.records)
-        if _tenant(request) is not None:  # a tenant sees only its own jobs
-            records = {k: r for k, r in records.items() if r.tenant == _tenant(request)}
-        recent = sorted(records.values(), key=lambda r: r.created_at, reverse=True)[:limit]
+        page, cursor = await asyncio.to_thread(service.jobs.recent, _tenant(request), limit, after)
+        recent = [service.records.get(r.id, r) for r in page]
         return {"jobs": [{
             "id": r.id, "state": r.state.value, "action": r.action, "created_at": r.created_at,
             "finished_at": r.finished_at, "progress": r.progress.model_dump(),
             "prompt": r.request.prompt if r.request is not None else None,
             "video_url": r.result.video_url if r.result is not None else None,
             "error": r.error.message if r.error is not None else None,
-        } for r in recent]}
+        } for r in recent], "next": cursor}
 
     @app.get("/v1/jobs/{job_id}", response_model=JobStatus, responses=_ERRORS)
     async def get_job(job_id: str, request: Request):

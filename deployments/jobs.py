@@ -3,7 +3,9 @@
 ``jobs/{id}.json`` holds one :class:`JobRecord`; ``jobs/idempotency/{sha256}.json`` maps an
 ``Idempotency-Key`` to the job it created; ``jobs/active/{id}`` marks an unfinished job;
 ``jobs/{id}.cancel`` is a cancel request for a job another ingress replica owns;
-``jobs/claims/{id}/{n}`` records who took over an orphaned job for the n-th time. Records are
+``jobs/claims/{id}/{n}`` records who took over an orphaned job for the n-th time;
+``jobs/index/{scope}/{stamp}-{id}`` lists jobs newest first (one scope for all jobs, one per
+tenant), so ``GET /v1/jobs`` reads one page of records, not all of them. Records are
 the source of truth: a restarted ingress reloads them and runs again whatever was queued or
 in progress (:meth:`JobStore.orphans`).
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import threading
 import time
 import uuid
@@ -36,6 +39,18 @@ IDEMPOTENCY_PREFIX = "jobs/idempotency/"
 # every record ever written.
 ACTIVE_PREFIX = "jobs/active/"
 CLAIMS_PREFIX = "jobs/claims/"
+INDEX_PREFIX = "jobs/index/"
+_CURSOR = re.compile(r"^\d{16}-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+
+
+def _index_scope(tenant: Optional[str]) -> str:
+    # Tenant names come from the API key file; hashed so that any name makes a safe key.
+    return "all" if tenant is None else "tenant-" + hashlib.sha256(tenant.encode()).hexdigest()[:16]
+
+
+def _index_name(record: "JobRecord") -> str:
+    # Inverted microseconds: S3 lists keys in ascending order, so the newest job comes first.
+    return f"{10**16 - int(record.created_at * 1e6):016d}-{record.id}"
 
 
 def output_key(job_id: str, tenant: Optional[str] = None) -> str:
@@ -140,6 +155,8 @@ class JobStore:
             if action == "generate":
                 self.store.put(ACTIVE_PREFIX + record.id, b"", "text/plain")
             self.save(record, touch=False)
+            for scope in {_index_scope(None), _index_scope(tenant)}:
+                self.store.put(f"{INDEX_PREFIX}{scope}/{_index_name(record)}", b"", "text/plain")
             if idempotency_key:
                 mapping = {"key": idempotency_key, "job_id": record.id, "fingerprint": fingerprint}
                 self.store.put(self._idem_key(idempotency_key), json.dumps(mapping).encode(), "application/json")
@@ -167,6 +184,22 @@ class JobStore:
             if "/" not in name and name.endswith(".json"):
                 ids.append(name[: -len(".json")])
         return ids
+
+    def recent(self, tenant: Optional[str] = None, limit: int = 20,
+               after: Optional[str] = None) -> tuple[list[JobRecord], Optional[str]]:
+        """One page of jobs, newest first: ``(records, cursor of the next page or None)``.
+
+        ``tenant`` None: every job; else that tenant's. ``after``: a cursor from an earlier
+        page (400 if malformed). Reads ``limit`` records, however many jobs exist.
+        """
+        if after is not None and not _CURSOR.match(after):
+            raise InputError("after", "not a cursor from an earlier page", 400)
+        prefix = f"{INDEX_PREFIX}{_index_scope(tenant)}/"
+        keys = self.store.list(prefix, start_after=prefix + after if after else None, limit=limit)
+        ids = [k[len(prefix) + 17:] for k in keys]  # after "<16-digit stamp>-"
+        records = [rec for rec in map(self.get, ids) if rec is not None]
+        cursor = keys[-1][len(prefix):] if len(keys) == limit else None
+        return records, cursor
 
     def load_all(self) -> list[JobRecord]:
         records = []

@@ -233,6 +233,12 @@ def prometheus_lines(text: str, names=METRIC_NAMES) -> dict[str, list[str]]:
 # --- logs -----------------------------------------------------------------------------
 
 
+# The job id as a log record attribute (``logger.info(..., extra={JOB_LOG_FIELD: id})``): Ray's
+# JSON formatter writes it as a field of its own. Not ``job_id``: Ray's logging filter
+# overwrites that attribute with the Ray job's id.
+JOB_LOG_FIELD = "multitalk_job_id"
+
+
 @_safe
 def replica_logging(name: str = "multitalk.serve", level: int = logging.INFO) -> None:
     """In a Serve replica: send our logger's lines (``[job <id>] ...``, see ``service.JobLog``)

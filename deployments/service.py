@@ -51,9 +51,11 @@ class Overloaded(Exception):
 
 
 class JobLog(logging.LoggerAdapter):
-    """Prefixes every line with the job id, so one job's lines can be grepped out."""
+    """Tags every line with the job id: a ``[job <id>]`` prefix for people and grep, and the
+    :data:`~deployments.metrics.JOB_LOG_FIELD` attribute, a field of its own in JSON logs."""
 
     def process(self, msg, kwargs):
+        kwargs["extra"] = {**kwargs.get("extra", {}), metrics.JOB_LOG_FIELD: self.extra["job_id"]}
         return f"[job {self.extra['job_id']}] {msg}", kwargs
 
 

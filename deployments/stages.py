@@ -22,6 +22,7 @@ from typing import Any, Callable, Optional
 
 from ray import serve
 
+from .metrics import JOB_LOG_FIELD
 from .replica import (
     DEFAULT_STAGE_CLASSES, StageCancelled, pin_torch_threads, resolve_device, resolve_dtype, to_cpu,
 )
@@ -61,7 +62,8 @@ class _StageReplica:
             out = to_cpu(await asyncio.to_thread(fn, *args, **kwargs))
             if job_id:
                 logger.info("[job %s] %s.%s done in %.3f s", job_id, type(self).__name__,
-                            getattr(fn, "__name__", "call"), time.monotonic() - t0)
+                            getattr(fn, "__name__", "call"), time.monotonic() - t0,
+                            extra={JOB_LOG_FIELD: job_id})
             return out
 
     def check_health(self) -> None:
@@ -156,7 +158,7 @@ class Diffusion(_StageReplica):
 
     async def sample(self, job, audio, image, text, job_id: Optional[str] = None):
         if job_id:
-            logger.info("[job %s] Diffusion.sample started", job_id)
+            logger.info("[job %s] Diffusion.sample started", job_id, extra={JOB_LOG_FIELD: job_id})
         if self._group is not None:  # sequence parallel: all ranks in lockstep, rank 0 streams
             async with self._lock:
                 async for event in self._group.sample(job, audio, image, text):

@@ -83,7 +83,10 @@ class Store(Protocol):
 
     def presigned_url(self, key: str, expires: int = 3600) -> str: ...
 
-    def list(self, prefix: str = "") -> list[str]: ...
+    def list(self, prefix: str = "", start_after: Optional[str] = None, limit: Optional[int] = None) -> list[str]:
+        """Keys under ``prefix`` in lexicographic order; only those after ``start_after``, at
+        most ``limit`` of them (S3 serves such a page without listing the rest)."""
+        ...
 
     def delete(self, key: str) -> None: ...
 
@@ -170,7 +173,7 @@ class LocalStore:
     def presigned_url(self, key: str, expires: int = 3600) -> str:
         return self.path(key).as_uri()
 
-    def list(self, prefix: str = "") -> list[str]:
+    def list(self, prefix: str = "", start_after: Optional[str] = None, limit: Optional[int] = None) -> list[str]:
         # Walk only the deepest folder the prefix names, like an S3 prefix listing.
         base = self.root
         if "/" in prefix:
@@ -184,9 +187,10 @@ class LocalStore:
                 if name.startswith(".tmp-"):
                     continue
                 key = Path(dirpath, name).relative_to(self.root).as_posix()
-                if key.startswith(prefix):
+                if key.startswith(prefix) and (start_after is None or key > start_after):
                     keys.append(key)
-        return sorted(keys)
+        keys.sort()
+        return keys if limit is None else keys[:limit]
 
     def delete(self, key: str) -> None:
         p = self.path(key)
@@ -302,10 +306,13 @@ class S3Store:
             "get_object", Params={"Bucket": self.bucket, "Key": self._k(key)}, ExpiresIn=int(expires)
         )
 
-    def list(self, prefix: str = "") -> list[str]:
+    def list(self, prefix: str = "", start_after: Optional[str] = None, limit: Optional[int] = None) -> list[str]:
         keys = []
         paginator = self.client.get_paginator("list_objects_v2")
-        for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix):
+        kwargs = {"StartAfter": self.prefix + start_after} if start_after else {}
+        if limit is not None:
+            kwargs["PaginationConfig"] = {"MaxItems": limit, "PageSize": min(limit, 1000)}
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix, **kwargs):
             for obj in page.get("Contents", []):
                 keys.append(obj["Key"][len(self.prefix):])
         return sorted(keys)

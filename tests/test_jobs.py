@@ -151,3 +151,42 @@ def test_runpod_request_models():
 def test_record_roundtrip_json():
     rec = JobRecord(id="00000000-0000-4000-8000-000000000000", created_at=1.0, updated_at=1.0, request=_req())
     assert JobRecord.model_validate_json(rec.model_dump_json()) == rec
+
+
+class CountingStore(LocalStore):
+    """Counts record reads, to show that a page costs a page of reads."""
+
+    def __init__(self, root):
+        super().__init__(root)
+        self.record_reads = 0
+
+    def get(self, key):
+        if key.startswith("jobs/") and key.endswith(".json"):
+            self.record_reads += 1
+        return super().get(key)
+
+
+def test_recent_pages_newest_first_reading_one_page_of_records(tmp_path):
+    store = CountingStore(tmp_path)
+    jobs = JobStore(store)
+    made = []
+    for i in range(25):
+        rec, _ = jobs.create(_req(), tenant="acme" if i % 5 == 0 else None)
+        made.append(rec.id)
+        time.sleep(0.002)  # distinct creation stamps
+    newest_first = made[::-1]
+    store.record_reads = 0
+    page, cursor = jobs.recent(limit=10)
+    assert [r.id for r in page] == newest_first[:10] and cursor is not None
+    assert store.record_reads == 10  # not 25
+    page2, cursor2 = jobs.recent(limit=10, after=cursor)
+    page3, cursor3 = jobs.recent(limit=10, after=cursor2)
+    assert [r.id for r in page2 + page3] == newest_first[10:]
+    assert cursor3 is None
+    # A tenant's scope holds only its own jobs; the open scope holds them all.
+    acme, _ = jobs.recent(tenant="acme", limit=50)
+    assert [r.id for r in acme] == [j for j in newest_first if newest_first.index(j) % 5 == 4]
+    assert jobs.recent(tenant="nobody")[0] == []
+    with pytest.raises(InputError) as e:
+        jobs.recent(after="../../etc")
+    assert e.value.field == "after" and e.value.status == 400

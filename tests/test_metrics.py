@@ -7,6 +7,7 @@ polls ``/metrics`` (up to 90 s) until the names appear.
 """
 from __future__ import annotations
 
+import json
 import os
 import socket
 import time
@@ -76,7 +77,8 @@ def test_served_job_metrics(tmp_path, fixtures_dir):
         (store_dir / "multi1.png").write_bytes((fixtures_dir / "multi1" / "multi1.png").read_bytes())
         app = build_app({"device": "cpu", "dtype": "float32", "cache_dir": str(tmp_path / "cache"),
                          "store": {"local_root": str(store_dir)}, "ingress": {"persist_interval_s": 0.2}})
-        serve.run(app, name="multitalk-metrics", route_prefix="/")
+        # JSON logs, as serve_config.yaml has them: the job id becomes a field of its own.
+        serve.run(app, name="multitalk-metrics", route_prefix="/", logging_config={"encoding": "JSON"})
 
         body = {"image": "multi1.png", "audio": ["1.wav"], "prompt": "two people talking", "frames": 5,
                 "size": "multitalk-128", "sampling": {"steps": 3}}
@@ -127,6 +129,16 @@ def test_served_job_metrics(tmp_path, fixtures_dir):
         tagged_logs = {p.name.split("_")[2] for p in logs.glob("replica_multitalk-metrics_*.log")
                        if f"[job {job_id}]" in p.read_text(errors="replace")}
         assert {"MultiTalkIngress", "AudioEncoder", "Diffusion", "VaeDecoder"} <= tagged_logs, tagged_logs
+        # ... and as a field of its own in the JSON lines.
+        fielded = set()
+        for p in logs.glob("replica_multitalk-metrics_*.log"):
+            for line in p.read_text(errors="replace").splitlines():
+                try:
+                    if json.loads(line).get("multitalk_job_id") == job_id:
+                        fielded.add(p.name.split("_")[2])
+                except (ValueError, AttributeError):
+                    continue
+        assert {"MultiTalkIngress", "AudioEncoder", "Diffusion", "VaeDecoder"} <= fielded, fielded
         # No CUDA here: the GPU gauge stays absent rather than reporting zeros.
         import torch
         if not torch.cuda.is_available():

@@ -75,7 +75,8 @@ class CountingGenerate:
 
 
 def _replica(store, name, counter, stages=None, **settings):
-    settings = {"exclusive": False, "lease_s": 1.0, "persist_interval_s": 0.05, "replica_id": name, **settings}
+    # lease_s well above any stall of a loaded test machine: a live owner must never look dead here.
+    settings = {"exclusive": False, "lease_s": 10.0, "persist_interval_s": 0.05, "replica_id": name, **settings}
     return JobService(store=store, stages=stages or FakeStages(), settings=ServiceSettings(**settings),
                       generate_fn=counter(name))
 
@@ -87,8 +88,8 @@ def test_two_replicas_recovering_at_once_run_an_orphan_once(store):
 
     async def scenario():
         await asyncio.gather(a.start(), b.start())  # both find the orphan in their first sweep
-        for _ in range(3):  # later sweeps (lease 1 s): the job is owned and fresh, or finished
-            await asyncio.gather(a._recover(1.0), b._recover(1.0))
+        for _ in range(3):  # later sweeps: the job is owned and fresh, or finished
+            await asyncio.gather(a._recover(10.0), b._recover(10.0))
         owner = a if job_id in a.tasks or job_id in a.records else b
         rec = await owner.wait(job_id, timeout=20)
         await asyncio.gather(a.stop(), b.stop())
