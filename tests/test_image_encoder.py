@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from multitalk.modules import image_encoder as ie
-from multitalk.modules.image_encoder import CheckpointMismatchError, ImageEncoder
+from multitalk.checkpoints.loading import CheckpointError
+from multitalk.modules.image_encoder import ImageEncoder
 
 torch.set_num_threads(1)
 
@@ -106,14 +107,14 @@ def test_tiny_weights_are_deterministic(tmp_path):
 def test_missing_key_is_reported(tiny_dirs, tmp_path):
     state = _tiny_state_dict(tiny_dirs)
     del state["visual.transformer.1.mlp.2.bias"]
-    with pytest.raises(CheckpointMismatchError, match=r"missing key.*'visual\.transformer\.1\.mlp\.2\.bias'"):
+    with pytest.raises(CheckpointError, match=r"missing key.*'visual\.transformer\.1\.mlp\.2\.bias'"):
         _load_original(state, tmp_path)
 
 
 def test_missing_fused_qkv_is_reported(tiny_dirs, tmp_path):
     state = _tiny_state_dict(tiny_dirs)
     del state["visual.transformer.0.attn.to_qkv.weight"]
-    with pytest.raises(CheckpointMismatchError, match=r"'visual\.transformer\.0\.attn\.to_qkv\.weight'"):
+    with pytest.raises(CheckpointError, match=r"'visual\.transformer\.0\.attn\.to_qkv\.weight'"):
         _load_original(state, tmp_path)
 
 
@@ -121,7 +122,7 @@ def test_unexpected_key_is_reported(tiny_dirs, tmp_path):
     state = _tiny_state_dict(tiny_dirs)
     state["visual.transformer.0.attn.extra"] = torch.zeros(3)
     state["visual.proj"] = torch.zeros(3)
-    with pytest.raises(CheckpointMismatchError) as info:
+    with pytest.raises(CheckpointError) as info:
         _load_original(state, tmp_path)
     assert "unexpected key in checkpoint: 'visual.transformer.0.attn.extra'" in str(info.value)
     assert "unexpected key in checkpoint: 'visual.proj'" in str(info.value)
@@ -130,7 +131,7 @@ def test_unexpected_key_is_reported(tiny_dirs, tmp_path):
 def test_wrong_shape_names_key_and_both_shapes(tiny_dirs, tmp_path):
     state = _tiny_state_dict(tiny_dirs)
     state["visual.transformer.1.attn.proj.weight"] = torch.zeros(32, 31)
-    with pytest.raises(CheckpointMismatchError) as info:
+    with pytest.raises(CheckpointError) as info:
         _load_original(state, tmp_path)
     message = str(info.value)
     assert "'visual.transformer.1.attn.proj.weight'" in message
@@ -140,7 +141,7 @@ def test_wrong_shape_names_key_and_both_shapes(tiny_dirs, tmp_path):
 def test_wrong_fused_qkv_shape_names_key_and_shapes(tiny_dirs, tmp_path):
     state = _tiny_state_dict(tiny_dirs)
     state["visual.transformer.1.attn.to_qkv.weight"] = torch.zeros(96, 30)
-    with pytest.raises(CheckpointMismatchError) as info:
+    with pytest.raises(CheckpointError) as info:
         _load_original(state, tmp_path)
     message = str(info.value)
     assert "'visual.transformer.1.attn.to_qkv.weight'" in message

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from multitalk.modules import text_encoder as te
-from multitalk.modules.text_encoder import CheckpointMismatchError, TextEncoder
+from multitalk.checkpoints.loading import CheckpointError
+from multitalk.modules.text_encoder import TextEncoder
 
 torch.set_num_threads(1)
 
@@ -120,7 +121,7 @@ def test_tiny_weights_are_deterministic(tmp_path):
 def test_missing_key_is_reported(tiny_dirs, tmp_path):
     state = _tiny_state_dict(tiny_dirs)
     del state["blocks.1.norm2.weight"]
-    with pytest.raises(CheckpointMismatchError, match=r"missing key.*'blocks\.1\.norm2\.weight'"):
+    with pytest.raises(CheckpointError, match=r"missing key.*'blocks\.1\.norm2\.weight'"):
         _load_original(tiny_dirs, state, tmp_path)
 
 
@@ -128,7 +129,7 @@ def test_unexpected_key_is_reported(tiny_dirs, tmp_path):
     state = _tiny_state_dict(tiny_dirs)
     state["blocks.0.attn.extra.weight"] = torch.zeros(3)
     state["head.weight"] = torch.zeros(3)
-    with pytest.raises(CheckpointMismatchError) as info:
+    with pytest.raises(CheckpointError) as info:
         _load_original(tiny_dirs, state, tmp_path)
     assert "unexpected key in checkpoint: 'blocks.0.attn.extra.weight'" in str(info.value)
     assert "unexpected key in checkpoint: 'head.weight'" in str(info.value)
@@ -138,14 +139,14 @@ def test_extra_block_is_reported(tiny_dirs, tmp_path):
     """A stray `blocks.2.*` key makes the inferred model 3 layers deep: the rest of block 2 is missing."""
     state = _tiny_state_dict(tiny_dirs)
     state["blocks.2.norm1.weight"] = torch.ones(32)
-    with pytest.raises(CheckpointMismatchError, match=r"missing key.*'blocks\.2\.attn\.q\.weight'"):
+    with pytest.raises(CheckpointError, match=r"missing key.*'blocks\.2\.attn\.q\.weight'"):
         _load_original(tiny_dirs, state, tmp_path)
 
 
 def test_wrong_shape_names_key_and_both_shapes(tiny_dirs, tmp_path):
     state = _tiny_state_dict(tiny_dirs)
     state["blocks.1.attn.o.weight"] = torch.zeros(32, 31)
-    with pytest.raises(CheckpointMismatchError) as info:
+    with pytest.raises(CheckpointError) as info:
         _load_original(tiny_dirs, state, tmp_path)
     message = str(info.value)
     assert "'blocks.1.attn.o.weight'" in message

@@ -5,6 +5,8 @@ import warnings
 import pytest
 import torch
 
+from multitalk.checkpoints.loading import CheckpointError
+
 from multitalk.modules.vae import (
     TINY_CONFIG,
     WanVAE,
@@ -125,7 +127,7 @@ def test_strict_shape_mismatch_names_key_and_shapes(tiny_paths, tmp_path):
     state[key] = torch.zeros(original_shape[0] + 1, *original_shape[1:])
     path = str(tmp_path / "bad_shape.pth")
     torch.save(state, path)
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(CheckpointError) as err:
         WanVAE.from_original(path)
     message = str(err.value)
     assert key in message
@@ -138,7 +140,7 @@ def test_strict_missing_key(tiny_paths, tmp_path):
     del state["encoder.middle.1.proj.bias"]
     path = str(tmp_path / "missing.pth")
     torch.save(state, path)
-    with pytest.raises(KeyError, match=r"encoder\.middle\.1\.proj\.bias"):
+    with pytest.raises(CheckpointError, match=r"encoder\.middle\.1\.proj\.bias"):
         WanVAE.from_original(path)
 
 
@@ -147,14 +149,14 @@ def test_strict_unexpected_key(tiny_paths, tmp_path):
     state["encoder.extra.weight"] = torch.zeros(3)
     path = str(tmp_path / "unexpected.pth")
     torch.save(state, path)
-    with pytest.raises(KeyError, match=r"encoder\.extra\.weight"):
+    with pytest.raises(CheckpointError, match=r"encoder\.extra\.weight"):
         WanVAE.from_original(path)
 
 
 def test_not_a_vae_checkpoint(tmp_path):
     path = str(tmp_path / "other.pth")
     torch.save({"foo": torch.zeros(1)}, path)
-    with pytest.raises(KeyError, match=r"encoder\.conv1\.weight"):
+    with pytest.raises(CheckpointError, match=r"encoder\.conv1\.weight"):
         WanVAE.from_original(path)
 
 

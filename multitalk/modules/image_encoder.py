@@ -27,14 +27,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .text_encoder import CheckpointMismatchError, ConvertedTensor, _require, load_state_dict_strict
+from ..checkpoints.loading import CheckpointError, ConvertedTensor, load_state_dict_strict, require_tensor
 
 __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
     "INTENTIONALLY_SKIPPED",
     "TINY_CONFIG",
-    "CheckpointMismatchError",
     "ImageEncoder",
     "convert_original_state_dict",
     "infer_config_from_original",
@@ -122,19 +121,19 @@ def infer_config_from_original(state_dict: Mapping[str, torch.Tensor], num_heads
     """
     from transformers import CLIPVisionConfig
 
-    hidden, channels, patch, patch_w = _require(state_dict, "visual.patch_embedding.weight", 4).shape
-    positions = _require(state_dict, "visual.pos_embedding", 3).shape[1]
-    intermediate = _require(state_dict, "visual.transformer.0.mlp.0.weight", 2).shape[0]
+    hidden, channels, patch, patch_w = require_tensor(state_dict, "visual.patch_embedding.weight", 4).shape
+    positions = require_tensor(state_dict, "visual.pos_embedding", 3).shape[1]
+    intermediate = require_tensor(state_dict, "visual.transformer.0.mlp.0.weight", 2).shape[0]
     layer_ids = {int(m.group(1)) for k in state_dict if (m := _ORIGINAL_LAYER_KEY.match(k))}
     grid = int(round((positions - 1) ** 0.5))
     if patch != patch_w or grid * grid != positions - 1:
-        raise CheckpointMismatchError(
+        raise CheckpointError(
             f"'visual.pos_embedding' has {positions} positions and 'visual.patch_embedding.weight' a "
             f"{patch}x{patch_w} kernel: not a square grid plus a class token"
         )
     if num_heads is None:
         if hidden not in _NUM_HEADS_BY_HIDDEN:
-            raise CheckpointMismatchError(
+            raise CheckpointError(
                 f"cannot infer the head count for hidden size {hidden}: pass num_heads explicitly"
             )
         num_heads = _NUM_HEADS_BY_HIDDEN[hidden]
@@ -185,7 +184,7 @@ def convert_original_state_dict(
             prefix, name = f"encoder.layers.{match.group(1)}.", match.group(2)
             if name in ("attn.to_qkv.weight", "attn.to_qkv.bias"):
                 if shape[0] % 3:
-                    raise CheckpointMismatchError(
+                    raise CheckpointError(
                         f"shape mismatch for {key!r}: checkpoint has {shape}, first dim must be 3 * hidden"
                     )
                 kind = name.rsplit(".", 1)[1]
@@ -311,7 +310,7 @@ class ImageEncoder:
 
         Only the visual tower is loaded; ``textual.*``, ``log_scale`` and ``visual.head`` are
         skipped on purpose (listed in ``skipped_keys``). Every other key must map to a
-        parameter and every parameter be filled, else :class:`CheckpointMismatchError`.
+        parameter and every parameter be filled, else :class:`CheckpointError`.
         The file is memory-mapped; tensors already in ``dtype`` are used without a copy.
         """
         state_dict = torch.load(pth_path, map_location="cpu", mmap=True, weights_only=True)

@@ -23,12 +23,13 @@ import os
 import re
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Mapping
 
 import torch
 from torch import nn
+
+from ..checkpoints.loading import CheckpointError, ConvertedTensor, load_state_dict_strict, require_tensor
 
 try:  # transformers depends on `regex`; its `\s` is Unicode White_Space, which Wan's cleaning uses.
     import regex as _regex
@@ -40,12 +41,10 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "TEXT_LEN",
     "TINY_CONFIG",
-    "CheckpointMismatchError",
     "TextEncoder",
     "clean_prompt",
     "convert_original_state_dict",
     "infer_config_from_original",
-    "load_state_dict_strict",
     "save_tiny_original",
     "save_tiny_diffusers",
 ]
@@ -60,90 +59,6 @@ _LAYER_NORM_EPS = 1e-6
 # the official encoder bit for bit on CPU, while SDPA drifts by ~1e-5 on long prompts. The score
 # matrix is small (heads x 512 x 512 per prompt), so nothing is gained from a fused kernel here.
 _ATTN_IMPLEMENTATION = "eager"
-
-
-# --------------------------------------------------------------------------------------
-# Strict loading shared with image_encoder.py
-# --------------------------------------------------------------------------------------
-class CheckpointMismatchError(ValueError):
-    """A checkpoint does not match the model built for it (missing / unexpected key, wrong shape)."""
-
-
-@dataclass
-class ConvertedTensor:
-    """One checkpoint tensor renamed (and possibly reshaped / split) to a model parameter name."""
-
-    source_key: str  # key in the checkpoint file
-    source_shape: tuple[int, ...]  # shape in the checkpoint file
-    tensor: torch.Tensor  # in the model's layout
-
-
-def load_state_dict_strict(
-    module: nn.Module,
-    converted: Mapping[str, ConvertedTensor],
-    dtype: torch.dtype,
-    *,
-    aliases: Iterable[str] = (),
-    unexpected_source_keys: Iterable[str] = (),
-    missing_source_keys: Mapping[str, str] | None = None,
-) -> None:
-    """Check ``converted`` against ``module``'s parameters exactly, then assign them in place.
-
-    ``module`` is expected to live on the meta device: parameters are *assigned* (not copied),
-    so tensors that already have ``dtype`` stay memory-mapped and no second full copy of the
-    checkpoint is made.
-
-    Args:
-        module: the target module (its ``state_dict()`` gives the expected names and shapes).
-        converted: model parameter name -> converted checkpoint tensor.
-        dtype: dtype the parameters are cast to (floating tensors only).
-        aliases: model names filled by weight tying instead of from the checkpoint.
-        unexpected_source_keys: checkpoint keys that no conversion rule recognised.
-        missing_source_keys: model name -> checkpoint key expected for it (for error messages).
-
-    Raises:
-        CheckpointMismatchError: listing every missing key, unexpected key and shape mismatch,
-            each naming the checkpoint key and, for shapes, both shapes.
-    """
-    expected = {name: tuple(t.shape) for name, t in module.state_dict().items()}
-    # Non-persistent buffers are not in state_dict; they are rebuilt by the caller.
-    for alias in aliases:
-        expected.pop(alias, None)
-    missing_source_keys = missing_source_keys or {}
-
-    problems: list[str] = []
-    for key in sorted(unexpected_source_keys):
-        problems.append(f"unexpected key in checkpoint: {key!r}")
-    for name in sorted(set(expected) - set(converted)):
-        source = missing_source_keys.get(name)
-        where = f"{source!r} (model parameter {name!r})" if source else f"for model parameter {name!r}"
-        problems.append(f"missing key in checkpoint: {where}, expected shape {expected[name]}")
-    for name in sorted(set(converted) - set(expected)):
-        item = converted[name]
-        problems.append(
-            f"unexpected key in checkpoint: {item.source_key!r} (would be model parameter {name!r})"
-        )
-    for name in sorted(set(converted) & set(expected)):
-        item = converted[name]
-        got = tuple(item.tensor.shape)
-        if got != expected[name]:
-            layout = "" if got == item.source_shape else f" (converted to {got})"
-            problems.append(
-                f"shape mismatch for {item.source_key!r} -> {name!r}: checkpoint has "
-                f"{item.source_shape}{layout}, model expects {expected[name]}"
-            )
-    if problems:
-        raise CheckpointMismatchError(
-            f"checkpoint does not match {type(module).__name__}:\n  " + "\n  ".join(problems)
-        )
-
-    state = {}
-    for name, item in converted.items():
-        tensor = item.tensor
-        if tensor.is_floating_point() and tensor.dtype != dtype:
-            tensor = tensor.to(dtype)
-        state[name] = tensor
-    module.load_state_dict(state, strict=False, assign=True)
 
 
 def _load_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -193,17 +108,6 @@ def _original_name(hf_name: str) -> str | None:
     return None
 
 
-def _require(state_dict: Mapping[str, torch.Tensor], key: str, ndim: int) -> torch.Tensor:
-    if key not in state_dict:
-        raise CheckpointMismatchError(f"missing key in checkpoint: {key!r} (needed to infer the config)")
-    tensor = state_dict[key]
-    if tensor.ndim != ndim:
-        raise CheckpointMismatchError(
-            f"shape mismatch for {key!r}: checkpoint has {tuple(tensor.shape)}, expected a {ndim}-D tensor"
-        )
-    return tensor
-
-
 def infer_config_from_original(state_dict: Mapping[str, torch.Tensor]):
     """Build a ``UMT5Config`` from the shapes of a Wan T5 encoder checkpoint.
 
@@ -214,18 +118,18 @@ def infer_config_from_original(state_dict: Mapping[str, torch.Tensor]):
     from transformers import UMT5Config
 
     if "pos_embedding.embedding.weight" in state_dict:
-        raise CheckpointMismatchError(
+        raise CheckpointError(
             "checkpoint has a shared position embedding ('pos_embedding.embedding.weight'): that is "
             "T5 (shared_pos=True), not the UMT5 encoder Wan uses"
         )
-    vocab_size, d_model = _require(state_dict, "token_embedding.weight", 2).shape
-    inner_dim = _require(state_dict, "blocks.0.attn.q.weight", 2).shape[0]
-    num_buckets, num_heads = _require(state_dict, "blocks.0.pos_embedding.embedding.weight", 2).shape
-    d_ff = _require(state_dict, "blocks.0.ffn.fc1.weight", 2).shape[0]
+    vocab_size, d_model = require_tensor(state_dict, "token_embedding.weight", 2).shape
+    inner_dim = require_tensor(state_dict, "blocks.0.attn.q.weight", 2).shape[0]
+    num_buckets, num_heads = require_tensor(state_dict, "blocks.0.pos_embedding.embedding.weight", 2).shape
+    d_ff = require_tensor(state_dict, "blocks.0.ffn.fc1.weight", 2).shape[0]
     block_ids = {int(m.group(1)) for k in state_dict if (m := _ORIGINAL_BLOCK_KEY.match(k))}
     num_layers = max(block_ids) + 1
     if inner_dim % num_heads:
-        raise CheckpointMismatchError(
+        raise CheckpointError(
             f"'blocks.0.attn.q.weight' has {inner_dim} outputs, not divisible by {num_heads} heads "
             "(from 'blocks.0.pos_embedding.embedding.weight')"
         )
@@ -340,7 +244,7 @@ class TextEncoder:
 
         The config (d_model, layers, heads, d_ff, vocab, buckets) is inferred from tensor shapes.
         Loading is strict: every file key must be used and every parameter filled, otherwise
-        :class:`CheckpointMismatchError` names the offending keys (and both shapes).
+        :class:`CheckpointError` names the offending keys (and both shapes).
         ``kwargs`` go to the constructor (``text_len``, ``cache_size``, ``pad_to_text_len``).
         """
         from transformers import AutoTokenizer, UMT5EncoderModel

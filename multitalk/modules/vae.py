@@ -27,6 +27,8 @@ import torch
 from diffusers import AutoencoderKLWan
 from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 
+from ..checkpoints.loading import CheckpointError, ConvertedTensor, load_state_dict_strict, require_tensor
+
 __all__ = [
     "WanVAE",
     "TINY_CONFIG",
@@ -180,24 +182,17 @@ def _build_empty(config: dict) -> AutoencoderKLWan:
         return AutoencoderKLWan(**config)
 
 
-def _assign_state_dict(model: AutoencoderKLWan, state: Dict[str, torch.Tensor], dtype: torch.dtype,
-                       device: torch.device | str) -> AutoencoderKLWan:
-    """Strictly load a diffusers-named state dict into a meta-built model (key sets already checked)."""
-    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
-    model.load_state_dict(state, strict=True, assign=True)
+def _finish(model: AutoencoderKLWan) -> AutoencoderKLWan:
     leftovers = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if leftovers:
-        raise RuntimeError(f"VAE tensors left unfilled after loading: {leftovers[:5]}")
+        raise CheckpointError(f"VAE tensors left unfilled after loading: {leftovers[:5]}")
     return model.eval().requires_grad_(False)
 
 
 def _infer_config_from_original(state: Dict[str, torch.Tensor]) -> dict:
     """Read base_dim / z_dim off tensor shapes of an original-layout state dict."""
-    for key in ("encoder.conv1.weight", "conv2.weight"):
-        if key not in state:
-            raise KeyError(f"not a Wan 2.1 VAE checkpoint: key '{key}' is missing")
-    base_dim = int(state["encoder.conv1.weight"].shape[0])  # [base_dim, 3, 3, 3, 3]
-    z_dim = int(state["conv2.weight"].shape[0])  # [z_dim, z_dim, 1, 1, 1]
+    base_dim = int(require_tensor(state, "encoder.conv1.weight", 5).shape[0])  # [base_dim, 3, 3, 3, 3]
+    z_dim = int(require_tensor(state, "conv2.weight", 5).shape[0])  # [z_dim, z_dim, 1, 1, 1]
     return dict(_LAYOUT, base_dim=base_dim, z_dim=z_dim)
 
 
@@ -244,7 +239,8 @@ def save_tiny_original(pth_path: str, seed: int = 0) -> str:
 
 def save_tiny_diffusers(vae_dir: str, seed: int = 0) -> str:
     """Write the same tiny random VAE (same ``seed`` -> same weights) as a diffusers ``vae/`` folder."""
-    model = _assign_state_dict(_build_empty(dict(TINY_CONFIG)), tiny_state_dict(seed), torch.float32, "cpu")
+    model = _build_empty(dict(TINY_CONFIG))
+    model.load_state_dict(tiny_state_dict(seed), strict=True, assign=True)
     model.save_pretrained(vae_dir, safe_serialization=True)
     return vae_dir
 
@@ -300,7 +296,7 @@ class WanVAE:
 
         ``base_dim``/``z_dim`` are read off tensor shapes; the config is built locally (no hub).
         Loading is strict: every file key must map to a model parameter with the same shape and
-        every parameter must be filled, otherwise a ``KeyError``/``ValueError`` names the key(s).
+        every parameter must be filled, otherwise a ``CheckpointError`` names the key(s).
         """
         if str(pth_path).endswith(".safetensors"):
             from safetensors.torch import load_file
@@ -312,34 +308,17 @@ class WanVAE:
             raise TypeError(f"{pth_path}: expected a plain state dict, got {type(state).__name__}")
         config = _infer_config_from_original(state)
         model = _build_empty(config)
-        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-
         to_diffusers = original_to_diffusers_key_map()
-        unexpected = sorted(k for k in state if k not in to_diffusers)
-        if unexpected:
-            raise KeyError(
-                f"{pth_path}: {len(unexpected)} unexpected key(s) not used by the Wan VAE: {unexpected[:10]}"
-            )
-        missing = sorted(orig for orig in to_diffusers if orig not in state)
-        if missing:
-            details = [f"{orig} (diffusers {to_diffusers[orig]}, shape {expected[to_diffusers[orig]]})"
-                       for orig in missing[:10]]
-            raise KeyError(f"{pth_path}: {len(missing)} missing key(s): {details}")
-
-        converted = convert_wan_vae_to_diffusers(state)
-        mismatched = []
-        for orig, new in to_diffusers.items():
-            got = tuple(converted[new].shape)
-            if new not in expected:
-                raise KeyError(f"{pth_path}: key '{orig}' maps to '{new}', which the model does not have")
-            if got != expected[new]:
-                mismatched.append(f"{orig} (diffusers {new}): checkpoint {got} vs model {expected[new]}")
-        if mismatched:
-            raise ValueError(f"{pth_path}: shape mismatch for {len(mismatched)} key(s): " + "; ".join(mismatched[:10]))
-        if set(converted) != set(expected):
-            raise KeyError(f"{pth_path}: model parameters not filled: {sorted(set(expected) - set(converted))[:10]}")
-        model = _assign_state_dict(model, converted, dtype, device)
-        return cls(model, device=device, dtype=dtype)
+        # diffusers' converter renames key by key, so converting only the known keys is exact.
+        renamed = convert_wan_vae_to_diffusers({k: v for k, v in state.items() if k in to_diffusers})
+        converted = {new: ConvertedTensor(orig, tuple(state[orig].shape), renamed[new])
+                     for orig, new in to_diffusers.items() if orig in state}
+        load_state_dict_strict(
+            model, converted, dtype, device=device,
+            unexpected_source_keys=[k for k in state if k not in to_diffusers],
+            missing_source_keys={new: orig for orig, new in to_diffusers.items()},
+        )
+        return cls(_finish(model), device=device, dtype=dtype)
 
     @classmethod
     def from_pretrained(cls, vae_dir: str, device: torch.device | str = "cpu",
