@@ -184,3 +184,49 @@ def test_cli_generate_two_speakers_with_bboxes(tiny_official, fixtures_dir, tmp_
     assert json.loads(report.strip().splitlines()[-1])["frames"] == 21
     info = probe_mp4(out)
     assert info["fps"] == 25 and info["num_frames"] == 21 and info["audio_codec"] == "aac"
+
+
+def test_decode_of_one_job_overlaps_the_next_jobs_diffusion(tiny_official, fixtures_dir):
+    """Two jobs on one in-process pipeline: while job A's latents are VAE-decoded, job B's
+    sampling runs (the DiT lock only covers sampling). The first decode waits until the
+    other job's sampler has finished a step; were decode and diffusion serialised, it would
+    time out."""
+    import asyncio
+    import threading
+
+    from multitalk.pipeline import MultiTalkPipeline
+
+    pipe = MultiTalkPipeline.from_pretrained(str(tiny_official))
+    diffusion, decode = pipe.stages.diffusion, pipe.stages.decode
+    sample_seeds: list[int] = []
+    other_started = threading.Event()
+    overlapped: list[bool] = []
+    original_sample, original_decode = diffusion.sample, decode.decode
+
+    def sample(job, audio, image, text, on_step=None):
+        sample_seeds.append(job.seed)
+        first_seed = sample_seeds[0]
+
+        def step(done, total):  # called by the running sampler after each step
+            if job.seed != first_seed:
+                other_started.set()
+            if on_step is not None:
+                on_step(done, total)
+
+        return original_sample(job, audio, image, text, step)
+
+    def decode_fn(latents):
+        if not overlapped:  # the first decode (job A's): B's sampler must start meanwhile
+            overlapped.append(other_started.wait(timeout=60))
+        return original_decode(latents)
+
+    diffusion.sample, decode.decode = sample, decode_fn
+
+    async def both():
+        one = _request(fixtures_dir, 1, frames=9, sampling=SamplingOptions(steps=2, seed=1))
+        two = _request(fixtures_dir, 1, frames=9, sampling=SamplingOptions(steps=2, seed=2))
+        return await asyncio.gather(pipe.agenerate(one), pipe.agenerate(two))
+
+    a, b = asyncio.run(both())
+    assert overlapped == [True], "job B's diffusion did not start while job A was being decoded"
+    assert probe_mp4(a.video)["num_frames"] == probe_mp4(b.video)["num_frames"] == 9
