@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from multitalk.checkpoints.dit import load_dit
-from multitalk.checkpoints.loading import CheckpointError
+from multitalk.modules.loading import CheckpointError
 from multitalk.checkpoints.tiny import (
     MULTITALK_DIR, WAN_DIFFUSERS_DIR, WAN_DIR, tiny_dit, tiny_dit_config, tiny_dit_inputs,
 )

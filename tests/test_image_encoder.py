@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from multitalk.modules import image_encoder as ie
-from multitalk.checkpoints.loading import CheckpointError
+from multitalk.modules.loading import CheckpointError
 from multitalk.modules.image_encoder import ImageEncoder
 
 torch.set_num_threads(1)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from multitalk.modules import text_encoder as te
-from multitalk.checkpoints.loading import CheckpointError
+from multitalk.modules.loading import CheckpointError
 from multitalk.modules.text_encoder import TextEncoder
 
 torch.set_num_threads(1)

@@ -5,7 +5,7 @@ import warnings
 import pytest
 import torch
 
-from multitalk.checkpoints.loading import CheckpointError
+from multitalk.modules.loading import CheckpointError
 
 from multitalk.modules.vae import (
     TINY_CONFIG,

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from .loading import file_dtype
+from ..modules.loading import file_dtype
 
 T5_FILE = "models_t5_umt5-xxl-enc-bf16.pth"
 T5_TOKENIZER = "google/umt5-xxl"

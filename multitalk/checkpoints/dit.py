@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..modules.transformer_multitalk import MultiTalkTransformer3DModel
-from .loading import CheckpointError, load_strict, read_keys
+from ..modules.loading import CheckpointError, load_strict, read_keys
 
 logger = logging.getLogger(__name__)
 

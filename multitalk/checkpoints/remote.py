@@ -1,6 +1,6 @@
 """Model weights from an ``s3://bucket/prefix``: mirrored once into a node-local cache.
 
-The loaders (``checkpoints/loading.py``) read local files shard by shard through
+The loaders (``modules/loading.py``) read local files shard by shard through
 memory maps; object storage cannot be memory-mapped, so a models root given as an S3 URL
 is first mirrored to local disk and the local mirror is what the loaders see::
 

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoints.loading import CheckpointError, ConvertedTensor, load_state_dict_strict, require_tensor
+from .loading import CheckpointError, ConvertedTensor, load_state_dict_strict, require_tensor
 
 __all__ = [
     "CLIP_MEAN",

@@ -29,7 +29,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from ..checkpoints.loading import CheckpointError, ConvertedTensor, load_state_dict_strict, require_tensor
+from .loading import CheckpointError, ConvertedTensor, load_state_dict_strict, require_tensor
 
 try:  # transformers depends on `regex`; its `\s` is Unicode White_Space, which Wan's cleaning uses.
     import regex as _regex

@@ -27,7 +27,7 @@ import torch
 from diffusers import AutoencoderKLWan
 from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 
-from ..checkpoints.loading import CheckpointError, ConvertedTensor, load_state_dict_strict, require_tensor
+from .loading import CheckpointError, ConvertedTensor, load_state_dict_strict, require_tensor
 
 __all__ = [
     "WanVAE",
