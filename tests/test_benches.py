@@ -33,3 +33,15 @@ def test_pipeline_bench_runs_end_to_end_at_tiny_size():
     report = json.loads(out[out.index("{"):])
     assert report["video"] == "176x96x9"
     assert set(report["timings_s"]) >= {"prepare", "encode", "diffusion", "decode", "mux", "total"}
+
+
+def test_load_memory_bench_runs_and_reports_both_loaders():
+    out = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "load_memory.py"), "--dim", "256", "--layers", "2",
+         "--dtype", "bfloat16"],
+        check=True, capture_output=True, text=True, timeout=300,
+    ).stdout
+    rows = {line.split()[0]: [float(x) for x in line.split()[1:]] for line in out.splitlines()
+            if line.split()[:1] in (["ours"], ["naive"])}
+    assert set(rows) == {"ours", "naive"}
+    assert all(len(r) == 4 for r in rows.values())
