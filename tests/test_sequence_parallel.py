@@ -50,6 +50,17 @@ def _worker(rank: int, world_size: int, result_path: str) -> None:
                 )
                 results["serial_max"][key] = serial.abs().max().item()
 
+    # The compile lever on SP ranks (as deployments/diffusion_parallel.py sets it: regional,
+    # fullgraph off since each attention's all-to-all is a graph break): same numbers.
+    inp = _inputs(2, 5)
+    with torch.no_grad():
+        serial = model(**inp)
+        model.compile_repeated_blocks(backend="eager", fullgraph=False)
+        sp = SequenceParallel(None, ulysses_degree=world_size)
+        sp.parallelize(model)
+        results["compiled_diff"] = (sp_forward(model, **inp) - serial).abs().max().item()
+        sp.unparallelize(model)
+
     # guard: 2-way Ulysses cannot split 3 heads
     three_heads = MultiTalkTransformer3DModel(**{**tiny_dit_config(), "dim": 48, "num_heads": 3})
     try:
@@ -77,6 +88,10 @@ def test_two_ranks_match_the_serial_model(two_rank_results, backend, people, t_l
     print(f"sp=2 vs sp=1 {key}: max abs diff {diff:.3e}")
     assert two_rank_results["serial_max"][key] > 0.1  # a real signal, not zeros
     assert diff <= TOLERANCE
+
+
+def test_compiled_blocks_on_two_ranks_match_the_serial_model(two_rank_results):
+    assert two_rank_results["compiled_diff"] <= TOLERANCE
 
 
 def test_every_rank_returns_the_same_full_output(two_rank_results):
