@@ -206,17 +206,19 @@ class VaeDecoder(_StageReplica):
         return await self._run(self.stage.decode, latents, job_id=job_id)
 
 
-# Bounded retry of a Diffusion chunk call that failed with a retryable error (a dead
-# sequence-parallel rank or a dead replica, see deployments/diffusion_parallel.py): the broken
-# replica is marked unhealthy and replaced by Serve meanwhile; ~45 s of back-off in all.
-DIFFUSION_RETRIES = 6
+# Bounded retry of a Diffusion or VaeDecoder chunk call that failed with a retryable error (a
+# dead sequence-parallel rank or a dead replica, see deployments/diffusion_parallel.py): the
+# broken replica is replaced by Serve meanwhile; ~45 s of back-off in all. Only the failed
+# chunk's call is re-sent, not the whole job. (Encoder calls are not retried here: their
+# responses travel un-awaited into the DiT call; the job-level retry covers them.)
+STAGE_RETRIES = 6
 
 
-def diffusion_retry_delay(exc: BaseException, attempt: int) -> Optional[float]:
-    """Seconds to wait before re-sending a failed diffusion call, or ``None``: do not retry."""
+def stage_retry_delay(exc: BaseException, attempt: int) -> Optional[float]:
+    """Seconds to wait before re-sending a failed stage call, or ``None``: do not retry."""
     from .diffusion_parallel import is_retryable
 
-    if attempt >= DIFFUSION_RETRIES or not is_retryable(exc):
+    if attempt >= STAGE_RETRIES or not is_retryable(exc):
         return None
     return float(min(2 ** attempt, 15))
 
@@ -229,7 +231,8 @@ class ServeStages:
     call, travel from deployment to deployment without a round trip through the ingress
     (audio/image/text into the DiT). The DiT call is streamed (per-step progress), so its
     handle is an asyncio task that consumes the stream and holds the latents; the decoder
-    call awaits it first (the latents pass through the ingress, a few MB per chunk).
+    call awaits it first (the latents pass through the ingress, a few MB per chunk). Both
+    calls are re-sent in place when their replica died (:func:`stage_retry_delay`).
 
     One instance per job (:meth:`for_job`) remembers its in-flight calls so that
     :meth:`cancel` can stop them when the job is cancelled.
@@ -290,12 +293,12 @@ class ServeStages:
                     stream.cancel()
                     raise
                 except Exception as e:  # noqa: BLE001 - only retryable failures are retried
-                    delay = diffusion_retry_delay(e, attempt)
+                    delay = stage_retry_delay(e, attempt)
                     if delay is None:
                         raise
                     attempt += 1
                     logger.warning("diffusion call failed (%s: %s); retry %d/%d in %.0f s", type(e).__name__,
-                                   str(e)[:200], attempt, DIFFUSION_RETRIES, delay)
+                                   str(e)[:200], attempt, STAGE_RETRIES, delay)
                     await asyncio.sleep(delay)
                     stream = start()
                     continue
@@ -309,15 +312,27 @@ class ServeStages:
         return task
 
     def vae_decode(self, latents):
-        if isinstance(latents, asyncio.Future):  # a streamed DiT result: wait for it here
+        async def decode_with_retries():
+            # A streamed DiT result is an asyncio task holding the latents: wait for it here.
+            resolved = await latents if isinstance(latents, asyncio.Future) else latents
+            attempt = 0
+            while True:
+                try:
+                    return await self._track(self.decode.decode.remote(resolved, **self._kw))
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e:  # noqa: BLE001 - only retryable failures are retried
+                    delay = stage_retry_delay(e, attempt)
+                    if delay is None:
+                        raise
+                    attempt += 1
+                    logger.warning("decode call failed (%s: %s); retry %d/%d in %.0f s", type(e).__name__,
+                                   str(e)[:200], attempt, STAGE_RETRIES, delay)
+                    await asyncio.sleep(delay)
 
-            async def chained():
-                return await self._track(self.decode.decode.remote(await latents, **self._kw))
-
-            task = asyncio.ensure_future(chained())
-            self._tasks.append(task)
-            return task
-        return self._track(self.decode.decode.remote(latents, **self._kw))
+        task = asyncio.ensure_future(decode_with_retries())
+        self._tasks.append(task)
+        return task
 
     def cancel(self) -> None:
         """Best-effort cancel of every call this job started (finished ones are unaffected)."""

@@ -714,3 +714,57 @@ def test_load_nothing_lost_or_duplicated(tmp_path):
     assert len(JobStore(store).list_ids()) == n and not store.list("jobs/active/")
     prompts = sorted(f["request"]["prompt"] for f in finals)
     assert prompts == sorted(f"job {i}" for i in range(n))
+
+
+def test_served_decode_call_is_resent_when_its_replica_died():
+    """ServeStages re-sends only the failed chunk's decode call (not the whole job) when the
+    VaeDecoder replica died; other errors propagate at once."""
+    from ray.exceptions import ActorDiedError
+
+    from deployments.stages import ServeStages
+
+    class Response:
+        def __init__(self, outcome):
+            self.outcome = outcome
+
+        def __await__(self):
+            async def run():
+                if isinstance(self.outcome, BaseException):
+                    raise self.outcome
+                return self.outcome
+            return run().__await__()
+
+        def cancel(self):
+            pass
+
+    class Method:
+        def __init__(self, outcomes):
+            self.outcomes, self.calls = list(outcomes), []
+
+        def remote(self, latents, **kw):
+            self.calls.append(latents)
+            return Response(self.outcomes.pop(0))
+
+    class Decoder:
+        def __init__(self, outcomes):
+            self.decode = Method(outcomes)
+
+    async def run(outcomes, latents):
+        decoder = Decoder(outcomes)
+        stages = ServeStages(None, None, None, None, decoder).for_job("job-1")
+        try:
+            return await stages.vae_decode(latents), decoder.decode.calls
+        except Exception as e:  # noqa: BLE001
+            return e, decoder.decode.calls
+
+    async def streamed_latents():
+        return "latents"
+
+    async def scenario():
+        died = await run([ActorDiedError(), "frames"], asyncio.ensure_future(streamed_latents()))
+        bad = await run([ValueError("bad latents"), "frames"], "latents")
+        return died, bad
+
+    (frames, calls), (error, bad_calls) = asyncio.run(scenario())
+    assert frames == "frames" and calls == ["latents", "latents"]  # re-sent once, same latents
+    assert isinstance(error, ValueError) and bad_calls == ["latents"]  # not retryable: not re-sent
