@@ -118,3 +118,57 @@ def test_frame_split():
     assert split.token_range(0) == (0, 30) and split.token_range(7) == (190, 210)
     with pytest.raises(ValueError, match="at least 4 latent frames"):
         FrameSplit.even_as_possible(3, 4, 10)
+
+
+def _reference_efficient_attention(q, k, v, attn_bias=None, compute_log_sumexp=True, dropout_p=0.0,
+                                   is_causal=False, scale=None):
+    """CPU stand-in for ``aten._scaled_dot_product_efficient_attention`` (CUDA only): the
+    output and the log-sum-exp the ring merges its blocks with. q/k/v ``[B, H, S, D]``."""
+    scores = (q.float() @ k.float().transpose(-1, -2)) * (scale if scale is not None else q.shape[-1] ** -0.5)
+    lse = torch.logsumexp(scores, dim=-1)
+    out = (torch.softmax(scores, dim=-1) @ v.float()).to(q.dtype)
+    return out, lse
+
+
+def _ring_worker(rank: int, world_size: int, result_path: str) -> None:
+    import yunchang.kernels.attention as yunchang_attention
+    from yunchang.kernels import AttnType
+
+    import multitalk.distributed.sequence_parallel as sp_module
+
+    yunchang_attention._scaled_dot_product_efficient_attention = _reference_efficient_attention
+    sp_module.RING_ATTN_TYPE = AttnType.TORCH_EFFICIENT
+    model = tiny_dit(0)
+    results = {}
+    for people in (1, 2):
+        inp = _inputs(people, t_lat=4)  # 4 latent frames: an even split over 2 or 4 ranks
+        with torch.no_grad():
+            serial = model(**inp)
+            sp = SequenceParallel(None, ulysses_degree=world_size // 2, ring_degree=2)
+            sp.parallelize(model)
+            results[people] = (sp_forward(model, **inp) - serial).abs().max().item()
+            sp.unparallelize(model)
+    uneven = _inputs(1, t_lat=5)
+    sp.parallelize(model)
+    try:
+        with torch.no_grad():
+            sp_forward(model, **uneven)
+        results["uneven"] = None
+    except ValueError as e:
+        results["uneven"] = str(e)
+    if rank == 0:
+        torch.save(results, result_path)
+
+
+@pytest.mark.parametrize("world_size", [2, 4], ids=["ring2", "ulysses2xring2"])
+def test_ring_attention_matches_the_serial_model(tmp_path, world_size):
+    """ring_degree=2 (with ulysses 1, then 2 over 4 ranks): keys and values travel around
+    the ring over gloo and the blocks are merged by log-sum-exp; the output equals the
+    serial model's."""
+    pytest.importorskip("yunchang")
+    path = tmp_path / "ring.pt"
+    spawn_ranks(_ring_worker, world_size, str(path))
+    results = torch.load(path)
+    print(f"ring (world {world_size}) vs serial: {results}")
+    assert results[1] <= TOLERANCE and results[2] <= TOLERANCE, results
+    assert "same number of tokens" in results["uneven"]

@@ -40,7 +40,8 @@ Attention comm backends (``backend=``):
   else torch.
 
 ``ring_degree > 1`` uses yunchang's ``LongContextAttention`` (Ulysses x ring); it needs the
-group to be the default (world) group, yunchang, and an even split of tokens; untested here.
+group to be the default (world) group, yunchang, CUDA and an even split of tokens. The CPU
+tests run it over gloo with a reference block kernel standing in for the CUDA one.
 
 The module is Ray-free: it only needs ``torch.distributed``.
 """
@@ -245,14 +246,22 @@ class UlyssesAttention:
         return out[:, :local_len]
 
 
-class RingUlyssesAttention:  # pragma: no cover - untested here (needs yunchang ring kernels / GPUs)
-    """Ulysses x ring via yunchang's ``LongContextAttention``; even token splits only."""
+class RingUlyssesAttention:
+    """Ulysses x ring via yunchang's ``LongContextAttention``; even token splits only.
+
+    Each ring step attends to one block of keys/values with a kernel that returns the
+    log-sum-exp, and the blocks are merged by it: flash-attention's kernel when
+    ``flash_attn`` is installed, else PyTorch's memory-efficient SDPA kernel (CUDA only)."""
 
     def __init__(self, sp: "SequenceParallel"):
         from yunchang import LongContextAttention
         from yunchang.kernels import AttnType
 
-        attn_type = AttnType.FA if torch.cuda.is_available() else AttnType.TORCH_EFFICIENT
+        attn_type = RING_ATTN_TYPE
+        if attn_type is None:
+            if not torch.cuda.is_available():
+                raise ValueError("ring_degree > 1 needs CUDA (yunchang's ring kernels); use ulysses_degree only")
+            attn_type = AttnType.FA if _flash_attn_available() else AttnType.TORCH_EFFICIENT
         self.sp = sp
         self.kernel = LongContextAttention(ring_impl_type="basic", attn_type=attn_type)
 
@@ -264,7 +273,19 @@ class RingUlyssesAttention:  # pragma: no cover - untested here (needs yunchang 
                 f"choose a latent frame count divisible by {self.sp.world_size}"
             )
         q, k = q.to(v.dtype), k.to(v.dtype)
-        return self.kernel(None, q, k, v)
+        return self.kernel(q, k, v)
+
+
+# The ring's block kernel (a yunchang ``AttnType``); None: chosen by :class:`RingUlyssesAttention`.
+RING_ATTN_TYPE = None
+
+
+def _flash_attn_available() -> bool:
+    try:
+        import flash_attn  # noqa: F401
+        return True
+    except ImportError:
+        return False
 
 
 # --------------------------------------------------------------------------- the interface
@@ -310,7 +331,7 @@ class SequenceParallel:
         validate_sp_degrees(model.config.num_heads, self.ulysses_degree, self.ring_degree, self.world_size)
         if getattr(model, "sequence_parallel", None) is not None:
             raise ValueError("model is already parallelized; call unparallelize(model) first")
-        if self.ring_degree > 1:  # pragma: no cover - untested here
+        if self.ring_degree > 1:
             from yunchang import set_seq_parallel_pg
 
             set_seq_parallel_pg(self.ulysses_degree, self.ring_degree, dist.get_rank(), dist.get_world_size())
