@@ -16,7 +16,8 @@ measured over ``--steps`` steps), ``compile`` (torch.compile of each block, regi
 ``int8`` / ``fp8`` (weight-only DiT blocks via torchao), ``fp8_dynamic`` (fp8 weights and
 activations, CUDA 8.9+): lossy, watch the quality column. ``low_vram`` streams the blocks
 from pinned CPU memory (``DiffusionStage(low_vram=True)``): its peak memory is the figure
-to compare with a 24 GB card.
+to compare with a 24 GB card; ``low_vram_prefetch`` overlaps each block's copy with the
+previous block's compute (``low_vram="prefetch"``).
 Levers combine with ``+`` (``batched+sdpa_cudnn+compile``); ``batched`` and ``teacache``
 exclude each other (TeaCache decides per guidance pass).
 """
@@ -47,7 +48,8 @@ MODELS = {
     "tiny": dict(dim=64, ffn_dim=128, num_heads=4, num_layers=2, text_dim=32, image_dim=32, audio_blocks=2,
                  audio_channels=32, intermediate_dim=32, output_dim=32, context_tokens=8),
 }
-LEVERS = {"batched", "teacache", "compile", "int8", "fp8", "fp8_dynamic", "low_vram", "sdpa_math", "sdpa_cudnn", "flash", "sage", "flash3"}
+LEVERS = {"batched", "teacache", "compile", "int8", "fp8", "fp8_dynamic", "low_vram", "low_vram_prefetch",
+          "sdpa_math", "sdpa_cudnn", "flash", "sage", "flash3"}
 BACKENDS = {"sdpa_math": "_native_math", "sdpa_cudnn": "_native_cudnn", "flash": "flash", "sage": "sage",
             "flash3": "_flash_3"}
 
@@ -147,7 +149,7 @@ def run_lever(model, inp, lever: str, steps: int, device: str) -> tuple[float, t
 QUANT = ("int8", "fp8", "fp8_dynamic")
 
 
-def lever_model(plain: torch.nn.Module, device: str, quantize=None, low_vram: bool = False):
+def lever_model(plain: torch.nn.Module, device: str, quantize=None, low_vram: "bool | str" = False):
     """A copy of the (CPU-resident) plain model set up as ``DiffusionStage.from_pretrained``
     does for these levers: quantised on the CPU, then moved (or, low-VRAM, streamed block by
     block) to ``device``. Same weights as the plain path, so the quality column compares like
@@ -160,7 +162,7 @@ def lever_model(plain: torch.nn.Module, device: str, quantize=None, low_vram: bo
     if low_vram:
         from multitalk.modules.offload import BlockStreamer
 
-        model._block_streamer = BlockStreamer(model, device)
+        model._block_streamer = BlockStreamer(model, device, prefetch=low_vram == "prefetch")
     else:
         model.to(device)
     return model
@@ -198,14 +200,16 @@ def main() -> None:
         plain_model = model
         try:
             quant = [p for p in parts if p in QUANT]
-            if quant or "low_vram" in parts:
+            streaming = "low_vram" in parts or "low_vram_prefetch" in parts
+            if quant or streaming:
                 # Levers with their own copy of the model: the plain one leaves the GPU meanwhile,
                 # so that the peak memory column is the lever's alone.
                 model = None
                 plain_model.to("cpu")
                 if args.device.startswith("cuda"):
                     torch.cuda.empty_cache()
-                model = lever_model(plain_model, args.device, quant[0] if quant else None, "low_vram" in parts)
+                model = lever_model(plain_model, args.device, quant[0] if quant else None,
+                                    "prefetch" if "low_vram_prefetch" in parts else streaming)
             for p in parts:
                 if p in BACKENDS:
                     model.set_attention_backend(BACKENDS[p])

@@ -162,7 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-guidance", action="store_true", help="run the 3 guidance passes as one batch (lossless)")
     s.add_argument("--quantize", choices=["int8", "fp8", "fp8_dynamic"],
                    help="DiT blocks via torchao: int8/fp8 weight-only, fp8_dynamic weights+activations (lossy)")
-    s.add_argument("--low-vram", action="store_true", help="stream DiT blocks from CPU memory (24 GB cards)")
+    s.add_argument("--low-vram", nargs="?", const=True, default=False, choices=["prefetch"], metavar="prefetch",
+                   help="stream DiT blocks from CPU memory (24 GB cards); 'prefetch': overlap each copy "
+                        "with the previous block's compute")
     s.add_argument("--tiled-vae", action="store_true", help="tiled VAE decode (less memory)")
     s.add_argument("--compile", action="store_true",
                    help="torch.compile the DiT block (regional; the first step pays the compile time)")

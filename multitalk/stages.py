@@ -240,10 +240,11 @@ class DiffusionStage:
     @classmethod
     def from_pretrained(cls, models: "str | CheckpointSet", device: str = "cpu", dtype="float32",
                         attention_backend: Optional[str] = None, batch_guidance: bool = False,
-                        low_vram: bool = False, quantize: Optional[str] = None,
+                        low_vram: "bool | str" = False, quantize: Optional[str] = None,
                         compile: "bool | dict" = False) -> "DiffusionStage":
         """``low_vram``: keep the DiT blocks in CPU memory and stream them to ``device`` one by
         one (official ``--num_persistent_param_in_dit 0``); slower, fits 24 GB cards.
+        ``"prefetch"``: copy the next block on a side stream while one computes.
         ``quantize``: ``"int8"`` or ``"fp8"`` weight-only DiT blocks (torchao), quantised on
         the CPU before the weights move to ``device``.
         ``compile``: regional ``torch.compile`` of the transformer block (one graph shared by
@@ -272,7 +273,9 @@ class DiffusionStage:
         if low_vram:
             from .modules.offload import BlockStreamer
 
-            model._block_streamer = BlockStreamer(model, device)
+            if low_vram not in (True, "prefetch"):
+                raise ValueError(f"low_vram must be true, false or 'prefetch', got {low_vram!r}")
+            model._block_streamer = BlockStreamer(model, device, prefetch=low_vram == "prefetch")
         if attention_backend:
             model.set_attention_backend(attention_backend)
         if compile_kwargs is not None:

@@ -153,6 +153,29 @@ def test_low_vram_block_streaming_gives_the_same_output():
     assert all(p.device.type == "cpu" for p in model.blocks.parameters())
 
 
+def test_low_vram_prefetch_stages_exactly_the_next_block():
+    """With prefetch, while block i runs only block i+1 is staged (two blocks resident at
+    most), and after the last block the first one is staged for the next forward."""
+    from multitalk.modules.offload import BlockStreamer
+
+    model = tiny_dit(0)
+    inp = _inputs(2)
+    with torch.no_grad():
+        ref = model(**inp)
+        streamer = BlockStreamer(model, "cpu", prefetch=True)
+        seen = []
+        for i, block in enumerate(model.blocks):  # runs after the streamer's own pre-hook
+            block.register_forward_pre_hook(lambda m, a, i=i: seen.append((i, streamer.staged_blocks)))
+        out = model(**inp)
+        again = model(**inp)
+    n = len(model.blocks)
+    assert seen[:n] == [(i, [(i + 1) % n]) for i in range(n)]
+    assert streamer.staged_blocks == [0]
+    assert torch.equal(ref, out) and torch.equal(ref, again)
+    streamer.remove()
+    assert streamer.staged_blocks == []
+
+
 def test_teacache_in_the_dit_reuses_the_branch_residual():
     from multitalk.utils.sampler import TeaCache
 
