@@ -271,68 +271,57 @@ class ServeStages:
     def text_encode(self, prompt, negative_prompt):
         return self._track(self.text.encode.remote(prompt, negative_prompt, **self._kw))
 
-    def diffusion_sample(self, job, audio, image, text, on_step=None):
-        def start():
-            return self._track(self.diffusion.options(stream=True).sample.remote(job, audio, image, text, **self._kw))
-
-        stream = start()
-
-        async def consume():
-            nonlocal stream
-            attempt = 0
-            while True:
-                latents = None
-                try:
-                    async for event in stream:
-                        if event["event"] == "step":
-                            if on_step is not None:
-                                on_step(event["step"], event["total"])
-                        elif event["event"] == "result":
-                            latents = event["latents"]
-                except asyncio.CancelledError:
-                    stream.cancel()
+    async def _with_retries(self, what: str, call: Callable[[], Any]) -> Any:
+        """``await call()``, re-sent while it fails with a retryable error (:func:`stage_retry_delay`)."""
+        attempt = 0
+        while True:
+            try:
+                return await call()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - only retryable failures are retried
+                delay = stage_retry_delay(e, attempt)
+                if delay is None:
                     raise
-                except Exception as e:  # noqa: BLE001 - only retryable failures are retried
-                    delay = stage_retry_delay(e, attempt)
-                    if delay is None:
-                        raise
-                    attempt += 1
-                    logger.warning("diffusion call failed (%s: %s); retry %d/%d in %.0f s", type(e).__name__,
-                                   str(e)[:200], attempt, STAGE_RETRIES, delay)
-                    await asyncio.sleep(delay)
-                    stream = start()
-                    continue
-                break
+                attempt += 1
+                logger.warning("%s call failed (%s: %s); retry %d/%d in %.0f s", what, type(e).__name__,
+                               str(e)[:200], attempt, STAGE_RETRIES, delay)
+                await asyncio.sleep(delay)
+
+    def _spawn(self, coro) -> asyncio.Task:
+        task = asyncio.ensure_future(coro)
+        self._tasks.append(task)
+        return task
+
+    def diffusion_sample(self, job, audio, image, text, on_step=None):
+        async def sample_once():
+            stream = self._track(self.diffusion.options(stream=True).sample.remote(job, audio, image, text,
+                                                                                 **self._kw))
+            latents = None
+            try:
+                async for event in stream:
+                    if event["event"] == "step":
+                        if on_step is not None:
+                            on_step(event["step"], event["total"])
+                    elif event["event"] == "result":
+                        latents = event["latents"]
+            except asyncio.CancelledError:
+                stream.cancel()
+                raise
             if latents is None:
                 raise RuntimeError("diffusion stream ended without latents")
             return latents
 
-        task = asyncio.ensure_future(consume())
-        self._tasks.append(task)
-        return task
+        return self._spawn(self._with_retries("diffusion", sample_once))
 
     def vae_decode(self, latents):
-        async def decode_with_retries():
+        async def decode():
             # A streamed DiT result is an asyncio task holding the latents: wait for it here.
             resolved = await latents if isinstance(latents, asyncio.Future) else latents
-            attempt = 0
-            while True:
-                try:
-                    return await self._track(self.decode.decode.remote(resolved, **self._kw))
-                except asyncio.CancelledError:
-                    raise
-                except Exception as e:  # noqa: BLE001 - only retryable failures are retried
-                    delay = stage_retry_delay(e, attempt)
-                    if delay is None:
-                        raise
-                    attempt += 1
-                    logger.warning("decode call failed (%s: %s); retry %d/%d in %.0f s", type(e).__name__,
-                                   str(e)[:200], attempt, STAGE_RETRIES, delay)
-                    await asyncio.sleep(delay)
+            return await self._with_retries(
+                "decode", lambda: self._track(self.decode.decode.remote(resolved, **self._kw)))
 
-        task = asyncio.ensure_future(decode_with_retries())
-        self._tasks.append(task)
-        return task
+        return self._spawn(decode())
 
     def cancel(self) -> None:
         """Best-effort cancel of every call this job started (finished ones are unaffected)."""

@@ -19,7 +19,7 @@ import re
 import tempfile
 import urllib.parse
 from pathlib import Path
-from typing import Iterator, Mapping, Optional, Protocol, runtime_checkable
+from typing import Callable, Iterator, Mapping, Optional, Protocol, runtime_checkable
 
 from multitalk.api import InputError
 
@@ -134,41 +134,35 @@ class LocalStore:
 
         return chunks()
 
-    def put(self, key: str, data: bytes, content_type: Optional[str] = None) -> None:
+    def _write(self, key: str, data: bytes, place: Callable[[str, Path], None]) -> None:
+        """Write ``data`` to a temporary file beside ``key``'s, then ``place(tmp, path)`` it:
+        readers (another ingress replica polling a job record) never see a half-written file."""
         p = self.path(key)
         p.parent.mkdir(parents=True, exist_ok=True)
-        # Write-then-rename: a concurrent reader (another ingress replica polling a job
-        # record) never sees a half-written file.
         fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=".tmp-")
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
-            os.replace(tmp, p)
-        except BaseException:
+            place(tmp, p)
+        finally:
             try:
                 os.unlink(tmp)
-            except FileNotFoundError:
+            except FileNotFoundError:  # renamed into place
                 pass
-            raise
+
+    def put(self, key: str, data: bytes, content_type: Optional[str] = None) -> None:
+        self._write(key, data, os.replace)
 
     def exists(self, key: str) -> bool:
         return self.path(key).is_file()
 
     def create(self, key: str, data: bytes, content_type: Optional[str] = None) -> bool:
-        p = self.path(key)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        # Write a temporary file, then hard-link it into place: link() fails if the name
-        # exists, so creation is atomic and readers never see a partial file.
-        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=".tmp-")
+        # link() fails if the name exists: creation is atomic, the first writer wins.
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.link(tmp, p)
+            self._write(key, data, os.link)
             return True
         except FileExistsError:
             return False
-        finally:
-            os.unlink(tmp)
 
     def presigned_url(self, key: str, expires: int = 3600) -> str:
         return self.path(key).as_uri()
