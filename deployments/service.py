@@ -45,8 +45,8 @@ GenerateFn = Callable[..., Awaitable[GenerationResult]]
 class Overloaded(Exception):
     """Too many unfinished jobs in this ingress replica (HTTP 429)."""
 
-    def __init__(self, retry_after: int):
-        super().__init__(f"too many jobs queued; retry after {retry_after}s")
+    def __init__(self, retry_after: int, what: str = "too many jobs queued"):
+        super().__init__(f"{what}; retry after {retry_after}s")
         self.retry_after = retry_after
 
 
@@ -65,6 +65,9 @@ class ServiceSettings:
 
     max_concurrent_jobs: int = 2  # jobs running at once; >1 overlaps one job's encoders with another's DiT
     max_queued_jobs: int = 16  # unfinished jobs per replica before 429
+    # Unfinished jobs one API-key tenant may hold in a replica before its submissions get 429
+    # (None: no per-tenant limit), so one busy tenant cannot fill the whole queue.
+    max_queued_jobs_per_tenant: Optional[int] = None
     retry_after_s: int = 30
     lease_s: float = 60.0  # a job whose owner's heartbeat is older is re-queued by another replica
     persist_interval_s: float = 2.0  # progress is written at most this often
@@ -241,8 +244,10 @@ class JobService:
 
     # --- submit ----------------------------------------------------------------------
 
-    def _unfinished(self) -> int:
-        return sum(1 for t in self.tasks.values() if not t.done())
+    def _unfinished(self, tenant: Optional[str] = None) -> int:
+        """Jobs this replica runs or queues (``tenant``: only that tenant's)."""
+        return sum(1 for job_id, t in self.tasks.items() if not t.done()
+                   and (tenant is None or getattr(self.records.get(job_id), "tenant", None) == tenant))
 
     async def save_upload(self, field_name: str, filename: Optional[str], data: bytes,
                           tenant: Optional[str] = None) -> str:
@@ -347,6 +352,10 @@ class JobService:
         await self.start()
         if self._unfinished() >= self.settings.max_queued_jobs:
             raise Overloaded(self.settings.retry_after_s)
+        quota = self.settings.max_queued_jobs_per_tenant
+        if tenant is not None and quota is not None and self._unfinished(tenant) >= quota:
+            raise Overloaded(self.settings.retry_after_s,
+                             f"tenant {tenant!r} has {quota} unfinished jobs, its limit")
         request = await self._validate_inputs(request, source, tenant)
         if self._precheck:
             await asyncio.to_thread(self._precheck_media, request, source)

@@ -768,3 +768,22 @@ def test_served_decode_call_is_resent_when_its_replica_died():
     (frames, calls), (error, bad_calls) = asyncio.run(scenario())
     assert frames == "frames" and calls == ["latents", "latents"]  # re-sent once, same latents
     assert isinstance(error, ValueError) and bad_calls == ["latents"]  # not retryable: not re-sent
+
+
+def test_per_tenant_queue_limit(tmp_path):
+    """One busy tenant cannot fill the replica's queue: beyond its own limit it gets 429
+    with Retry-After, naming the tenant, while another tenant still gets in."""
+    stages = FakeStages()
+    stages.step_delay = 0.3  # jobs stay unfinished while we submit
+    client, service, _ = make(tmp_path, stages=stages, keyring=KeyRing(KEYS), max_queued_jobs_per_tenant=2,
+                              max_queued_jobs=10, retry_after_s=7)
+    G = {"Authorization": "Bearer key-globex"}
+    with client:
+        for _ in range(2):
+            assert client.post("/v1/jobs", json=body(sampling={"steps": 20}), headers=A).status_code == 202
+        r = client.post("/v1/jobs", json=body(), headers=A)
+        assert r.status_code == 429 and r.headers["retry-after"] == "7"
+        assert "acme" in r.json()["error"]["message"] and "limit" in r.json()["error"]["message"]
+        assert client.post("/v1/jobs", json=body(), headers=G).status_code == 202  # others are not blocked
+        for job_id in list(service.tasks):
+            client.delete(f"/v1/jobs/{job_id}", headers=A if service.records[job_id].tenant == "acme" else G)
