@@ -236,6 +236,9 @@ class DiffusionStage:
         # sets a callable with ``model.forward``'s signature, e.g.
         # ``functools.partial(multitalk.distributed.sp_forward, model)`` (batched guidance is off then).
         self.forward_fn: Optional[Callable[..., torch.Tensor]] = None
+        # A rank of a guidance-parallel group (``multitalk.distributed.GuidanceParallel``):
+        # it computes its share of each step's guidance passes and receives the others.
+        self.guidance_parallel = None
 
     @classmethod
     def from_pretrained(cls, models: "str | CheckpointSet", device: str = "cpu", dtype="float32",
@@ -311,15 +314,27 @@ class DiffusionStage:
             ctx, aud = branch_inputs[branch]
             return forward(latent.to(dev), t.to(dev), ctx, clip, y, aud, masks, teacache=teacache, branch=branch)
 
-        def denoise_many(latent: torch.Tensor, t: torch.Tensor, branches: tuple) -> dict:
+        def batched(latent: torch.Tensor, t: torch.Tensor, branches: tuple) -> dict:
             outs = self.model.forward_branches(
                 latent.to(dev), t.to(dev), [branch_inputs[b][0] for b in branches], clip, y,
                 [branch_inputs[b][1] for b in branches], masks,
             )
             return dict(zip(branches, outs))
 
-        denoise.many = denoise_many  # type: ignore[attr-defined]
+        def over_ranks(latent: torch.Tensor, t: torch.Tensor, branches: tuple) -> dict:
+            like = torch.empty(latent.shape, dtype=torch.float32, device=dev)
+            return self.guidance_parallel.run(branches, lambda b: denoise(latent, t, b), like)
+
+        denoise.many = batched if self.guidance_parallel is None else over_ranks  # type: ignore[attr-defined]
         return denoise
+
+    def _many_passes(self, teacache: Optional[TeaCache]) -> bool:
+        """Whether a step's guidance passes go through ``denoise.many``: always with guidance
+        parallelism; batched guidance only on one process without TeaCache (which decides
+        per pass)."""
+        if self.guidance_parallel is not None:
+            return True
+        return self.batch_guidance and teacache is None and self.forward_fn is None
 
     @torch.no_grad()
     def sample(self, job: ChunkJob, audio: torch.Tensor, image: ImageConditioning, text: TextEmbeddings,
@@ -340,9 +355,7 @@ class DiffusionStage:
             latent = sample(denoise, noise.to(self.device), timesteps, guidance,
                             motion_latents=None if image.motion_latents is None else image.motion_latents.to(self.device),
                             generator=generator, on_step=on_step, teacache=teacache,
-                            # TeaCache decides per branch, so it keeps the passes separate.
-                            denoise_many=denoise.many if self.batch_guidance and teacache is None
-                            and self.forward_fn is None else None)
+                            denoise_many=denoise.many if self._many_passes(teacache) else None)
         if teacache is not None:
             logger.info("TeaCache: %d block passes computed, %d skipped", teacache.computed, teacache.skipped)
         return latent.float().cpu()
