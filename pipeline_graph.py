@@ -51,8 +51,8 @@ def build_app(args: Optional[dict[str, Any]] = None) -> Application:
         "dtype": args.get("dtype") or "float32",
         "cache_dir": args.get("cache_dir"),
         "stage_classes": args.get("stage_classes") or {},
-        # Diffusion sequence parallelism: {sp_degree, ulysses_degree, ring_degree, backend, ...}
-        # (deployments/diffusion_parallel.py); sp_degree > 1 gives Diffusion a placement group.
+        # Diffusion over several GPUs: {cfg_degree, sp_degree, ulysses_degree, ring_degree, backend, ...}
+        # (deployments/diffusion_parallel.py); more than one rank gives Diffusion a placement group.
         "parallel": args.get("parallel") or {},
     }
     ingress_settings = {

@@ -1,13 +1,15 @@
-"""Sequence-parallel Diffusion over Ray: one rank actor per placement-group bundle.
+"""Multi-GPU Diffusion over Ray: one rank actor per placement-group bundle.
 
-The ``Diffusion`` replica (``deployments/stages.py``) holds no GPU itself when
-``parallel.sp_degree > 1``: its deployment asks for ``sp_degree`` bundles packed on one
-node (``STRICT_PACK``), the replica actor sits in bundle 0, and it starts one
-:class:`RankActor` per bundle. The ranks form a ``torch.distributed`` group (nccl on
-CUDA, gloo on CPU; rendezvous on a port rank 0 picks free on its node), each loads the
-DiT once and wraps it with :class:`multitalk.distributed.SequenceParallel`. Every
-sampling call runs on all ranks in lockstep (same ``DiffusionStage.sample`` with
-``sp_forward`` as the DiT call); rank 0 streams the step events and returns the latents.
+The ``Diffusion`` replica (``deployments/stages.py``) holds no GPU itself when it has more
+than one rank (``parallel.cfg_degree × parallel.sp_degree``): its deployment asks for one
+bundle per rank packed on one node (``STRICT_PACK``), the replica actor sits in bundle 0,
+and it starts one :class:`RankActor` per bundle. The ranks form a ``torch.distributed``
+group (nccl on CUDA, gloo on CPU; rendezvous on a port rank 0 picks free on its node), each
+loads the DiT once; ``cfg_degree`` groups of ranks split each step's guidance passes
+(:class:`multitalk.distributed.GuidanceParallel`) and the ``sp_degree`` ranks of a group
+split each forward's tokens (:class:`multitalk.distributed.SequenceParallel`). Every
+sampling call runs on all ranks in lockstep (same ``DiffusionStage.sample``); rank 0
+streams the step events and returns the latents.
 
 Faults: a rank that dies breaks the group for good. The call in flight fails with
 :class:`DiffusionRanksFailed` (retryable: the ingress re-issues the chunk), the surviving
@@ -18,6 +20,8 @@ Settings (app arg ``parallel``, passed to every stage; only Diffusion reads it):
 
     parallel: {sp_degree: 4, ulysses_degree: 4, ring_degree: 1, backend: auto,
                cpus_per_rank: 1, gpus_per_rank: 1, replica_cpus: 0.5, health_check_period_s: 2}
+    parallel: {cfg_degree: 3}                 # 3 GPUs: one guidance pass each
+    parallel: {cfg_degree: 2, sp_degree: 2}   # 4 GPUs
 """
 from __future__ import annotations
 
@@ -75,6 +79,7 @@ def is_retryable(exc: BaseException) -> bool:
 @dataclass(frozen=True)
 class ParallelSettings:
     sp_degree: int = 1
+    cfg_degree: int = 1  # rank groups that split each step's guidance passes (1, 2 or 3)
     ulysses_degree: Optional[int] = None  # default: sp_degree // ring_degree
     ring_degree: int = 1
     backend: str = "auto"
@@ -92,9 +97,15 @@ class ParallelSettings:
             raise ValueError(f"unknown parallel settings {sorted(unknown)}; expected some of "
                              f"{sorted(cls.__dataclass_fields__)}")
         out = cls(**raw)
-        if out.sp_degree < 1 or out.ring_degree < 1:
-            raise ValueError(f"sp_degree ({out.sp_degree}) and ring_degree ({out.ring_degree}) must be >= 1")
+        if out.sp_degree < 1 or out.ring_degree < 1 or out.cfg_degree < 1:
+            raise ValueError(f"sp_degree ({out.sp_degree}), ring_degree ({out.ring_degree}) and cfg_degree "
+                             f"({out.cfg_degree}) must be >= 1")
         return out
+
+    @property
+    def ranks(self) -> int:
+        """Rank actors (and GPUs) of one Diffusion replica."""
+        return self.cfg_degree * self.sp_degree
 
     @property
     def ulysses(self) -> int:
@@ -119,13 +130,13 @@ def _wants_gpu(settings: dict) -> bool:
 
 
 def deployment_options(settings: dict) -> dict:
-    """Serve deployment options for the Diffusion deployment (empty for ``sp_degree == 1``).
+    """Serve deployment options for the Diffusion deployment (empty for a single rank).
 
-    ``placement_group_bundles``: ``sp_degree`` bundles of ``{CPU: cpus_per_rank, GPU: g}``;
+    ``placement_group_bundles``: one bundle of ``{CPU: cpus_per_rank, GPU: g}`` per rank;
     bundle 0 also holds the replica actor, so it gets ``replica_cpus`` more CPU.
     """
     par = ParallelSettings.from_settings(settings)
-    if par.sp_degree <= 1:
+    if par.ranks <= 1:
         return {}
     g = par.gpus("cuda" if _wants_gpu(settings) else "cpu")
     bundle = {"CPU": float(par.cpus_per_rank)}
@@ -134,7 +145,7 @@ def deployment_options(settings: dict) -> dict:
     first = {**bundle, "CPU": float(par.cpus_per_rank) + float(par.replica_cpus)}
     return {
         "ray_actor_options": {"num_cpus": float(par.replica_cpus), "num_gpus": 0},
-        "placement_group_bundles": [first] + [dict(bundle) for _ in range(par.sp_degree - 1)],
+        "placement_group_bundles": [first] + [dict(bundle) for _ in range(par.ranks - 1)],
         "placement_group_strategy": "STRICT_PACK",
         "health_check_period_s": par.health_check_period_s,
     }
@@ -157,8 +168,14 @@ def validate_parallel(par: ParallelSettings, num_heads: int) -> None:
     """Deploy-time guards; raises ``ValueError`` with a message meant for the operator."""
     from multitalk.distributed import validate_sp_degrees
 
-    prefix = (f"Diffusion sequence parallelism (sp_degree={par.sp_degree}, ulysses_degree={par.ulysses}, "
-              f"ring_degree={par.ring_degree}): ")
+    prefix = (f"Diffusion parallelism (cfg_degree={par.cfg_degree}, sp_degree={par.sp_degree}, "
+              f"ulysses_degree={par.ulysses}, ring_degree={par.ring_degree}): ")
+    if par.cfg_degree > 3:
+        raise ValueError(prefix + f"a step has at most 3 guidance passes, cfg_degree {par.cfg_degree} would leave "
+                                  f"ranks idle; use 1, 2 or 3")
+    if par.cfg_degree > 1 and par.ring_degree > 1:
+        raise ValueError(prefix + "ring attention runs on the world group only and cannot be combined with "
+                                  "cfg_degree > 1; use Ulysses (ring_degree 1) inside each guidance group")
     try:
         validate_sp_degrees(num_heads, par.ulysses, par.ring_degree, par.sp_degree)
     except ValueError as e:
@@ -209,7 +226,7 @@ class RankActor:
         import torch
         import torch.distributed as dist
 
-        from multitalk.distributed import SequenceParallel, sp_forward
+        from multitalk.distributed import GuidanceParallel, SequenceParallel, sp_forward
 
         from .service import import_attr
         from .replica import DEFAULT_STAGE_CLASSES, resolve_device, resolve_dtype
@@ -229,18 +246,25 @@ class RankActor:
         root = resolve_models_root(settings)
         cls_path = {**DEFAULT_STAGE_CLASSES, **(settings.get("stage_classes") or {})}["diffusion"]
         options = {k: v for k, v in ((settings.get("stage_options") or {}).get("diffusion", {})).items()
-                   if k != "batch_guidance"}  # batched guidance is not combined with SP
+                   if k != "batch_guidance"}  # batched guidance is not combined with multi-rank sampling
         if options.get("compile"):  # the all-to-all inside each block's attention is a graph break
             options["compile"] = {**(options["compile"] if isinstance(options["compile"], dict) else {}),
                                   "fullgraph": False}
         stage = import_attr(cls_path).from_pretrained(
             root, device=device, dtype=resolve_dtype(settings.get("dtype", "float32")), **options)
-        sp = SequenceParallel(None, ulysses_degree=par.ulysses, ring_degree=par.ring_degree, backend=par.backend)
-        sp.parallelize(stage.model)
-        stage.forward_fn = functools.partial(sp_forward, stage.model)
+        sp_group, sp_backend = None, None
+        if par.cfg_degree > 1:
+            gp = GuidanceParallel(par.cfg_degree, par.sp_degree)
+            stage.guidance_parallel, sp_group = gp, gp.sp_group
+        if par.sp_degree > 1:
+            sp = SequenceParallel(sp_group, ulysses_degree=par.ulysses, ring_degree=par.ring_degree,
+                                  backend=par.backend)
+            sp.parallelize(stage.model)
+            stage.forward_fn = functools.partial(sp_forward, stage.model)
+            sp_backend = sp.backend
         self.stage, self._device = stage, device
         self._torch, self._dist = torch, dist
-        return {"rank": self.rank, "backend": backend, "sp_backend": sp.backend,
+        return {"rank": self.rank, "backend": backend, "sp_backend": sp_backend, "cfg_degree": par.cfg_degree,
                 "lip_sync": bool(getattr(stage, "lip_sync", True))}
 
     def ping(self) -> int:
@@ -317,26 +341,26 @@ class RankGroup:
         par = self.par
         pg = placement_group or ray.util.get_current_placement_group()
         if pg is None:
-            raise RuntimeError("sp_degree > 1 needs the Diffusion replica to run in a placement group "
+            raise RuntimeError("a multi-rank Diffusion replica needs to run in a placement group "
                                "(deployment option placement_group_bundles)")
-        if len(pg.bundle_specs) < par.sp_degree:
-            raise ValueError(f"the placement group has {len(pg.bundle_specs)} bundles, sp_degree {par.sp_degree} "
-                             f"needs one per rank")
+        if len(pg.bundle_specs) < par.ranks:
+            raise ValueError(f"the placement group has {len(pg.bundle_specs)} bundles, {par.ranks} ranks "
+                             f"(cfg_degree x sp_degree) need one each")
         actor_cls = ray.remote(RankActor)
-        for i in range(par.sp_degree):
+        for i in range(par.ranks):
             gpus = float(pg.bundle_specs[i].get("GPU", 0))  # the rank takes its bundle's GPU (if any)
             self.ranks.append(actor_cls.options(
                 num_cpus=par.cpus_per_rank, num_gpus=gpus, max_concurrency=4, max_restarts=0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     placement_group=pg, placement_group_bundle_index=i, placement_group_capture_child_tasks=False),
-            ).remote(i, par.sp_degree))
+            ).remote(i, par.ranks))
         where = await asyncio.gather(*[r.where.remote() for r in self.ranks])
         head = where[0]
         same_node = all(w["node_id"] == head["node_id"] for w in where)
         # STRICT_PACK keeps the ranks on one node: rendezvous over loopback there.
         master = "127.0.0.1" if same_node else head["ip"]
         self.master = (head["ip"], head["port"])
-        logger.info("Diffusion SP: %d ranks, rendezvous %s:%d (rank 0 on %s)", par.sp_degree, master,
+        logger.info("Diffusion: %d ranks, rendezvous %s:%d (rank 0 on %s)", par.ranks, master,
                     head["port"], head["ip"])
         self.info = await asyncio.gather(*[
             r.setup.remote(master, head["port"], self.settings, par.__dict__) for r in self.ranks])

@@ -114,13 +114,13 @@ class Diffusion(_StageReplica):
     stage_name = "diffusion"
 
     async def __init__(self, settings: dict):
-        # sp_degree > 1 (app arg ``parallel``): this actor holds no model; it starts one rank
-        # actor per placement-group bundle (deployments/diffusion_parallel.py).
+        # Several ranks (app arg ``parallel``: cfg_degree x sp_degree > 1): this actor holds no
+        # model; it starts one rank actor per placement-group bundle (deployments/diffusion_parallel.py).
         from .diffusion_parallel import ParallelSettings
 
         self._par = ParallelSettings.from_settings(settings)
         self._group = None
-        if self._par.sp_degree <= 1:
+        if self._par.ranks <= 1:
             _StageReplica.__init__(self, settings)
             return
         from .diffusion_parallel import RankGroup, dit_num_heads, validate_parallel
@@ -134,8 +134,9 @@ class Diffusion(_StageReplica):
         self._lock = asyncio.Lock()
         self._group = RankGroup(settings, self._par)
         await self._group.start()
-        logger.info("Diffusion: %d sequence-parallel ranks ready (ulysses %d x ring %d)",
-                    self._par.sp_degree, self._par.ulysses, self._par.ring_degree)
+        logger.info("Diffusion: %d ranks ready (guidance %d x sequence %d: ulysses %d x ring %d)",
+                    self._par.ranks, self._par.cfg_degree, self._par.sp_degree, self._par.ulysses,
+                    self._par.ring_degree)
 
     async def check_health(self) -> None:
         """With ranks: ping every rank; a dead one makes this replica unhealthy (Serve replaces it)."""

@@ -2,8 +2,9 @@
 
 One Ray start for the module (4 logical CPUs: the placement-group bundles need them).
 
-* ``test_rank_group_matches_serial``: two rank actors in a placement group sample the same
-  latents as the serial ``DiffusionStage`` on the tiny weights (one and two speakers).
+* ``test_rank_group_matches_serial``: two rank actors in a placement group (sequence
+  parallel, or one guidance group each) sample the same latents as the serial
+  ``DiffusionStage`` on the tiny weights (one and two speakers).
 * ``test_guards``: bad degrees fail with a clear message (no Ray needed).
 * ``test_served_sp2_job_and_rank_failure``: the served application with ``sp_degree=2``
   completes a job (valid mp4); then one rank actor is killed mid-job: the replica turns
@@ -57,7 +58,8 @@ def _chunk_inputs(people: int, seed: int = 0):
     return job, audio, image, text
 
 
-def test_rank_group_matches_serial(ray_env, tiny_official):
+@pytest.mark.parametrize("degrees", [{"sp_degree": 2}, {"cfg_degree": 2}], ids=["sp2", "cfg2"])
+def test_rank_group_matches_serial(ray_env, tiny_official, degrees):
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
@@ -68,7 +70,7 @@ def test_rank_group_matches_serial(ray_env, tiny_official):
     pg = placement_group([{"CPU": 0.5}, {"CPU": 0.5}], strategy="STRICT_PACK")
     ray.get(pg.ready(), timeout=120)
     settings = {"models_root": str(tiny_official), "device": "cpu", "dtype": "float32"}
-    group = RankGroup(settings, ParallelSettings(sp_degree=2, cpus_per_rank=0.5))
+    group = RankGroup(settings, ParallelSettings(**degrees, cpus_per_rank=0.5))
 
     async def run_all():
         await group.start(pg)
@@ -88,7 +90,7 @@ def test_rank_group_matches_serial(ray_env, tiny_official):
         for people in (1, 2):
             reference = serial.sample(*_chunk_inputs(people))
             diff = (parallel[people] - reference).abs().max().item()
-            print(f"sp=2 (rank actors) vs sp=1, {people} speaker(s): max abs diff {diff:.3e}")
+            print(f"{degrees} (rank actors) vs one process, {people} speaker(s): max abs diff {diff:.3e}")
             assert reference.abs().max().item() > 0.1
             assert diff <= TOLERANCE
         # a dead rank: check() fails and the group refuses further work with a retryable error
@@ -115,6 +117,15 @@ def test_guards():
         validate_parallel(ParallelSettings(sp_degree=4, ulysses_degree=2), 40)
     with pytest.raises(ValueError, match="ring attention needs the sequence split evenly"):
         validate_parallel(ParallelSettings(sp_degree=4, ulysses_degree=2, ring_degree=2), 40)
+    validate_parallel(ParallelSettings(cfg_degree=3), 40)
+    validate_parallel(ParallelSettings(cfg_degree=2, sp_degree=4), 40)
+    with pytest.raises(ValueError, match="at most 3 guidance passes"):
+        validate_parallel(ParallelSettings(cfg_degree=4), 40)
+    with pytest.raises(ValueError, match="cannot be combined with cfg_degree > 1"):
+        validate_parallel(ParallelSettings(cfg_degree=2, sp_degree=2, ulysses_degree=1, ring_degree=2,
+                                           latent_frames=20), 40)
+    assert len(deployment_options({"device": "cuda", "parallel": {"cfg_degree": 2, "sp_degree": 2}})
+               ["placement_group_bundles"]) == 4
     with pytest.raises(ValueError, match="unknown parallel settings"):
         ParallelSettings.from_settings({"parallel": {"sp": 2}})
     assert deployment_options({"parallel": {"sp_degree": 1}}) == {}
