@@ -369,6 +369,13 @@ class MultiTalkIngress:
         replica_logging()  # the [job <id>] lines into this replica's Serve log
         settings = dict(settings or {})
         store = store_from_settings(settings.pop("store", None))
+        if "replica_id" not in settings:
+            # Serve's own replica id: job records name their owner as Serve's logs and
+            # actor names do (SERVE_REPLICA::<app>#MultiTalkIngress#<id>).
+            try:
+                settings["replica_id"] = serve.get_replica_context().replica_id.unique_id
+            except Exception:  # noqa: BLE001 - outside a replica (tests): a random id
+                pass
         self.service = JobService(
             store=store,
             stages=ServeStages(audio, image, text, diffusion, decode),
