@@ -28,7 +28,8 @@ from bench.synthetic import noise_png, speech_wav  # noqa: E402
 
 
 def _randomize(module: torch.nn.Module, device: str, dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
-    module = module.to_empty(device=device)
+    # Cast on meta, then allocate: fp32 copies of the DiT (76 GB) and UMT5 (23 GB) would not fit.
+    module = module.to(dtype).to_empty(device=device)
     gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, p in module.named_parameters():
@@ -39,13 +40,40 @@ def _randomize(module: torch.nn.Module, device: str, dtype: torch.dtype, seed: i
             else:
                 p.normal_(0, 0.02, generator=gen)
         for name, b in module.named_buffers():
-            if b.is_floating_point():
+            # to_empty leaves buffers uninitialised. The only ones in these models are CLIP's
+            # position ids (an arange the embedding lookup indexes with); garbage there would
+            # be an out-of-range index on the GPU.
+            if name.endswith("position_ids"):
+                b.copy_(torch.arange(b.shape[-1], device=b.device).expand_as(b))
+            elif b.is_floating_point():
                 b.zero_()
+            else:
+                raise ValueError(f"no initial value known for buffer {name} ({b.dtype})")
     return module.to(dtype).eval().requires_grad_(False)
 
 
-def real_stages(device: str, dtype: torch.dtype, batch_guidance: bool):
-    """All stages at the real model sizes, random weights."""
+def _configs(scale: str) -> dict:
+    """Model configs: ``real`` (wav2vec2-base, CLIP ViT-H/14, UMT5-XXL, Wan VAE, 14B DiT) or
+    ``mini`` (the tiny test widths, built the same way: the real path checked on a CPU)."""
+    from multitalk.checkpoints.tiny import tiny_dit_config
+    from multitalk.modules import audio_encoder, image_encoder, text_encoder, vae
+
+    if scale == "mini":
+        return dict(w2v=dict(audio_encoder.TINY_CONFIG), clip=dict(image_encoder.TINY_CONFIG, hidden_act="gelu"),
+                    t5=dict(text_encoder.TINY_CONFIG, feed_forward_proj="gated-gelu"),
+                    vae=dict(vae.TINY_CONFIG), dit=tiny_dit_config())
+    return dict(
+        w2v={},  # base: 12 layers x 768
+        clip=dict(hidden_size=1280, num_hidden_layers=32, num_attention_heads=16, intermediate_size=5120,
+                  image_size=224, patch_size=14, hidden_act="gelu", layer_norm_eps=1e-5),
+        t5=dict(d_model=4096, num_layers=24, num_heads=64, d_kv=64, d_ff=10240, vocab_size=256384,
+                feed_forward_proj="gated-gelu", relative_attention_num_buckets=32),
+        vae=dict(vae.REAL_CONFIG), dit={},
+    )
+
+
+def random_stages(device: str, dtype: torch.dtype, batch_guidance: bool, scale: str = "real"):
+    """All stages built on ``meta`` and filled with random numbers on ``device``."""
     from diffusers import AutoencoderKLWan
     from transformers import (
         CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel, Wav2Vec2Config,
@@ -60,16 +88,13 @@ def real_stages(device: str, dtype: torch.dtype, batch_guidance: bool):
     from multitalk.modules.transformer_multitalk import MultiTalkTransformer3DModel
     from multitalk.stages import AudioStage, DecodeStage, DiffusionStage, ImageStage, TextStage
 
+    cfg = _configs(scale)
     with torch.device("meta"):
-        w2v = Wav2Vec2Model(Wav2Vec2Config())  # base: 12 layers x 768
-        clip = CLIPVisionModel(CLIPVisionConfig(hidden_size=1280, num_hidden_layers=32, num_attention_heads=16,
-                                                intermediate_size=5120, image_size=224, patch_size=14,
-                                                hidden_act="gelu", layer_norm_eps=1e-5))
-        t5 = UMT5EncoderModel(UMT5Config(d_model=4096, num_layers=24, num_heads=64, d_kv=64, d_ff=10240,
-                                         vocab_size=256384, feed_forward_proj="gated-gelu",
-                                         relative_attention_num_buckets=32))
-        autoencoder = AutoencoderKLWan(**{k: v for k, v in vae.REAL_CONFIG.items() if k != "dropout"})
-        dit = MultiTalkTransformer3DModel()
+        w2v = Wav2Vec2Model(Wav2Vec2Config(**cfg["w2v"]))
+        clip = CLIPVisionModel(CLIPVisionConfig(**cfg["clip"]))
+        t5 = UMT5EncoderModel(UMT5Config(**cfg["t5"]))
+        autoencoder = AutoencoderKLWan(**{k: v for k, v in cfg["vae"].items() if k != "dropout"})
+        dit = MultiTalkTransformer3DModel(**cfg["dit"])
     tok_dir = tempfile.mkdtemp(prefix="bench-tok-")
     text_encoder._save_tiny_tokenizer(tok_dir)  # any T5 tokenizer does: ids stay below the vocab size
     from transformers import AutoTokenizer
@@ -97,7 +122,9 @@ def tiny_stages(device: str, dtype: torch.dtype, batch_guidance: bool):
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--scale", choices=["real", "tiny"], default="tiny")
+    ap.add_argument("--scale", choices=["real", "mini", "tiny"], default="tiny",
+                    help="real: the real model sizes, random weights; mini: the same path at the tiny widths "
+                         "(a CPU check of it); tiny: tiny checkpoints loaded from files")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="bfloat16 (CUDA default) or float32 (CPU default)")
     ap.add_argument("--size", default="multitalk-480")
@@ -114,7 +141,10 @@ def main() -> None:
 
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
     t0 = time.perf_counter()
-    stages = (real_stages if args.scale == "real" else tiny_stages)(args.device, dtype, args.batch_guidance)
+    if args.scale == "tiny":
+        stages = tiny_stages(args.device, dtype, args.batch_guidance)
+    else:
+        stages = random_stages(args.device, dtype, args.batch_guidance, args.scale)
     dit = stages.diffusion.model
     if args.attention_backend:
         dit.set_attention_backend(args.attention_backend)

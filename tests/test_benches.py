@@ -22,6 +22,20 @@ def test_dit_bench_runs_at_tiny_size_and_lossless_levers_match():
     assert float(rows["batched+compile"][-1]) < 1e-4  # inductor's kernels, same math (nan if it failed)
 
 
+def test_pipeline_bench_real_size_path_runs_at_mini_widths():
+    """``--scale real`` builds every model on meta and fills it on the device; ``mini`` runs
+    that same path at the tiny widths, so the GPU bench's own code is exercised here."""
+    import json
+
+    out = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "pipeline_gpu.py"), "--scale", "mini", "--size", "multitalk-128",
+         "--frames", "9", "--steps", "1", "--device", "cpu", "--dtype", "bfloat16"],
+        check=True, capture_output=True, text=True, timeout=300,
+    ).stdout
+    report = json.loads(out[out.index("{"):])
+    assert report["video"] == "176x96x9" and report["dtype"] == "torch.bfloat16"
+
+
 def test_pipeline_bench_runs_end_to_end_at_tiny_size():
     import json
 
