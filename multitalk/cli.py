@@ -66,7 +66,7 @@ def cmd_generate(args) -> int:
     pipe = MultiTalkPipeline.from_pretrained(
         args.models, device=args.device, dtype=args.dtype, attention_backend=args.attention_backend,
         tiled_vae=args.tiled_vae, batch_guidance=args.batch_guidance, quantize=args.quantize, low_vram=args.low_vram,
-        compile=args.compile,
+        compile=args.compile, loras=[_lora_spec(x) for x in args.lora],
     )
     bar = tqdm(total=1, desc="prepare", unit="step")
 
@@ -115,6 +115,17 @@ def cmd_demo(args) -> int:
     from deployments.launcher import demo_main
 
     return demo_main(out=args.out, fixtures=args.fixtures)
+
+
+def _lora_spec(text: str) -> dict:
+    """``PATH[:SCALE]`` → ``{"path": PATH, "scale": SCALE}`` (scale 1 by default)."""
+    path, sep, scale = text.rpartition(":")
+    if sep and path:
+        try:
+            return {"path": path, "scale": float(scale)}
+        except ValueError:
+            pass
+    return {"path": text, "scale": 1.0}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -166,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stream DiT blocks from CPU memory (24 GB cards); 'prefetch': overlap each copy "
                         "with the previous block's compute")
     s.add_argument("--tiled-vae", action="store_true", help="tiled VAE decode (less memory)")
+    s.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                   help="merge a LoRA into the DiT (repeatable; official --lora_dir/--lora_scale). Distillation "
+                        "LoRAs want --steps 8 --text-scale 1 --audio-scale 2")
     s.add_argument("--compile", action="store_true",
                    help="torch.compile the DiT block (regional; the first step pays the compile time)")
     s.add_argument("--out", required=True)

@@ -21,7 +21,7 @@ import logging
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -244,7 +244,7 @@ class DiffusionStage:
     def from_pretrained(cls, models: "str | CheckpointSet", device: str = "cpu", dtype="float32",
                         attention_backend: Optional[str] = None, batch_guidance: bool = False,
                         low_vram: "bool | str" = False, quantize: Optional[str] = None,
-                        compile: "bool | dict" = False) -> "DiffusionStage":
+                        compile: "bool | dict" = False, loras: Sequence = ()) -> "DiffusionStage":
         """``low_vram``: keep the DiT blocks in CPU memory and stream them to ``device`` one by
         one (official ``--num_persistent_param_in_dit 0``); slower, fits 24 GB cards.
         ``"prefetch"``: copy the next block on a side stream while one computes.
@@ -253,7 +253,10 @@ class DiffusionStage:
         ``compile``: regional ``torch.compile`` of the transformer block (one graph shared by
         all blocks, no recompiles across steps or chunks); ``True`` or ``torch.compile``
         keyword arguments, e.g. ``{"mode": "max-autotune-no-cudagraphs"}``. The first step
-        of the first job pays the compile time."""
+        of the first job pays the compile time.
+        ``loras``: LoRA files merged into the DiT weights (official ``--lora_dir`` /
+        ``--lora_scale``), each a path or ``{"path": ..., "scale": 1.0}``; relative paths are
+        under the models root. Distillation LoRAs want ``steps`` 4-8 and ``text_scale`` 1."""
         compile_kwargs = _compile_kwargs(compile)
         if compile_kwargs is not None and low_vram:
             raise ValueError("compile and low_vram cannot be combined: the block streamer swaps weights "
@@ -267,6 +270,13 @@ class DiffusionStage:
         on_cpu_first = low_vram or quantize is not None
         model = load_dit(ckpt.path("dit"), ckpt.layout("dit"), adapter,
                          device="cpu" if on_cpu_first else device, dtype=_dtype(dtype))
+        for lora in loras:  # merged before quantisation, streaming and compilation
+            from .checkpoints.lora import merge_lora
+
+            spec = {"path": lora} if isinstance(lora, (str, Path)) else dict(lora)
+            lora_path = Path(spec["path"]).expanduser()
+            merge_lora(model, lora_path if lora_path.is_absolute() else Path(ckpt.root) / lora_path,
+                       float(spec.get("scale", 1.0)))
         if quantize is not None:
             from .modules.quantize import quantize_dit_blocks
 

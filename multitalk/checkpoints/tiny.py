@@ -170,3 +170,26 @@ def ensure_tiny_weights(cache_dir: str | os.PathLike | None = None, layout: str 
             shutil.rmtree(tmp, ignore_errors=True)
     logger.info("tiny %s weights written to %s in %.1fs", layout, target, time.perf_counter() - started)
     return str(target)
+
+
+def save_tiny_lora(path: str | os.PathLike, seed: int = 0, rank: int = 4) -> Path:
+    """A random LoRA for :func:`tiny_dit` in the distillation LoRAs' layout: a
+    ``lora_down``/``lora_up`` pair (and an ``alpha``) for every linear weight of the blocks,
+    plus a ``diff_b`` and a ``diff`` key."""
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(seed)
+    lora = {}
+    for name, p in tiny_dit(seed).named_parameters():
+        if name.startswith("blocks.") and p.dim() == 2:
+            base = "diffusion_model." + name[: -len(".weight")]
+            lora[base + ".lora_down.weight"] = 0.1 * torch.randn(rank, p.shape[1], generator=gen)
+            lora[base + ".lora_up.weight"] = 0.1 * torch.randn(p.shape[0], rank, generator=gen)
+            lora[base + ".alpha"] = torch.tensor(float(rank))
+    dim = tiny_dit_config()["dim"]
+    lora["diffusion_model.blocks.0.self_attn.q.diff_b"] = 0.1 * torch.randn(dim, generator=gen)
+    lora["diffusion_model.blocks.1.norm3.diff"] = 0.1 * torch.randn(dim, generator=gen)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(lora, str(path))
+    return path
