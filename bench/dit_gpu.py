@@ -18,7 +18,9 @@ activations, CUDA 8.9+): lossy, watch the quality column. ``low_vram`` streams t
 from pinned CPU memory (``DiffusionStage(low_vram=True)``): its peak memory is the figure
 to compare with a 24 GB card; ``low_vram_prefetch`` overlaps each block's copy with the
 previous block's compute (``low_vram="prefetch"``).
-Levers combine with ``+`` (``batched+sdpa_cudnn+compile``); ``batched`` and ``teacache``
+``two_pass`` is the guidance of a distillation LoRA (text scale 1: two passes per step; its
+quality column compares different guidance, so it is not a quality figure; a LoRA also runs
+8 steps instead of 40). Levers combine with ``+`` (``batched+sdpa_cudnn+compile``); ``batched`` and ``teacache``
 exclude each other (TeaCache decides per guidance pass).
 """
 from __future__ import annotations
@@ -36,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from multitalk.modules.transformer_multitalk import MultiTalkTransformer3DModel  # noqa: E402
 from multitalk.utils.sampler import (  # noqa: E402
-    COND, DROP_TEXT, UNCOND, Guidance, GuidanceConfig, TeaCache, flow_timesteps,
+    COND, DROP_AUDIO, DROP_TEXT, UNCOND, Guidance, GuidanceConfig, TeaCache, flow_timesteps,
 )
 
 SIZES = {  # (height, width) of the video; the official 480/720 buckets for a 16:9 two-person image
@@ -48,7 +50,7 @@ MODELS = {
     "tiny": dict(dim=64, ffn_dim=128, num_heads=4, num_layers=2, text_dim=32, image_dim=32, audio_blocks=2,
                  audio_channels=32, intermediate_dim=32, output_dim=32, context_tokens=8),
 }
-LEVERS = {"batched", "teacache", "compile", "int8", "fp8", "fp8_dynamic", "low_vram", "low_vram_prefetch",
+LEVERS = {"batched", "teacache", "two_pass", "compile", "int8", "fp8", "fp8_dynamic", "low_vram", "low_vram_prefetch",
           "sdpa_math", "sdpa_cudnn", "flash", "sage", "flash3"}
 BACKENDS = {"sdpa_math": "_native_math", "sdpa_cudnn": "_native_cudnn", "flash": "flash", "sage": "sage",
             "flash3": "_flash_3"}
@@ -104,12 +106,13 @@ def inputs(model, size: str, frames: int, device: str, dtype: torch.dtype, peopl
     ), (t_lat * (lh // 2) * (lw // 2), t_lat)
 
 
-def step_fn(model, inp, lever: str, steps: int):
-    """Returns a callable running one guided step at timestep t (or a TeaCache-driven sequence)."""
+def step_fn(model, inp, lever: str, steps: int, two_pass: bool = False):
+    """Returns a callable running one guided step at timestep t (or a TeaCache-driven sequence).
+    ``two_pass``: the distillation-LoRA guidance (text scale 1: cond and no-audio passes)."""
     silent = torch.zeros_like(inp["audio"])[-1:]
     branch_in = {COND: (inp["context"], inp["audio"]), DROP_TEXT: (inp["context_null"], inp["audio"]),
-                 UNCOND: (inp["context_null"], silent)}
-    guidance = Guidance(GuidanceConfig())
+                 UNCOND: (inp["context_null"], silent), DROP_AUDIO: (inp["context"], silent)}
+    guidance = Guidance(GuidanceConfig(text_scale=1.0, audio_scale=2.0) if two_pass else GuidanceConfig())
     cache = TeaCache(0.2, steps, "multitalk-480") if lever == "teacache" else None
 
     def one(t: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
@@ -125,9 +128,10 @@ def step_fn(model, inp, lever: str, steps: int):
     return one, cache
 
 
-def run_lever(model, inp, lever: str, steps: int, device: str) -> tuple[float, torch.Tensor, int]:
+def run_lever(model, inp, lever: str, steps: int, device: str,
+              two_pass: bool = False) -> tuple[float, torch.Tensor, int]:
     timesteps = flow_timesteps(steps, 7.0).to(device)
-    fn, cache = step_fn(model, inp, lever, steps)
+    fn, cache = step_fn(model, inp, lever, steps, two_pass)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     with torch.no_grad():
         fn(timesteps[0:1], inp["x"])  # warm-up (compile, kernels, allocator)
@@ -219,7 +223,7 @@ def main() -> None:
                     model.set_attention_backend(BACKENDS[p])
             if "compile" in parts:  # regional: one graph for all blocks, as DiffusionStage(compile=True)
                 model.compile_repeated_blocks(fullgraph=True)
-            t, out, peak = run_lever(model, inp, mode, args.steps, args.device)
+            t, out, peak = run_lever(model, inp, mode, args.steps, args.device, "two_pass" in parts)
             err = ((out - base_out).norm() / base_out.norm()).item()
             rows.append((lever, t, err, peak))
         except Exception as e:  # a lever unavailable on this machine (kernel not installed ...)
@@ -241,7 +245,8 @@ def main() -> None:
     print(f"{'lever':>28} {'s/step':>10} {'x plain':>8} {'TFLOP/s':>9} {'MFU':>7} {'peak GiB':>9} {'quality (rel err)':>18}")
     table = []
     for name, t, err, peak in rows:
-        tflops = flops_step / t / 1e12 if t == t else float("nan")
+        flops = flops_step * (2 / 3 if "two_pass" in name.split("+") else 1)  # two passes instead of three
+        tflops = flops / t / 1e12 if t == t else float("nan")
         mfu = tflops / args.peak_tflops if args.peak_tflops else None
         mem = f"{peak / 2**30:9.2f}" if args.device.startswith("cuda") else f"{'n/a':>9}"
         print(f"{name:>28} {t:10.4f} {t / base_t:8.2f} {tflops:9.3f} {f'{mfu:.1%}' if mfu else 'n/a':>7} {mem} "

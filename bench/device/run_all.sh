@@ -54,7 +54,7 @@ for group in "$@"; do
     smoke) bench smoke dit_gpu.py --model tiny --size 128 --frames 17 --steps 2 --device "$DEVICE" \
              --levers batched,sdpa_cudnn,compile,batched+compile,low_vram ;;
     dit480) bench dit480 "${DIT[@]}" --size 480 --steps 1 \
-              --levers batched,sdpa_cudnn,flash3,compile,batched+compile,batched+sdpa_cudnn+compile ;;
+              --levers batched,sdpa_cudnn,flash3,compile,batched+compile,batched+sdpa_cudnn+compile,batched+sdpa_cudnn+compile+two_pass ;;
     memory) bench memory "${DIT[@]}" --size 480 --steps 1 --levers low_vram,low_vram_prefetch,batched+low_vram_prefetch ;;
     quant) bench quant "${DIT[@]}" --size 480 --steps 1 --levers int8,fp8_dynamic,batched+fp8_dynamic+compile ;;
     dit720) bench dit720 "${DIT[@]}" --size 720 --steps 1 --levers sdpa_cudnn,batched+sdpa_cudnn+compile ;;
