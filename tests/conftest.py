@@ -50,6 +50,52 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
+def patched_environ(values: dict):
+    """Set environment variables (before ``ray.init``: Ray workers inherit them); restore on exit."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def source_pythonpath() -> str:
+    """The repository and tests folder first on PYTHONPATH, so Ray workers import
+    ``pipeline_graph``/``deployments`` and test helper modules by name."""
+    here = Path(__file__).resolve().parent
+    return os.pathsep.join([str(here.parent), str(here)]
+                           + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+
+
+@contextlib.contextmanager
+def moto_bucket(bucket: str, fixtures_dir: Path):
+    """A moto S3 server over real HTTP with ``bucket`` holding the two-speaker sample
+    inputs (``1.wav``, ``multi1.png``); yields ``(endpoint_url, boto3 client)``. Set fake
+    AWS credentials first (:func:`patched_environ`)."""
+    pytest.importorskip("moto.server")
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port())
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    s3.create_bucket(Bucket=bucket)
+    for name in ("1.wav", "multi1.png"):
+        s3.put_object(Bucket=bucket, Key=name, Body=(fixtures_dir / "multi1" / name).read_bytes())
+    try:
+        yield endpoint, s3
+    finally:
+        server.stop()
+
+
+@contextlib.contextmanager
 def local_serve(tmp_dir: Path, num_cpus: int, namespace: str):
     """A local Ray + Serve for one test module; yields ``(base_url, tmp_dir)``.
 
@@ -59,19 +105,12 @@ def local_serve(tmp_dir: Path, num_cpus: int, namespace: str):
     ray = pytest.importorskip("ray")
     from ray import serve
 
-    here = Path(__file__).resolve().parent
-    paths = [str(here.parent), str(here)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    old = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join(paths)
-    port = free_port()
-    ray.init(num_cpus=num_cpus, include_dashboard=False, namespace=namespace, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    try:
-        yield f"http://127.0.0.1:{port}", tmp_dir
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-        if old is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = old
+    with patched_environ({"PYTHONPATH": source_pythonpath()}):
+        port = free_port()
+        ray.init(num_cpus=num_cpus, include_dashboard=False, namespace=namespace, log_to_driver=False)
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        try:
+            yield f"http://127.0.0.1:{port}", tmp_dir
+        finally:
+            serve.shutdown()
+            ray.shutdown()

@@ -8,25 +8,17 @@ Own Ray start: the app is deployed declaratively (``deploy_apps``, as ``serve de
 from __future__ import annotations
 
 import json
-import os
-import socket
 import time
-from pathlib import Path
 
 import pytest
 import yaml
 
+from conftest import free_port, moto_bucket, patched_environ, source_pythonpath
+
 pytestmark = [pytest.mark.serve, pytest.mark.slow, pytest.mark.fixtures, pytest.mark.timeout(600)]
 
-ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "multitalk-ha"
 LEASE_S = 4.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _ingress_actors(ray) -> dict[str, tuple[str, str]]:
@@ -41,72 +33,54 @@ def _ingress_actors(ray) -> dict[str, tuple[str, str]]:
 @pytest.fixture(scope="module")
 def ha_serve(tmp_path_factory, fixtures_dir):
     ray = pytest.importorskip("ray")
-    pytest.importorskip("moto.server")
-    import boto3
-    from moto.server import ThreadedMotoServer
     from ray.serve._private import api as serve_api
     from ray.serve.schema import ServeDeploySchema
 
     from deployments.launcher import default_config_path
 
     tmp = tmp_path_factory.mktemp("serve-ha")
-    env = {"PYTHONPATH": os.pathsep.join([str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
-                                                        if p]),
-           "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # before ray.init: the workers inherit them
-    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port())
-    moto.start()
-    host, moto_port = moto.get_host_and_port()
-    endpoint = f"http://{host}:{moto_port}"
-    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-    s3.create_bucket(Bucket=BUCKET)
-    s3.put_object(Bucket=BUCKET, Key="1.wav", Body=(fixtures_dir / "multi1" / "1.wav").read_bytes())
-    s3.put_object(Bucket=BUCKET, Key="multi1.png", Body=(fixtures_dir / "multi1" / "multi1.png").read_bytes())
+    env = {"PYTHONPATH": source_pythonpath(), "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    # Environment before ray.init: the workers inherit it.
+    with patched_environ(env), moto_bucket(BUCKET, fixtures_dir) as (endpoint, s3):
 
-    # The embedded CPU config, changed as an operator would: two ingress replicas sharing
-    # the bucket, non-exclusive leases.
-    raw = yaml.safe_load(default_config_path().read_text())
-    port = _free_port()
-    raw["http_options"] = {"host": "127.0.0.1", "port": port}
-    app = raw["applications"][0]
-    app["args"].update({
-        "cache_dir": str(tmp / "cache"),
-        "store": {"bucket": BUCKET, "region": "us-east-1", "endpoint_url": endpoint},
-        "ingress": {**app["args"].get("ingress", {}), "exclusive": False, "lease_s": LEASE_S,
-                    "persist_interval_s": 0.2},
-    })
-    for dep in app["deployments"]:
-        if dep["name"] == "MultiTalkIngress":
-            dep["num_replicas"] = 2
-    schema = ServeDeploySchema.model_validate(raw)
+        # The embedded CPU config, changed as an operator would: two ingress replicas sharing
+        # the bucket, non-exclusive leases.
+        raw = yaml.safe_load(default_config_path().read_text())
+        port = free_port()
+        raw["http_options"] = {"host": "127.0.0.1", "port": port}
+        app = raw["applications"][0]
+        app["args"].update({
+            "cache_dir": str(tmp / "cache"),
+            "store": {"bucket": BUCKET, "region": "us-east-1", "endpoint_url": endpoint},
+            "ingress": {**app["args"].get("ingress", {}), "exclusive": False, "lease_s": LEASE_S,
+                        "persist_interval_s": 0.2},
+        })
+        for dep in app["deployments"]:
+            if dep["name"] == "MultiTalkIngress":
+                dep["num_replicas"] = 2
+        schema = ServeDeploySchema.model_validate(raw)
 
-    ray.init(num_cpus=4, include_dashboard=False, namespace="serve-ha", log_to_driver=False)
-    from ray import serve
+        ray.init(num_cpus=4, include_dashboard=False, namespace="serve-ha", log_to_driver=False)
+        from ray import serve
 
-    try:
-        client = serve_api.serve_start(http_options=schema.http_options.model_dump())
-        client.deploy_apps(schema, _blocking=False)
-        deadline = time.monotonic() + 300
-        while True:
-            status = serve.status().applications.get("multitalk")
-            if status is not None and status.status == "RUNNING" and len(_ingress_actors(ray)) == 2:
-                break
-            assert status is None or status.status != "DEPLOY_FAILED", status.message
-            assert time.monotonic() < deadline, f"not running: {status}"
-            time.sleep(1)
-        yield {"url": f"http://127.0.0.1:{port}", "s3": s3}
-    finally:
         try:
-            serve.shutdown()
+            client = serve_api.serve_start(http_options=schema.http_options.model_dump())
+            client.deploy_apps(schema, _blocking=False)
+            deadline = time.monotonic() + 300
+            while True:
+                status = serve.status().applications.get("multitalk")
+                if status is not None and status.status == "RUNNING" and len(_ingress_actors(ray)) == 2:
+                    break
+                assert status is None or status.status != "DEPLOY_FAILED", status.message
+                assert time.monotonic() < deadline, f"not running: {status}"
+                time.sleep(1)
+            yield {"url": f"http://127.0.0.1:{port}", "s3": s3}
         finally:
-            ray.shutdown()
-            moto.stop()
-            for k, v in old.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+            try:
+                serve.shutdown()
+            finally:
+                ray.shutdown()
 
 
 def _get(url: str, path: str) -> dict | None:

@@ -11,18 +11,15 @@ puts ``tests/`` and the repository root on their PYTHONPATH.
 """
 from __future__ import annotations
 
-import os
-import socket
 import time
-from pathlib import Path
 
 import pytest
 from ray import serve
 
+from conftest import free_port, moto_bucket, patched_environ, source_pythonpath
+
 pytestmark = [pytest.mark.serve, pytest.mark.slow, pytest.mark.fixtures, pytest.mark.timeout(600)]
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
 BUCKET = "multitalk-test"
 FRAMES = 17
 # Small options shared by every job: each job takes seconds on a CPU.
@@ -48,65 +45,32 @@ class OtherApp:
 # --- fixtures ----------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def s3_serve(tmp_path_factory, fixtures_dir):
     ray = pytest.importorskip("ray")
-    pytest.importorskip("moto.server")
-    import boto3
-    from moto.server import ThreadedMotoServer
-
     from pipeline_graph import build_app
 
     tmp = tmp_path_factory.mktemp("serve-s3")
-    env = {
-        "PYTHONPATH": os.pathsep.join(
-            [str(ROOT), str(HERE)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-        ),
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_SESSION_TOKEN": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)  # before ray.init: the workers inherit them
-
-    moto_port = _free_port()
-    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=moto_port)
-    moto.start()
-    endpoint = f"http://127.0.0.1:{moto_port}"
-    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
-    s3.create_bucket(Bucket=BUCKET)
-    s3.put_object(Bucket=BUCKET, Key="1.wav", Body=(fixtures_dir / "multi1" / "1.wav").read_bytes())
-    s3.put_object(Bucket=BUCKET, Key="multi1.png", Body=(fixtures_dir / "multi1" / "multi1.png").read_bytes())
-
-    port = _free_port()
-    ray.init(num_cpus=4, include_dashboard=False, namespace="serve-s3", log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    app = build_app({
-        "device": "cpu", "dtype": "float32", "cache_dir": str(tmp / "cache"),
-        "store": {"bucket": BUCKET, "region": "us-east-1", "endpoint_url": endpoint},
-        "ingress": {"persist_interval_s": 0.2, "max_concurrent_jobs": 1, "local_output_dir": str(tmp / "out")},
-    })
-    serve.run(app, name="multitalk", route_prefix="/")
-    try:
-        yield {"url": f"http://127.0.0.1:{port}", "s3": s3, "tmp": tmp, "jobs": []}
-    finally:
+    env = {"PYTHONPATH": source_pythonpath(), "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_SESSION_TOKEN": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    # Environment before ray.init: the workers inherit it.
+    with patched_environ(env), moto_bucket(BUCKET, fixtures_dir) as (endpoint, s3):
+        port = free_port()
+        ray.init(num_cpus=4, include_dashboard=False, namespace="serve-s3", log_to_driver=False)
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        app = build_app({
+            "device": "cpu", "dtype": "float32", "cache_dir": str(tmp / "cache"),
+            "store": {"bucket": BUCKET, "region": "us-east-1", "endpoint_url": endpoint},
+            "ingress": {"persist_interval_s": 0.2, "max_concurrent_jobs": 1, "local_output_dir": str(tmp / "out")},
+        })
+        serve.run(app, name="multitalk", route_prefix="/")
         try:
-            serve.shutdown()
+            yield {"url": f"http://127.0.0.1:{port}", "s3": s3, "tmp": tmp, "jobs": []}
         finally:
-            ray.shutdown()
-            moto.stop()
-            for k, v in old.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+            try:
+                serve.shutdown()
+            finally:
+                ray.shutdown()
 
 
 def _poll(url: str, path: str, key: str, timeout: float = 300, states=TERMINAL) -> dict:
