@@ -45,6 +45,7 @@ from .schemas import (
     SubmitResponse,
 )
 from .auth import AuthMiddleware, BodyLimitMiddleware, KeyRing
+from .jobs import JobRecord
 from .service import JobService, Overloaded, ServiceSettings, check_access, runpod_status
 from .storage import LocalStore, NotFound, store_from_settings
 
@@ -125,13 +126,21 @@ def create_app(service: JobService, title: str = "MultiTalk Serve", keyring: Opt
     async def _invalid(request: Request, exc: RequestValidationError):
         return _from_validation(exc)
 
-    async def _status(job_id: str, tenant: Optional[str] = None) -> JobStatus:
+    async def _record(job_id: str, tenant: Optional[str] = None) -> JobRecord:
+        """The job, if it exists (404) and ``tenant`` may see it (403)."""
         rec = await service.get(job_id)
         if rec is None:
             raise InputError("id", f"no job {job_id!r}", 404)
         check_access(rec, tenant)
-        rec = await service.refresh_url(rec)
-        return rec.status()
+        return rec
+
+    async def _cancel(job_id: str, tenant: Optional[str] = None) -> JobRecord:
+        if (known := await service.get(job_id)) is not None:
+            check_access(known, tenant)
+        rec = await service.cancel(job_id)
+        if rec is None:
+            raise InputError("id", f"no job {job_id!r}", 404)
+        return rec
 
     # --- native API ----------------------------------------------------------------
 
@@ -233,16 +242,11 @@ def create_app(service: JobService, title: str = "MultiTalk Serve", keyring: Opt
 
     @app.get("/v1/jobs/{job_id}", response_model=JobStatus, responses=_ERRORS)
     async def get_job(job_id: str, request: Request):
-        return await _status(job_id, _tenant(request))
+        return (await service.refresh_url(await _record(job_id, _tenant(request)))).status()
 
     @app.delete("/v1/jobs/{job_id}", response_model=JobStatus, responses=_ERRORS)
     async def cancel_job(job_id: str, request: Request):
-        if (known := await service.get(job_id)) is not None:
-            check_access(known, _tenant(request))
-        rec = await service.cancel(job_id)
-        if rec is None:
-            raise InputError("id", f"no job {job_id!r}", 404)
-        return rec.status()
+        return (await _cancel(job_id, _tenant(request))).status()
 
     @app.get(
         "/v1/jobs/{job_id}/video",
@@ -250,10 +254,7 @@ def create_app(service: JobService, title: str = "MultiTalk Serve", keyring: Opt
         response_class=StreamingResponse,
     )
     async def get_video(job_id: str, request: Request):
-        rec = await service.get(job_id)
-        if rec is None:
-            raise InputError("id", f"no job {job_id!r}", 404)
-        check_access(rec, _tenant(request))
+        rec = await _record(job_id, _tenant(request))
         if rec.state != JobState.COMPLETED or rec.result is None:
             raise InputError("id", f"job is {rec.state.value}, no video yet", 409)
         store, key = service.video_location(rec)
@@ -335,20 +336,11 @@ def create_app(service: JobService, title: str = "MultiTalk Serve", keyring: Opt
 
     @app.get("/status/{job_id}", response_model=RunPodStatus, responses=_ERRORS)
     async def status(job_id: str, request: Request):
-        rec = await service.get(job_id)
-        if rec is None:
-            raise InputError("id", f"no job {job_id!r}", 404)
-        check_access(rec, _tenant(request))
-        return runpod_status(await service.refresh_url(rec))
+        return runpod_status(await service.refresh_url(await _record(job_id, _tenant(request))))
 
     @app.post("/cancel/{job_id}", response_model=RunPodStatus, responses=_ERRORS)
     async def runpod_cancel(job_id: str, request: Request):
-        if (known := await service.get(job_id)) is not None:
-            check_access(known, _tenant(request))
-        rec = await service.cancel(job_id)
-        if rec is None:
-            raise InputError("id", f"no job {job_id!r}", 404)
-        return runpod_status(rec)
+        return runpod_status(await _cancel(job_id, _tenant(request)))
 
     return app
 

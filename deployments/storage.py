@@ -243,27 +243,22 @@ class S3Store:
         code = str(err.response.get("Error", {}).get("Code", ""))
         return code in ("404", "NoSuchKey", "NotFound")
 
-    def get(self, key: str) -> bytes:
+    def _get_object(self, key: str) -> dict:
+        """``get_object`` with a missing key as :class:`NotFound`."""
         from botocore.exceptions import ClientError
 
         try:
-            obj = self.client.get_object(Bucket=self.bucket, Key=self._k(key))
+            return self.client.get_object(Bucket=self.bucket, Key=self._k(key))
         except ClientError as e:
             if self._is_missing(e):
                 raise NotFound(key) from None
             raise
-        return obj["Body"].read()
+
+    def get(self, key: str) -> bytes:
+        return self._get_object(key)["Body"].read()
 
     def stream(self, key: str, chunk_size: int = 1 << 20) -> Iterator[bytes]:
-        from botocore.exceptions import ClientError
-
-        try:
-            obj = self.client.get_object(Bucket=self.bucket, Key=self._k(key))
-        except ClientError as e:
-            if self._is_missing(e):
-                raise NotFound(key) from None
-            raise
-        return obj["Body"].iter_chunks(chunk_size)
+        return self._get_object(key)["Body"].iter_chunks(chunk_size)
 
     def put(self, key: str, data: bytes, content_type: Optional[str] = None) -> None:
         extra = {"ContentType": content_type} if content_type else {}

@@ -8,17 +8,14 @@ polls ``/metrics`` (up to 90 s) until the names appear.
 from __future__ import annotations
 
 import json
-import os
-import socket
 import time
 from pathlib import Path
 
 import pytest
 
+from conftest import free_port, source_pythonpath
 from deployments import metrics
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
 
 
 def test_metrics_are_noops_without_ray():
@@ -45,16 +42,11 @@ def test_prometheus_lines():
     assert found["multitalk_jobs"] == ['ray_multitalk_jobs{state="IN_QUEUE"} 0.0']
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.serve
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_served_job_metrics(tmp_path, fixtures_dir):
+def test_served_job_metrics(tmp_path, fixtures_dir, monkeypatch):
     ray = pytest.importorskip("ray")
     pytest.importorskip("multitalk.checkpoints.tiny")
     import requests
@@ -62,10 +54,8 @@ def test_served_job_metrics(tmp_path, fixtures_dir):
 
     from pipeline_graph import build_app
 
-    paths = [str(ROOT), str(HERE)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    old = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join(paths)
-    metrics_port, http_port = _free_port(), _free_port()
+    monkeypatch.setenv("PYTHONPATH", source_pythonpath())  # before ray.init: the workers inherit it
+    metrics_port, http_port = free_port(), free_port()
     ray.init(num_cpus=2, include_dashboard=False, namespace="serve", log_to_driver=False,
              _metrics_export_port=metrics_port)
     try:
@@ -148,7 +138,3 @@ def test_served_job_metrics(tmp_path, fixtures_dir):
             serve.shutdown()
         finally:
             ray.shutdown()
-            if old is None:
-                os.environ.pop("PYTHONPATH", None)
-            else:
-                os.environ["PYTHONPATH"] = old

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import time
 from pathlib import Path
 
 import pytest
+
+from conftest import local_serve
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -23,11 +24,6 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--autoplay-policy=no-user-gesture-required"]
 SCREENSHOT = ROOT / "docs" / "screenshot.png"
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -45,33 +41,18 @@ def browser():
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray")
     pytest.importorskip("multitalk.checkpoints.tiny")
     from ray import serve
 
     from pipeline_graph import build_app
 
     tmp = tmp_path_factory.mktemp("web")
-    paths = [str(ROOT), str(HERE)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    old = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join(paths)
-    port = _free_port()
-    ray.init(num_cpus=2, include_dashboard=False, namespace="serve", log_to_driver=False)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+    with local_serve(tmp, num_cpus=2, namespace="serve") as (url, _):
         app = build_app({"device": "cpu", "dtype": "float32", "cache_dir": str(tmp / "cache"),
                          "store": {"local_root": str(tmp / "store")}, "ingress": {"persist_interval_s": 0.2}})
         serve.run(app, name="multitalk-web", route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
-            if old is None:
-                os.environ.pop("PYTHONPATH", None)
-            else:
-                os.environ["PYTHONPATH"] = old
+        yield url
 
 
 def test_page_and_job_list_routes(tmp_path):
