@@ -17,6 +17,11 @@ AudioType = Literal["add", "para"]
 Mode = Literal["clip", "streaming"]
 
 
+class StageCancelled(Exception):
+    """Raised inside a stage's computation (the sampler's step callback) when the job it
+    serves was cancelled: a Python thread cannot be killed, so it stops at its next step."""
+
+
 class InputError(ValueError):
     """A request that cannot be served as given (maps to HTTP 4xx).
 
@@ -29,6 +34,21 @@ class InputError(ValueError):
         self.field = field_name
         self.message = message
         self.status = status
+
+
+@dataclass
+class Limits:
+    """Request bounds: the one set of caps every front door applies (the library's
+    :func:`multitalk.driver.validate`, the service's admission, the CLI). The service
+    configures them (``ingress.limits`` in the serve config); the defaults suit a GPU
+    deployment of the 14B model."""
+
+    max_audio_seconds: float = 300.0
+    max_image_pixels: int = 40_000_000
+    max_prompt_chars: int = 2000
+    min_frames: int = 5
+    max_clip_frames: int = 201
+    max_steps: int = 100
 
 
 @dataclass

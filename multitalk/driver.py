@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Optional, Protocol
@@ -24,9 +23,10 @@ from typing import Any, Awaitable, Callable, Optional, Protocol
 import numpy as np
 import torch
 
-from .api import GenerationRequest, GenerationResult, InputError, Progress, ProgressCallback
+from .api import GenerationRequest, GenerationResult, InputError, Limits, Progress, ProgressCallback
 from .stages import VAE_SPATIAL_STRIDE, ChunkJob
 from .utils.sampler import GuidanceConfig
+from .utils.step_stream import StepStream
 
 logger = logging.getLogger(__name__)
 
@@ -41,12 +41,30 @@ FPS = 25
 SPEECH_RATE = 16000
 
 
-class Cancelled(Exception):
-    """Raised inside a stage when its job was cancelled."""
-
-
 class Stages(Protocol):
-    lip_sync: bool
+    """What :func:`generate` needs from the model stages, in-process or served.
+
+    Each encode/sample/decode method returns a *handle*: an awaitable that may be awaited
+    more than once and may be passed, un-awaited, into later stage calls.
+    """
+
+    @property
+    def lip_sync(self) -> bool:
+        """Whether the DiT has the audio adapter (read after :meth:`prepare`)."""
+        ...
+
+    def for_job(self, job_id: Optional[str] = None) -> "Stages":
+        """A view for one job: its calls are tracked (and tagged with ``job_id``) so that
+        :meth:`cancel` stops exactly them."""
+        ...
+
+    async def prepare(self) -> None:
+        """Fetch what the driver reads synchronously (:attr:`lip_sync`); cheap after the first call."""
+        ...
+
+    def cancel(self) -> None:
+        """Stop every call this view started that is still running (best effort)."""
+        ...
 
     def audio_encode(self, speeches: list[np.ndarray]) -> Awaitable[torch.Tensor]: ...
     def image_encode(self, cond_pixels: Any, frames: int) -> Awaitable[Any]: ...
@@ -54,18 +72,6 @@ class Stages(Protocol):
     def diffusion_sample(self, job: ChunkJob, audio: Any, image: Any, text: Any,
                          on_step: Optional[Callable[[int, int], None]]) -> Awaitable[torch.Tensor]: ...
     def vae_decode(self, latents: Any) -> Awaitable[torch.Tensor]: ...
-
-
-@dataclass
-class Limits:
-    """Request bounds (the service's configurable caps)."""
-
-    max_audio_seconds: float = 300.0
-    max_image_pixels: int = 40_000_000
-    max_prompt_chars: int = 2000
-    min_frames: int = 5
-    max_clip_frames: int = 201
-    max_steps: int = 100
 
 
 @dataclass
@@ -180,7 +186,7 @@ async def generate(
     emit = progress or (lambda p: None)
     started = time.perf_counter()
     emit(Progress("prepare", message="decoding inputs"))
-    prep = await asyncio.to_thread(prepare_inputs, request, limits)
+    prep, _ = await asyncio.gather(asyncio.to_thread(prepare_inputs, request, limits), stages.prepare())
     timer.add("prepare", time.perf_counter() - started)
     plan = plan_chunks(prep.audio_frames, request.frames, request.mode,
                        request.motion_frames, request.frames if request.mode == "clip" else request.max_frames)
@@ -265,22 +271,46 @@ async def _await(handle: Any) -> Any:
 
 # --------------------------------------------------------------------------- in-process
 class LocalStages:
-    """:class:`Stages` over in-process stage objects; each call runs in a worker thread."""
+    """:class:`Stages` over in-process stage objects; each call runs in a worker thread.
+
+    Handles are asyncio tasks. :meth:`for_job` gives a view that tracks its own tasks, so
+    cancelling one job (:meth:`cancel`) stops its sampler at the next step and leaves the
+    other jobs sharing these stages alone.
+    """
 
     def __init__(self, audio, image, text, diffusion, decode):
         self.audio, self.image, self.text, self.diffusion, self.decode = audio, image, text, diffusion, decode
-        self.lip_sync = diffusion.lip_sync
+        self._tasks: list[asyncio.Task] = []
+
+    @property
+    def lip_sync(self) -> bool:
+        return bool(self.diffusion.lip_sync)
+
+    def for_job(self, job_id: Optional[str] = None) -> "LocalStages":
+        return LocalStages(self.audio, self.image, self.text, self.diffusion, self.decode)
+
+    async def prepare(self) -> None:
+        return None  # everything is in this process already
+
+    def cancel(self) -> None:
+        for task in self._tasks:
+            task.cancel()
 
     @staticmethod
     async def _resolve(*values):
         return [await _await(v) for v in values]
+
+    def _track(self, coro) -> "asyncio.Task":
+        task = asyncio.ensure_future(coro)
+        self._tasks = [t for t in self._tasks if not t.done()] + [task]
+        return task
 
     def _spawn(self, fn, *args) -> "asyncio.Task":
         async def run():
             resolved = await self._resolve(*args)
             return await asyncio.to_thread(fn, *resolved)
 
-        return asyncio.ensure_future(run())
+        return self._track(run())
 
     def audio_encode(self, speeches):
         return self._spawn(self.audio.encode, speeches)
@@ -292,23 +322,16 @@ class LocalStages:
         return self._spawn(self.text.encode, prompt, negative_prompt)
 
     def diffusion_sample(self, job, audio, image, text, on_step=None):
-        cancelled = threading.Event()
-
-        def step(done: int, total: int) -> None:
-            if cancelled.is_set():
-                raise Cancelled()
-            if on_step is not None:
-                on_step(done, total)
-
         async def run():
             resolved = await self._resolve(audio, image, text)
-            try:
-                return await asyncio.to_thread(self.diffusion.sample, job, *resolved, step)
-            except asyncio.CancelledError:
-                cancelled.set()  # the worker thread stops at its next step
-                raise
+            # Cancelling this task stops the sampler thread at its next step (StepStream).
+            stream = StepStream(lambda step: self.diffusion.sample(job, *resolved, step))
+            async for event in stream:
+                if on_step is not None:
+                    on_step(event.step, event.total)
+            return stream.result
 
-        return asyncio.ensure_future(run())
+        return self._track(run())
 
     def vae_decode(self, latents):
         return self._spawn(self.decode.decode, latents)
