@@ -5,6 +5,11 @@ in-process stages, Ray Serve deployments and Python handles.
 
 Inputs are already *resolved* to bytes here: fetching from S3 or a local store is
 the serving layer's job (see ``deployments/``), never the model library's.
+
+The serving layer derives its request schema from these dataclasses (field names, types
+and defaults; ``deployments/schemas.py``). ``__pydantic_config__`` is a plain dict that
+pydantic reads when it validates one of them (unknown keys are refused); nothing here
+imports pydantic.
 """
 from __future__ import annotations
 
@@ -12,7 +17,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Literal, Optional
 
-SizeBucket = Literal["multitalk-480", "multitalk-720"]
+# "multitalk-480" / "multitalk-720" (the official buckets) or a scaled "multitalk-N"
+# (multitalk.utils.image.bucket_table): a name, checked where the size is resolved.
+SizeBucket = str
 AudioType = Literal["add", "para"]
 Mode = Literal["clip", "streaming"]
 
@@ -43,6 +50,8 @@ class Limits:
     configures them (``ingress.limits`` in the serve config); the defaults suit a GPU
     deployment of the 14B model."""
 
+    __pydantic_config__ = {"extra": "forbid"}
+
     max_audio_seconds: float = 300.0
     max_image_pixels: int = 40_000_000
     max_prompt_chars: int = 2000
@@ -54,6 +63,8 @@ class Limits:
 @dataclass
 class SamplingOptions:
     """Sampler settings; defaults are the official ``generate_multitalk.py`` ones."""
+
+    __pydantic_config__ = {"extra": "forbid"}
 
     steps: int = 40
     shift: Optional[float] = None  # None: 7 for multitalk-480, 11 for multitalk-720

@@ -23,7 +23,7 @@ from typing import Any, Awaitable, Callable, Optional, Protocol
 import numpy as np
 import torch
 
-from .api import GenerationRequest, GenerationResult, InputError, Limits, Progress, ProgressCallback
+from .api import GenerationRequest, GenerationResult, InputError, Limits, Progress, ProgressCallback, SamplingOptions
 from .stages import VAE_SPATIAL_STRIDE, ChunkJob
 from .utils.sampler import GuidanceConfig
 from .utils.step_stream import StepStream
@@ -110,6 +110,18 @@ def plan_chunks(audio_frames: int, frames: int, mode: str, motion: int, max_fram
     return ChunkPlan(starts, extend, total)
 
 
+def validate_sampling(s: SamplingOptions, max_steps: Optional[int] = None) -> None:
+    """Sampler settings that can be run (``max_steps``: the configured cap, if any)."""
+    if s.steps < 1 or (max_steps is not None and s.steps > max_steps):
+        bound = f"between 1 and {max_steps}" if max_steps is not None else "at least 1"
+        raise InputError("sampling.steps", f"must be {bound}, got {s.steps}")
+    if s.shift is not None and not s.shift > 0:
+        raise InputError("sampling.shift", f"must be > 0, got {s.shift}")
+    for name in ("text_scale", "audio_scale", "teacache_thresh"):
+        if not getattr(s, name) >= 0:
+            raise InputError(f"sampling.{name}", f"must be >= 0, got {getattr(s, name)}")
+
+
 def validate(request: GenerationRequest, limits: Limits) -> None:
     if not request.audio:
         raise InputError("audio_1", "at least one speaker's audio is required")
@@ -124,9 +136,7 @@ def validate(request: GenerationRequest, limits: Limits) -> None:
         raise InputError("motion_frames", f"must be 4n+1 and below frames ({f}), got {request.motion_frames}")
     if len(request.prompt) > limits.max_prompt_chars:
         raise InputError("prompt", f"is {len(request.prompt)} characters; the limit is {limits.max_prompt_chars}")
-    s = request.sampling
-    if not (1 <= s.steps <= limits.max_steps):
-        raise InputError("steps", f"must be between 1 and {limits.max_steps}, got {s.steps}")
+    validate_sampling(request.sampling, limits.max_steps)
     if not (0.0 <= request.color_correction <= 1.0):
         raise InputError("color_correction", f"must be in [0, 1], got {request.color_correction}")
     if request.max_frames < request.frames:

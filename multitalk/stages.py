@@ -389,45 +389,6 @@ class DecodeStage:
         return self.vae.decode(latents[None].float(), tiled=self.tiled)[0].float().cpu()
 
 
-# --------------------------------------------------------------------------- construction
-# The implementation of each stage by name; a deployment config may name others
-# ("module:Class" with the same interface, e.g. a quantised DiT): ``stage_classes``.
-STAGE_CLASSES = {
-    "audio": "multitalk.stages:AudioStage",
-    "image": "multitalk.stages:ImageStage",
-    "text": "multitalk.stages:TextStage",
-    "diffusion": "multitalk.stages:DiffusionStage",
-    "decode": "multitalk.stages:DecodeStage",
-}
-
-
-def import_attr(path: str):
-    """``"package.module:Name"`` → the object."""
-    import importlib
-
-    module, _, attr = path.partition(":")
-    if not module or not attr:
-        raise ValueError(f"expected 'module:Name', got {path!r}")
-    return getattr(importlib.import_module(module), attr)
-
-
-def load_stage(name: str, models: "str | CheckpointSet", device: str = "cpu", dtype="float32",
-               options: Optional[dict] = None, stage_classes: Optional[dict] = None):
-    """Build stage ``name`` (a key of :data:`STAGE_CLASSES`) from a models root.
-
-    ``options``: that stage's extra ``from_pretrained`` arguments (e.g. for ``diffusion``
-    ``batch_guidance``, ``compile``, ``quantize``, ``low_vram``, ``loras``); an unknown
-    option fails here, naming it. ``stage_classes``: overrides of :data:`STAGE_CLASSES`.
-    The one construction path of the in-process pipeline, the stage deployments and the
-    sequence-parallel rank actors.
-    """
-    classes = {**STAGE_CLASSES, **(stage_classes or {})}
-    if name not in classes:
-        raise ValueError(f"unknown stage {name!r}; expected one of {sorted(classes)}")
-    cls = import_attr(classes[name])
-    return cls.from_pretrained(models, device=device, dtype=dtype, **(options or {}))
-
-
 # --------------------------------------------------------------------------- helpers
 def load_vae(ckpt: CheckpointSet, device: str):
     from .modules.vae import WanVAE

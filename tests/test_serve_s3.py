@@ -47,7 +47,7 @@ class OtherApp:
 
 @pytest.fixture(scope="module")
 def s3_serve(tmp_path_factory, fixtures_dir):
-    ray = pytest.importorskip("ray")
+    import ray
     from pipeline_graph import build_app
 
     tmp = tmp_path_factory.mktemp("serve-s3")
