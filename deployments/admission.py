@@ -24,8 +24,9 @@ from typing import Callable, Optional
 from multitalk.api import InputError, Limits
 
 from .jobs import JobRecord, output_key
+from .request_options import apply_layers
 from .runpod import RUNPOD_FIELD_NAMES
-from .schemas import NATIVE_FIELD_NAMES, JobRequest
+from .schemas import NATIVE_FIELD_NAMES, JobRequest, parse_job_request
 from .storage import S3Store, Store, check_input, parse_s3_url, resolve_input
 
 
@@ -50,8 +51,11 @@ class Admission:
 
     def __init__(self, store: Store, limits: Limits, allowed_buckets: tuple[str, ...] = (),
                  max_queued_jobs: int = 16, max_queued_jobs_per_tenant: Optional[int] = None,
-                 retry_after_s: int = 30, precheck_media: bool = True):
+                 retry_after_s: int = 30, precheck_media: bool = True,
+                 presets: Optional[dict] = None, request_defaults: Optional[dict] = None):
         self.store = store
+        self.presets = dict(presets or {})
+        self.request_defaults = dict(request_defaults or {})
         self.limits = limits
         self.allowed_buckets = tuple(allowed_buckets)
         self.max_queued_jobs = max_queued_jobs
@@ -68,6 +72,19 @@ class Admission:
         quota = self.max_queued_jobs_per_tenant
         if tenant is not None and quota is not None and unfinished(tenant) >= quota:
             raise Overloaded(self.retry_after_s, f"tenant {tenant!r} has {quota} unfinished jobs, its limit")
+
+    # --- options -------------------------------------------------------------------------
+    def resolve_options(self, request: "JobRequest | dict", source: str) -> tuple[JobRequest, dict]:
+        """The job with the fields it leaves out filled in from its preset and the server's
+        defaults (``deployments/request_options.py``), and what was filled in. A
+        ``JobRequest`` object counts each field it was built with as set (a ``sampling``
+        object as a whole); a raw dict merges field by field."""
+        raw = request if isinstance(request, dict) else request.model_dump(exclude_unset=True)
+        try:
+            body, applied = apply_layers(raw, self.presets, self.request_defaults)
+            return parse_job_request(body), applied
+        except InputError as e:
+            raise rename_field(e, source) from None
 
     # --- uploads -------------------------------------------------------------------------
     def save_upload(self, field_name: str, filename: Optional[str], data: bytes,
@@ -144,12 +161,10 @@ class Admission:
 
     def _precheck(self, request: JobRequest) -> None:
         """Decode and check the media now (the library's own checks)."""
-        from multitalk.driver import plan_chunks, prepare_inputs
+        from multitalk.driver import plan_request, prepare_inputs
 
         gen = request.to_generation_request(*self.fetch_inputs(request))
-        prep = prepare_inputs(gen, self.limits)
-        plan_chunks(prep.audio_frames, gen.frames, gen.mode, gen.motion_frames,
-                    gen.frames if gen.mode == "clip" else gen.max_frames)
+        plan_request(gen, prepare_inputs(gen, self.limits).audio_frames, self.limits)
 
     def fetch_inputs(self, request: JobRequest, source: Optional[str] = None) -> tuple[bytes, list[bytes]]:
         """The media bytes of a job: ``(image, [audio, ...])``."""

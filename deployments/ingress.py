@@ -50,20 +50,16 @@ class MultiTalkIngress:
     def __serve_build_asgi_app__(self):
         return create_app(self.service)
 
-    @staticmethod
-    def _request(request: Union[JobRequest, dict]) -> JobRequest:
-        return request if isinstance(request, JobRequest) else JobRequest.model_validate(request)
-
     async def submit(self, request: Union[JobRequest, dict], idempotency_key: Optional[str] = None,
                      tenant: Optional[str] = None) -> JobStatus:
         """Queue a job; raises InputError / Overloaded like the HTTP route answers 4xx/429."""
-        rec = await self.service.submit(self._request(request), idempotency_key, source="handle", tenant=tenant)
+        rec = await self.service.submit(request, idempotency_key, source="handle", tenant=tenant)
         return rec.status()
 
     async def generate(self, request: Union[JobRequest, dict], idempotency_key: Optional[str] = None,
                        timeout: Optional[float] = None, tenant: Optional[str] = None) -> JobStatus:
         """Run a job to the end and return its final status (COMPLETED/FAILED/CANCELLED)."""
-        rec = await self.service.submit(self._request(request), idempotency_key, source="handle", tenant=tenant)
+        rec = await self.service.submit(request, idempotency_key, source="handle", tenant=tenant)
         rec = await self.service.wait(rec.id, timeout)
         return (await self.service.refresh_url(rec)).status()
 

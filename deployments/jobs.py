@@ -83,6 +83,7 @@ class JobRecord(BaseModel):
     result: Optional[ResultInfo] = None
     output: Optional[dict[str, Any]] = None
     error: Optional[ErrorInfo] = None
+    options_applied: dict[str, Any] = Field(default_factory=dict)  # {field: {value, source}} (request_options)
     owner: Optional[str] = None  # ingress replica running it
     heartbeat_at: Optional[float] = None
     lease: int = 0  # how many times an ingress replica took the job over (claims/{id}/{lease})

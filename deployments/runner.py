@@ -210,6 +210,8 @@ class JobRunner:
         t0 = time.monotonic()
         rec.result = await self._upload(rec, result)
         rec.timings["upload"] = round(time.monotonic() - t0, 3)
+        if rec.request.frames is None and rec.request.mode == "clip":
+            rec.options_applied["frames"] = {"value": result.num_frames, "source": "fitted to the audio"}
         rec.state = JobState.COMPLETED
         rec.progress = rec.progress.model_copy(update={"stage": "done", "message": ""})
         log.info("completed: %d frames, %s", result.num_frames, rec.result.key)

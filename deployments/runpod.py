@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
 from . import volume
 from .jobs import JobRecord
-from .schemas import OPTION_NAMES, JobRequest, JobState, OutputSpec, option_fields
+from .schemas import OPTION_NAMES, JobRequest, JobState, option_fields
 
 # Errors carry the library's field names; RunPod callers get them in their input's names.
 RUNPOD_FIELD_NAMES = {"image": "condition_image", "audio[0]": "audio_1", "audio[1]": "audio_2",
@@ -52,22 +52,32 @@ class _GenerateFields(BaseModel):
     sample_steps: Optional[int] = None
     seed: Optional[int] = None
 
-    def to_job_request(self) -> JobRequest:
-        """The native job this input asks for (the one mapping between the two contracts)."""
-        options = {name: getattr(self, name) for name in OPTION_NAMES if name in self.model_fields_set}
-        sampling = options.pop("sampling", None)
+    preset: Optional[str] = None
+
+    def to_job_body(self) -> dict:
+        """The native job this input asks for, as a raw JobRequest object (the one mapping
+        between the two contracts; options the input leaves out stay out, so presets and
+        server defaults still apply to them)."""
+        body = {name: getattr(self, name) for name in OPTION_NAMES if name in self.model_fields_set}
+        sampling = body.pop("sampling", None)
         sampling = {} if sampling is None else dict(vars(sampling))
         if self.sample_steps is not None:
             sampling["steps"] = self.sample_steps
         if self.seed is not None:
             sampling["seed"] = self.seed
-        return JobRequest(
-            image=self.condition_image,
-            audio=[self.audio_1] + ([self.audio_2] if self.audio_2 else []),
-            output=OutputSpec(format=self.output_format, key=self.output_key),
-            **options,
-            **({"sampling": sampling} if sampling else {}),
-        )
+        if sampling:
+            body["sampling"] = sampling
+        if self.preset is not None:
+            body["preset"] = self.preset
+        return {
+            **body,
+            "image": self.condition_image,
+            "audio": [self.audio_1] + ([self.audio_2] if self.audio_2 else []),
+            "output": {"format": self.output_format, "key": self.output_key},
+        }
+
+    def to_job_request(self) -> JobRequest:
+        return JobRequest.model_validate(self.to_job_body())
 
 
 GenerateInput = create_model(
@@ -128,6 +138,7 @@ def _generate_output(rec: JobRecord) -> dict:
         "width": r.width,
         "height": r.height,
         "timings": rec.timings,
+        "options_applied": rec.options_applied,
     }
     if r.store == "s3":
         output["s3_key"] = r.key

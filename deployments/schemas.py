@@ -68,7 +68,7 @@ OPTION_DOCS = {
     "audio_type": "Two speakers: 'add' (one after the other) or 'para' (at the same time)",
     "bbox": "Per speaker [r0, c0, r1, c1] in image pixels, rows first",
     "mode": "'clip': one clip; 'streaming': clips chained until the audio ends",
-    "frames": "Frames per clip, 4n+1 (81 at 25 fps = 3.24 s)",
+    "frames": "Frames per clip, 4n+1 (81 at 25 fps = 3.24 s); left out: 81, a clip shortened to fit shorter speech",
     "size": "multitalk-480, multitalk-720, or a scaled multitalk-N (32 <= N <= 2048; small N for CPU)",
     "motion_frames": "Streaming: frames of the previous clip each clip continues from (4n+1)",
     "color_correction": "Streaming: strength of the colour match to the reference image",
@@ -114,6 +114,8 @@ class _JobInputs(BaseModel):
     image: str = Field(..., description="Reference image: store key, file name or s3://bucket/key")
     audio: list[str] = Field(..., min_length=1, max_length=2, description="One or two speakers' audio")
     output: OutputSpec = Field(default_factory=OutputSpec)
+    preset: Optional[str] = Field(None, description="A named set of options from the server's config (e.g. "
+                                                    "quality, fast); fields the request sets win")
 
     @field_validator("frames", check_fields=False)
     @classmethod
@@ -212,6 +214,9 @@ class JobStatus(BaseModel):
     output: Optional[dict[str, Any]] = Field(None, description="Output of non-video RunPod actions")
     error: Optional[ErrorInfo] = None
     request: Optional[JobRequest] = None
+    options_applied: dict[str, Any] = Field(
+        default_factory=dict, description="Fields the request left out, filled in from its preset or the server's "
+                                          "defaults: {field: {value, source}}")
 
 
 class SubmitResponse(BaseModel):
@@ -227,3 +232,47 @@ NATIVE_FIELD_NAMES = {"condition_image": "image", "audio_1": "audio[0]", "audio_
 
 class ErrorBody(BaseModel):
     error: ErrorInfo
+
+
+# Discriminated unions insert the tag into the location ("input.generate.audio_1").
+_UNION_TAGS = ("generate", "model_check", "volume_explore")
+
+
+def validation_field(err: dict) -> str:
+    """The dotted field name of one pydantic error (``sampling.steps``, ``audio[1]``)."""
+    cause = (err.get("ctx") or {}).get("error")
+    if isinstance(cause, InputError):  # a check that names its field (bbox, sampling.steps)
+        return cause.field
+    loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path", "header")]
+    loc = [p for p in loc if p not in _UNION_TAGS]
+    out = ""
+    for p in loc:
+        out += f"[{p}]" if p.isdigit() else (("." if out else "") + p)
+    return out or "body"
+
+
+def as_input_error(exc: Any, prefix: str = "") -> InputError:
+    """The first problem of a pydantic validation error as a 422 :class:`InputError`
+    (``prefix``: the part of the body that was validated, e.g. ``input``)."""
+    errors = exc.errors()
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    field = validation_field(first)
+    if prefix and not field.startswith(prefix):
+        field = f"{prefix}.{field}" if field != "body" else prefix
+    msg = str(first.get("msg", "invalid"))
+    if len(errors) > 1:
+        msg += f" (and {len(errors) - 1} more problem(s))"
+    return InputError(field, msg, 422)
+
+
+def parse_job_request(body: Any) -> "JobRequest":
+    """A :class:`JobRequest` from a raw request object; a 422 :class:`InputError` naming
+    the first bad field otherwise."""
+    from pydantic import ValidationError
+
+    if isinstance(body, JobRequest):
+        return body
+    try:
+        return JobRequest.model_validate(body)
+    except ValidationError as e:
+        raise as_input_error(e) from None

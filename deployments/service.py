@@ -18,7 +18,7 @@ import time
 import uuid
 from typing import Any, Callable, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from multitalk.api import InputError, Limits
 from multitalk.stage_factory import import_attr
@@ -27,6 +27,7 @@ from . import volume
 from .admission import Admission, Overloaded  # noqa: F401 - Overloaded: part of this module's API
 from .jobs import JobRecord, JobStore, valid_job_id
 from .leases import Leases
+from .request_options import check_layer
 from .runner import CancelReason, GenerateFn, JobRunner, RunnerSettings, job_log
 from .schemas import ErrorInfo, JobRequest, JobState
 from .storage import LocalStore, Store, store_from_settings
@@ -63,8 +64,22 @@ class ServiceSettings(BaseModel):
     requeue_on_shutdown: bool = True  # running jobs go back to IN_QUEUE when the ingress stops
     precheck_inputs: bool = True  # decode the media at submit: a bad file is a 4xx now, not a FAILED job
     limits: Limits = Field(default_factory=Limits)
+    # Named option sets a request may pick (``preset``), and the server's defaults for the
+    # fields a request leaves out (deployments/request_options.py).
+    presets: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    request_defaults: dict[str, Any] = Field(default_factory=dict)
     api_keys_file: Optional[str] = None  # else MULTITALK_API_KEYS_FILE; keys also from MULTITALK_API_KEYS
     auth_exempt_paths: tuple[str, ...] = ("/healthz", "/")
+
+    @field_validator("presets")
+    @classmethod
+    def _known_preset_options(cls, v):
+        return {name: check_layer(f"presets.{name}", layer) for name, layer in v.items()}
+
+    @field_validator("request_defaults")
+    @classmethod
+    def _known_default_options(cls, v):
+        return check_layer("request_defaults", v)
 
     @classmethod
     def from_dict(cls, d: Optional[dict]) -> "ServiceSettings":
@@ -87,7 +102,8 @@ class JobService:
                 {"local_root": s.local_output_dir or "~/.cache/multitalk/outputs"}, env={})
         self.local_store: LocalStore = local_store  # type: ignore[assignment]
         self.admission = Admission(store, s.limits, s.allowed_buckets, s.max_queued_jobs,
-                                   s.max_queued_jobs_per_tenant, s.retry_after_s, s.precheck_inputs)
+                                   s.max_queued_jobs_per_tenant, s.retry_after_s, s.precheck_inputs,
+                                   s.presets, s.request_defaults)
         self.leases = Leases(self.jobs, s.replica_id, s.lease_s, s.persist_interval_s, job_log)
         self.runner = JobRunner(stages, self.admission, self.leases, store, self.local_store,
                                 generate_fn or import_attr(s.driver), s.limits, s.runner_settings())
@@ -124,11 +140,13 @@ class JobService:
                           tenant: Optional[str] = None) -> str:
         return await asyncio.to_thread(self.admission.save_upload, field_name, filename, data, tenant)
 
-    async def submit(self, request: JobRequest, idempotency_key: Optional[str] = None, source: str = "api",
-                     tenant: Optional[str] = None) -> JobRecord:
-        """Validate, persist and queue a job. Raises InputError (4xx) or Overloaded (429)."""
+    async def submit(self, request: "JobRequest | dict", idempotency_key: Optional[str] = None,
+                     source: str = "api", tenant: Optional[str] = None) -> JobRecord:
+        """Validate, persist and queue a job (a ``JobRequest`` or its raw JSON object).
+        Raises InputError (4xx) or Overloaded (429)."""
         await self.start()
         self.admission.check_capacity(self.runner.unfinished, tenant)
+        request, applied = self.admission.resolve_options(request, source)
         request = await asyncio.to_thread(self.admission.admit, request, source, tenant)
         if tenant is not None and idempotency_key:
             idempotency_key = f"{tenant}/{idempotency_key}"  # keys are per tenant
@@ -138,7 +156,7 @@ class JobService:
         if not created:
             log.info("idempotent retry (key %r): returning the existing job", idempotency_key)
             return self.runner.records.get(rec.id, rec)
-        rec.owner = self.settings.replica_id
+        rec.owner, rec.options_applied = self.settings.replica_id, applied
         await self.leases.persist(rec)
         log.info("queued: %d audio track(s), mode %s, %s frames, %d steps",
                  len(request.audio), request.mode, request.frames, request.sampling.steps)

@@ -58,6 +58,9 @@ class Limits:
     min_frames: int = 5
     max_clip_frames: int = 201
     max_steps: int = 100
+    # A clip fitted to short speech (frames left out) is never shorter than this: below it,
+    # the request is refused naming the audio.
+    min_fit_frames: int = 5
 
 
 @dataclass
@@ -91,7 +94,9 @@ class GenerationRequest:
     ``bbox``: per speaker ``[r0, c0, r1, c1]`` in source-image pixels, rows first
     (the official examples' convention). ``None``: left/right halves for two speakers.
     ``frames``: frames per clip (4n+1). In ``streaming`` mode clips of ``frames`` frames
-    are chained (25 motion frames carried over) until the audio ends.
+    are chained (25 motion frames carried over) until the audio ends. ``None``: the
+    official 81, except that a clip is shortened to the longest one the speech allows
+    (:func:`multitalk.driver.fit_frames`).
     """
 
     image: bytes
@@ -100,7 +105,7 @@ class GenerationRequest:
     audio_type: AudioType = "add"
     bbox: Optional[list[list[float]]] = None
     mode: Mode = "clip"
-    frames: int = 81
+    frames: Optional[int] = None
     size: SizeBucket = "multitalk-480"
     motion_frames: int = 25
     color_correction: float = 1.0

@@ -53,9 +53,10 @@ class Stages(Protocol):
         """Whether the DiT has the audio adapter (read after :meth:`prepare`)."""
         ...
 
-    def for_job(self, job_id: Optional[str] = None) -> "Stages":
+    def for_job(self, job_id: Optional[str] = None, retries: Any = None) -> "Stages":
         """A view for one job: its calls are tracked (and tagged with ``job_id``) so that
-        :meth:`cancel` stops exactly them."""
+        :meth:`cancel` stops exactly them. ``retries``: the job's retry budget, spent by
+        stages that re-send failed calls (the served ones, ``deployments/retry.py``)."""
         ...
 
     async def prepare(self) -> None:
@@ -72,6 +73,35 @@ class Stages(Protocol):
     def diffusion_sample(self, job: ChunkJob, audio: Any, image: Any, text: Any,
                          on_step: Optional[Callable[[int, int], None]]) -> Awaitable[torch.Tensor]: ...
     def vae_decode(self, latents: Any) -> Awaitable[torch.Tensor]: ...
+
+
+DEFAULT_FRAMES = 81  # the official clip length (3.24 s at 25 fps), what the model was trained on
+
+
+def fit_frames(request: GenerationRequest, audio_frames: int, limits: Limits) -> int:
+    """Frames per clip: the request's; left out, the official 81, except that a clip is
+    shortened to the longest 4n+1 clip the speech allows (the official CLI refuses speech
+    shorter than its clip; a service should make the clip fit). Fitted clips shorter than
+    ``limits.min_fit_frames`` are refused, naming the audio."""
+    if request.frames is not None:
+        return request.frames
+    if request.mode != "clip":
+        return DEFAULT_FRAMES
+    longest = (audio_frames - 2) // 4 * 4 + 1  # the largest 4n+1 below the audio's frame count
+    frames = min(DEFAULT_FRAMES, longest)
+    if frames < max(limits.min_fit_frames, limits.min_frames):
+        raise InputError("audio", f"the speech lasts {audio_frames / FPS:.2f} s ({audio_frames} frames at {FPS} fps): "
+                                  f"too short for a clip of at least {max(limits.min_fit_frames, limits.min_frames)} "
+                                  f"frames; send longer audio")
+    return frames
+
+
+def plan_request(request: GenerationRequest, audio_frames: int, limits: Limits) -> tuple[GenerationRequest, "ChunkPlan"]:
+    """The request with its clip length settled (:func:`fit_frames`) and its chunk plan."""
+    request = request.replace(frames=fit_frames(request, audio_frames, limits))
+    plan = plan_chunks(audio_frames, request.frames, request.mode, request.motion_frames,
+                       request.frames if request.mode == "clip" else request.max_frames)
+    return request, plan
 
 
 @dataclass
@@ -130,8 +160,10 @@ def validate(request: GenerationRequest, limits: Limits) -> None:
     if request.mode not in ("clip", "streaming"):
         raise InputError("mode", f"must be 'clip' or 'streaming', got {request.mode!r}")
     f = request.frames
-    if not isinstance(f, int) or f % 4 != 1 or not (limits.min_frames <= f <= limits.max_clip_frames):
+    if f is not None and (not isinstance(f, int) or f % 4 != 1
+                          or not (limits.min_frames <= f <= limits.max_clip_frames)):
         raise InputError("frames", f"must be 4n+1 between {limits.min_frames} and {limits.max_clip_frames}, got {f!r}")
+    f = DEFAULT_FRAMES if f is None else f
     if request.mode == "streaming" and not (1 <= request.motion_frames < f and request.motion_frames % 4 == 1):
         raise InputError("motion_frames", f"must be 4n+1 and below frames ({f}), got {request.motion_frames}")
     if len(request.prompt) > limits.max_prompt_chars:
@@ -139,8 +171,8 @@ def validate(request: GenerationRequest, limits: Limits) -> None:
     validate_sampling(request.sampling, limits.max_steps)
     if not (0.0 <= request.color_correction <= 1.0):
         raise InputError("color_correction", f"must be in [0, 1], got {request.color_correction}")
-    if request.max_frames < request.frames:
-        raise InputError("max_frames", f"must be at least frames ({request.frames})")
+    if request.max_frames < f:
+        raise InputError("max_frames", f"must be at least frames ({f})")
 
 
 @dataclass
@@ -198,8 +230,7 @@ async def generate(
     emit(Progress("prepare", message="decoding inputs"))
     prep, _ = await asyncio.gather(asyncio.to_thread(prepare_inputs, request, limits), stages.prepare())
     timer.add("prepare", time.perf_counter() - started)
-    plan = plan_chunks(prep.audio_frames, request.frames, request.mode,
-                       request.motion_frames, request.frames if request.mode == "clip" else request.max_frames)
+    request, plan = plan_request(request, prep.audio_frames, limits)
     warnings = []
     if not stages.lip_sync:
         warnings.append("no MultiTalk audio adapter found: the video is generated without lip sync")
@@ -296,7 +327,7 @@ class LocalStages:
     def lip_sync(self) -> bool:
         return bool(self.diffusion.lip_sync)
 
-    def for_job(self, job_id: Optional[str] = None) -> "LocalStages":
+    def for_job(self, job_id: Optional[str] = None, retries: Any = None) -> "LocalStages":
         return LocalStages(self.audio, self.image, self.text, self.diffusion, self.decode)
 
     async def prepare(self) -> None:

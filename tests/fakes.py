@@ -109,7 +109,7 @@ async def fake_generate(request, stages, progress=None, limits=None):
     await latents
     emit(Progress(stage="decode", step=steps, total_steps=steps))
     await stages.vae_decode(latents)
-    return GenerationResult(video=VIDEO, num_frames=request.frames, fps=25, width=64, height=48,
+    return GenerationResult(video=VIDEO, num_frames=request.frames or 81, fps=25, width=64, height=48,
                             chunks=1, lip_sync=stages.lip_sync, timings={"diffusion": 0.01})
 
 

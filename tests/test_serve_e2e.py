@@ -95,7 +95,7 @@ async def fake_driver(request, stages, progress=None, limits=None):
     emit(Progress(stage="decode", step=steps, total_steps=steps))
     frames = await stages.vae_decode(latents)
     assert frames == {"frames": {"latents": steps}}, frames
-    return GenerationResult(video=VIDEO, num_frames=request.frames, fps=25, width=32, height=32,
+    return GenerationResult(video=VIDEO, num_frames=request.frames or 81, fps=25, width=32, height=32,
                             chunks=1, lip_sync=stages.lip_sync, timings={"diffusion": 0.1})
 
 

@@ -15,16 +15,14 @@ from typing import Optional
 
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import FileResponse, StreamingResponse
-from pydantic import ValidationError
-
 from multitalk.api import InputError
 
 from ..jobs import JobRecord
-from ..schemas import JobRequest, JobState, JobStatus, SubmitResponse
+from ..schemas import JobState, JobStatus, SubmitResponse
 from ..service import JobService
 from ..storage import LocalStore, NotFound
 from .deps import get_job, get_service, get_tenant, json_body
-from .errors import ERROR_RESPONSES, as_input_error
+from .errors import ERROR_RESPONSES
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -50,13 +48,6 @@ _MULTIPART_BODY = {
 }
 
 
-def _validated(body: dict) -> JobRequest:
-    try:
-        return JobRequest.model_validate(body)
-    except ValidationError as e:
-        raise as_input_error(e) from None
-
-
 @router.post("", status_code=202, response_model=SubmitResponse, responses=ERROR_RESPONSES,
              openapi_extra=_MULTIPART_BODY)
 async def submit_job(request: Request, idempotency_key: Optional[str] = Header(None),
@@ -65,7 +56,9 @@ async def submit_job(request: Request, idempotency_key: Optional[str] = Header(N
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
         job = await _from_multipart(request, service, tenant)
     else:
-        job = _validated(await json_body(request))
+        job = await json_body(request)
+        if not isinstance(job, dict):
+            raise InputError("body", "a JobRequest JSON object is expected", 422)
     rec = await service.submit(job, idempotency_key=idempotency_key, source="api", tenant=tenant)
     return SubmitResponse(id=rec.id, state=rec.state, status_url=f"/v1/jobs/{rec.id}")
 
@@ -77,7 +70,8 @@ async def _upload_or_reference(service: JobService, name: str, item, tenant: Opt
     return await service.save_upload(name, item.filename, await item.read(), tenant)
 
 
-async def _from_multipart(request: Request, service: JobService, tenant: Optional[str]) -> JobRequest:
+async def _from_multipart(request: Request, service: JobService, tenant: Optional[str]) -> dict:
+    """The job's raw JSON object: the ``request`` form field with the uploaded files' keys."""
     form = await request.form()
     try:
         options = json.loads(form.get("request") or "{}")
@@ -100,7 +94,7 @@ async def _from_multipart(request: Request, service: JobService, tenant: Optiona
         audio_refs = options.get("audio") or []
     if not audio_refs:
         raise InputError("audio", "missing audio file")
-    return _validated({**options, "image": image_ref, "audio": audio_refs})
+    return {**options, "image": image_ref, "audio": audio_refs}
 
 
 @router.get("")

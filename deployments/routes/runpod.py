@@ -26,11 +26,7 @@ async def _submit(body: Any, idempotency_key: Optional[str], service: JobService
     if inp.action != "generate":
         return await service.run_action(inp.action, inp.model_dump(exclude={"action"}), ACTIONS[inp.action],
                                         idempotency_key, tenant)
-    try:
-        job = inp.to_job_request()
-    except ValidationError as e:
-        raise as_input_error(e, "input") from None
-    return await service.submit(job, idempotency_key=idempotency_key, source="runpod", tenant=tenant)
+    return await service.submit(inp.to_job_body(), idempotency_key=idempotency_key, source="runpod", tenant=tenant)
 
 
 @router.post("/run", response_model=RunPodStatus, responses=ERROR_RESPONSES)
