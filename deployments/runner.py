@@ -99,8 +99,10 @@ class JobRunner:
     """Owns the live records and tasks of the jobs this replica runs."""
 
     def __init__(self, stages: Any, admission: Admission, leases: Leases, store: Store, local_store: LocalStore,
-                 generate_fn: GenerateFn, limits: Limits, settings: RunnerSettings):
+                 generate_fn: GenerateFn, limits: Limits, settings: RunnerSettings,
+                 on_finished: Optional[Callable[[JobRecord], None]] = None):
         self.stages, self.admission, self.leases = stages, admission, leases
+        self.on_finished = on_finished  # called with each record persisted in a final state
         self.store, self.local_store = store, local_store
         self.generate_fn, self.limits, self.settings = generate_fn, limits, settings
         self.records: dict[str, JobRecord] = {}  # the live copies of the jobs this replica runs
@@ -274,5 +276,7 @@ class JobRunner:
                 await self.leases.persist(rec)
             except Exception:
                 log.exception("could not persist the final record")
+            if rec.state.terminal and self.on_finished is not None:
+                self.on_finished(rec)
         self.tasks.pop(rec.id, None)
         self.done[rec.id].set()

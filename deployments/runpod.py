@@ -91,7 +91,7 @@ RunPodInput = Union[ModelCheckInput, VolumeExploreInput, GenerateInput]
 
 class RunPodRequest(BaseModel):
     input: RunPodInput = Field(..., discriminator="action")
-    webhook: Optional[str] = None  # accepted for compatibility, not called
+    webhook: Optional[str] = None  # the final status is POSTed there once (deployments/webhooks.py)
 
     @model_validator(mode="before")
     @classmethod

@@ -26,6 +26,8 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 from multitalk.api import GenerationRequest, InputError
 
+from .webhooks import WebhookInfo
+
 
 class JobState(str, Enum):
     IN_QUEUE = "IN_QUEUE"
@@ -116,6 +118,8 @@ class _JobInputs(BaseModel):
     output: OutputSpec = Field(default_factory=OutputSpec)
     preset: Optional[str] = Field(None, description="A named set of options from the server's config (e.g. "
                                                     "quality, fast); fields the request sets win")
+    webhook: Optional[str] = Field(None, description="URL the final status is POSTed to once, signed "
+                                                     "(docs/API.md, Webhooks); allow-listed hosts only")
 
     @field_validator("frames", check_fields=False)
     @classmethod
@@ -217,6 +221,7 @@ class JobStatus(BaseModel):
     options_applied: dict[str, Any] = Field(
         default_factory=dict, description="Fields the request left out, filled in from its preset or the server's "
                                           "defaults: {field: {value, source}}")
+    webhook: Optional[WebhookInfo] = Field(None, description="Delivery of the final status to the request's webhook")
 
 
 class SubmitResponse(BaseModel):

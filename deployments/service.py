@@ -31,6 +31,7 @@ from .request_options import check_layer
 from .runner import CancelReason, GenerateFn, JobRunner, RunnerSettings, job_log
 from .schemas import ErrorInfo, JobRequest, JobState
 from .storage import LocalStore, Store, store_from_settings
+from .webhooks import WebhookInfo, Webhooks, WebhookSettings
 
 
 class ServiceSettings(BaseModel):
@@ -68,6 +69,7 @@ class ServiceSettings(BaseModel):
     # fields a request leaves out (deployments/request_options.py).
     presets: dict[str, dict[str, Any]] = Field(default_factory=dict)
     request_defaults: dict[str, Any] = Field(default_factory=dict)
+    webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
     api_keys_file: Optional[str] = None  # else MULTITALK_API_KEYS_FILE; keys also from MULTITALK_API_KEYS
     auth_exempt_paths: tuple[str, ...] = ("/healthz", "/")
 
@@ -105,8 +107,11 @@ class JobService:
                                    s.max_queued_jobs_per_tenant, s.retry_after_s, s.precheck_inputs,
                                    s.presets, s.request_defaults)
         self.leases = Leases(self.jobs, s.replica_id, s.lease_s, s.persist_interval_s, job_log)
+        self.webhooks = Webhooks(s.webhooks)
         self.runner = JobRunner(stages, self.admission, self.leases, store, self.local_store,
-                                generate_fn or import_attr(s.driver), s.limits, s.runner_settings())
+                                generate_fn or import_attr(s.driver), s.limits, s.runner_settings(),
+                                on_finished=self._notify)
+        self._deliveries: set[asyncio.Task] = set()
         self._started = False
         self._sweeper: Optional[asyncio.Task] = None
         self._models_root: Optional[str] = None
@@ -134,6 +139,8 @@ class JobService:
         if self._sweeper:
             self._sweeper.cancel()
         await self.runner.stop()
+        for task in self._deliveries:  # the record says what was not delivered
+            task.cancel()
 
     # --- submit ----------------------------------------------------------------------
     async def save_upload(self, field_name: str, filename: Optional[str], data: bytes,
@@ -148,6 +155,9 @@ class JobService:
         self.admission.check_capacity(self.runner.unfinished, tenant)
         request, applied = self.admission.resolve_options(request, source)
         request = await asyncio.to_thread(self.admission.admit, request, source, tenant)
+        if request.webhook:
+            url = await asyncio.to_thread(self.webhooks.check, request.webhook, tenant)
+            request = request.model_copy(update={"webhook": url})
         if tenant is not None and idempotency_key:
             idempotency_key = f"{tenant}/{idempotency_key}"  # keys are per tenant
         rec, created = await asyncio.to_thread(self.jobs.create, request, idempotency_key, source,
@@ -267,6 +277,25 @@ class JobService:
             url = await asyncio.to_thread(store.presigned_url, key, self.settings.presign_expires_s)
             rec = rec.model_copy(update={"result": rec.result.model_copy(update={"url": url})})
         return rec
+
+    def _notify(self, rec: JobRecord) -> None:
+        """A job of this replica reached a final state: deliver its webhook (once)."""
+        if rec.request is None or not rec.request.webhook or not rec.state.terminal:
+            return
+        if rec.webhook is not None and rec.webhook.delivered_at is not None:
+            return
+        from .runpod import runpod_status
+
+        payload = (runpod_status(rec) if rec.source == "runpod" else rec.status()).model_dump(mode="json")
+        info = rec.webhook or WebhookInfo(url=rec.request.webhook)
+
+        async def on_update(state: WebhookInfo) -> None:
+            rec.webhook = state
+            await self.leases.persist(rec)
+
+        task = asyncio.ensure_future(self.webhooks.deliver(info, payload, rec.tenant, rec.id, on_update))
+        self._deliveries.add(task)
+        task.add_done_callback(self._deliveries.discard)
 
     def health(self) -> dict:
         return {"status": "ok", "store": self.store.describe(), "jobs_running": self.runner.unfinished()}

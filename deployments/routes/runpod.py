@@ -26,7 +26,10 @@ async def _submit(body: Any, idempotency_key: Optional[str], service: JobService
     if inp.action != "generate":
         return await service.run_action(inp.action, inp.model_dump(exclude={"action"}), ACTIONS[inp.action],
                                         idempotency_key, tenant)
-    return await service.submit(inp.to_job_body(), idempotency_key=idempotency_key, source="runpod", tenant=tenant)
+    body = inp.to_job_body()
+    if req.webhook:
+        body["webhook"] = req.webhook
+    return await service.submit(body, idempotency_key=idempotency_key, source="runpod", tenant=tenant)
 
 
 @router.post("/run", response_model=RunPodStatus, responses=ERROR_RESPONSES)
