@@ -111,6 +111,9 @@ class GenerationRequest:
     color_correction: float = 1.0
     max_frames: int = 1000
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
+    # LoRAs for this job by registered name: [{"name": ..., "scale": 1.0}] or (name, scale)
+    # pairs; the Diffusion stage applies them on top of the loaded base (no reload).
+    loras: list = field(default_factory=list)
 
     def replace(self, **changes) -> "GenerationRequest":
         return dataclasses.replace(self, **changes)
@@ -148,3 +151,4 @@ class GenerationResult:
     lip_sync: bool
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    loras: list[dict] = field(default_factory=list)  # the set applied: [{"name", "scale"}], sorted by name

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from .api import GenerationRequest, GenerationResult, InputError, Limits, Progress, ProgressCallback, SamplingOptions
+from .modules.lora_runtime import normalize_lora_set
 from .stages import VAE_SPATIAL_STRIDE, ChunkJob
 from .utils.sampler import GuidanceConfig
 from .utils.step_stream import StepStream
@@ -140,6 +141,13 @@ def plan_chunks(audio_frames: int, frames: int, mode: str, motion: int, max_fram
     return ChunkPlan(starts, extend, total)
 
 
+def chunk_frames(plan: ChunkPlan, frames: int, motion: int) -> list[int]:
+    """Frames each chunk adds to the video (the first all of its own, the others all but
+    the motion frames, the end cut at ``plan.total_frames``); chunks adding none are left out."""
+    ends = [min(frames + i * (frames - motion), plan.total_frames) for i in range(len(plan.starts))]
+    return [end - start for start, end in zip([0] + ends[:-1], ends) if end > start]
+
+
 def validate_sampling(s: SamplingOptions, max_steps: Optional[int] = None) -> None:
     """Sampler settings that can be run (``max_steps``: the configured cap, if any)."""
     if s.steps < 1 or (max_steps is not None and s.steps > max_steps):
@@ -220,8 +228,15 @@ async def generate(
     stages: Stages,
     progress: Optional[ProgressCallback] = None,
     limits: Limits = Limits(),
+    on_chunk: Optional[Callable[[Any], Any]] = None,
 ) -> GenerationResult:
-    """Run one job through the stages; returns the finished mp4."""
+    """Run one job through the stages; returns the finished mp4.
+
+    ``on_chunk``: called with each chunk's :class:`multitalk.utils.segments.ChunkSegment`
+    (fragmented MP4: ``init`` + this chunk's ``data``) as soon as it is encoded, in order,
+    while later chunks are generated; may return an awaitable (awaited before the next
+    segment is handed over). The returned mp4 is unchanged.
+    """
     from .utils.video import Mp4Writer, color_match
 
     timer = _Timer()
@@ -241,6 +256,7 @@ async def generate(
     negative = s.negative_prompt if s.negative_prompt is not None else DEFAULT_NEGATIVE_PROMPT
     lat_hw = tuple(prep.ref_masks.shape[-2:])
     total_steps = s.steps * len(plan.starts)
+    lora_set = normalize_lora_set(request.loras)  # syntax here; names and scales at the Diffusion stage
 
     # The encoders are independent: start all three, await none of them here.
     t_enc = time.perf_counter()
@@ -253,6 +269,13 @@ async def generate(
     speech = prep.mixed[: int(math.ceil(plan.total_frames / FPS * SPEECH_RATE))]
     # Frames stream into the encoder chunk by chunk: a long video never sits in memory whole.
     writer = Mp4Writer(height, width, plan.total_frames, speech, FPS)
+    segments = feed = None
+    if on_chunk is not None:
+        from .utils.segments import SegmentedMp4Writer, SegmentFeed
+
+        segments = SegmentedMp4Writer(height, width, chunk_frames(plan, request.frames, request.motion_frames),
+                                      speech, FPS)
+        feed = SegmentFeed(segments, on_chunk)
     try:
         motion_pixels: Optional[torch.Tensor] = None  # last frames of the previous chunk
         for index, start in enumerate(plan.starts):
@@ -262,6 +285,7 @@ async def generate(
                 frames=request.frames, latent_hw=lat_hw, audio_start=start, ref_masks=prep.ref_masks,
                 seed=s.seed + index, steps=s.steps, shift=shift, guidance=guidance,
                 teacache_thresh=s.teacache_thresh, size=request.size, audio_extend=plan.audio_extend,
+                loras=lora_set,
             )
             done_before = index * s.steps
 
@@ -291,19 +315,28 @@ async def generate(
             keep = pixels if index == 0 else pixels[:, request.motion_frames:]
             t0 = time.perf_counter()
             await asyncio.to_thread(writer.write, keep)
+            if segments is not None:
+                await asyncio.to_thread(segments.write, keep)
+                feed.after_write()
             timer.add("mux", time.perf_counter() - t0)
             del pixels, keep
     except BaseException:
         writer.abort()
+        if segments is not None:
+            feed.cancel()
+            segments.abort()
         raise
 
     emit(Progress("mux", message=f"{writer.written} frames"))
     t0 = time.perf_counter()
     mp4 = await asyncio.to_thread(writer.close)
+    if segments is not None:
+        await asyncio.to_thread(segments.close)
+        await feed.finish()
     timer.add("mux", time.perf_counter() - t0)
     timer.add("total", time.perf_counter() - started)
     return GenerationResult(mp4, writer.written, FPS, width, height, len(plan.starts), stages.lip_sync,
-                            timer.timings, warnings)
+                            timer.timings, warnings, [{"name": n, "scale": v} for n, v in lora_set])
 
 
 async def _await(handle: Any) -> Any:

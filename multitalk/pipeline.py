@@ -43,8 +43,11 @@ class MultiTalkPipeline:
         )
         return cls(stages, ckpt)
 
-    async def agenerate(self, request: GenerationRequest, progress: Optional[ProgressCallback] = None) -> GenerationResult:
-        return await generate(request, self.stages, progress, self.limits)
+    async def agenerate(self, request: GenerationRequest, progress: Optional[ProgressCallback] = None,
+                        on_chunk=None) -> GenerationResult:
+        """``on_chunk``: see :func:`multitalk.driver.generate` (each chunk's fMP4 segment as it is done)."""
+        return await generate(request, self.stages, progress, self.limits, on_chunk=on_chunk)
 
-    def generate(self, request: GenerationRequest, progress: Optional[ProgressCallback] = None) -> GenerationResult:
-        return asyncio.run(self.agenerate(request, progress))
+    def generate(self, request: GenerationRequest, progress: Optional[ProgressCallback] = None,
+                 on_chunk=None) -> GenerationResult:
+        return asyncio.run(self.agenerate(request, progress, on_chunk))

@@ -94,6 +94,9 @@ class ChunkJob:
     teacache_thresh: float = 0.0
     size: str = "multitalk-480"
     audio_extend: int = 0  # last chunk of a stream: frames of time-reversed audio appended (official)
+    # LoRAs for this job, ((name, scale), ...) sorted by name, names registered on the
+    # DiffusionStage (``lora_registry``); () = the base model. See multitalk.modules.lora_runtime.
+    loras: tuple = ()
 
 
 def audio_windows(features: torch.Tensor, start: int, frames: int, window: int = AUDIO_WINDOW) -> torch.Tensor:
@@ -239,12 +242,18 @@ class DiffusionStage:
         # A rank of a guidance-parallel group (``multitalk.distributed.GuidanceParallel``):
         # it computes its share of each step's guidance passes and receives the others.
         self.guidance_parallel = None
+        # Named LoRAs a job may pick (``ChunkJob.loras``); None: the base model only.
+        self.lora_runtime = None
+        self.compiled = False  # hooks added after torch.compile would be ignored by dynamo
 
     @classmethod
     def from_pretrained(cls, models: "str | CheckpointSet", device: str = "cpu", dtype="float32",
                         attention_backend: Optional[str] = None, batch_guidance: bool = False,
                         low_vram: "bool | str" = False, quantize: Optional[str] = None,
-                        compile: "bool | dict" = False, loras: Sequence = ()) -> "DiffusionStage":
+                        compile: "bool | dict" = False, loras: Sequence = (),
+                        lora_registry: Optional[dict] = None,
+                        lora_scale_range: tuple[float, float] = (0.0, 2.0),
+                        max_loras_per_job: int = 4) -> "DiffusionStage":
         """``low_vram``: keep the DiT blocks in CPU memory and stream them to ``device`` one by
         one (official ``--num_persistent_param_in_dit 0``); slower, fits 24 GB cards.
         ``"prefetch"``: copy the next block on a side stream while one computes.
@@ -256,7 +265,12 @@ class DiffusionStage:
         of the first job pays the compile time.
         ``loras``: LoRA files merged into the DiT weights (official ``--lora_dir`` /
         ``--lora_scale``), each a path or ``{"path": ..., "scale": 1.0}``; relative paths are
-        under the models root. Distillation LoRAs want ``steps`` 4-8 and ``text_scale`` 1."""
+        under the models root. Distillation LoRAs want ``steps`` 4-8 and ``text_scale`` 1.
+        ``lora_registry``: ``{name: path}`` (or ``{name: {"path": ...}}``, relative to the
+        models root) of LoRAs a job may choose per request (``ChunkJob.loras``), applied
+        unmerged on top of the base without reloading it (:mod:`multitalk.modules.lora_runtime`);
+        read and checked against the DiT here. ``lora_scale_range`` / ``max_loras_per_job``
+        bound what a job may ask for."""
         compile_kwargs = _compile_kwargs(compile)
         if compile_kwargs is not None and low_vram:
             raise ValueError("compile and low_vram cannot be combined: the block streamer swaps weights "
@@ -289,11 +303,55 @@ class DiffusionStage:
             if low_vram not in (True, "prefetch"):
                 raise ValueError(f"low_vram must be true, false or 'prefetch', got {low_vram!r}")
             model._block_streamer = BlockStreamer(model, device, prefetch=low_vram == "prefetch")
+        runtime = None
+        if lora_registry:  # after quantisation and streaming (the hooks sit beside both), before compile
+            from .modules.lora_runtime import LoraRuntime, resolve_registry
+
+            runtime = LoraRuntime(model, device, _dtype(dtype), lora_scale_range, max_loras_per_job)
+            for name, path in resolve_registry(lora_registry, ckpt.root).items():
+                runtime.register(name, path)
         if attention_backend:
             model.set_attention_backend(attention_backend)
         if compile_kwargs is not None:
             model.compile_repeated_blocks(**compile_kwargs)
-        return cls(model, device, _dtype(dtype), batch_guidance=batch_guidance)
+        stage = cls(model, device, _dtype(dtype), batch_guidance=batch_guidance)
+        stage.lora_runtime, stage.compiled = runtime, compile_kwargs is not None
+        return stage
+
+    # ------------------------------------------------------------------ per-request LoRAs
+    def register_lora(self, name: str, path) -> dict:
+        """Add a named LoRA a job may choose (read and checked against the DiT now)."""
+        if self.lora_runtime is None:
+            if self.compiled:
+                raise RuntimeError("per-request LoRAs must be registered before torch.compile: pass "
+                                   "lora_registry to DiffusionStage.from_pretrained")
+            from .modules.lora_runtime import LoraRuntime
+
+            self.lora_runtime = LoraRuntime(self.model, self.device, self.dtype)
+        return self.lora_runtime.register(name, path).describe()
+
+    @property
+    def lora_names(self) -> list[str]:
+        return [] if self.lora_runtime is None else self.lora_runtime.names
+
+    def check_loras(self, spec) -> tuple:
+        """A job's LoRA spec → the canonical set this stage will apply; raises
+        :class:`multitalk.api.InputError` (field ``lora``) naming an unknown name or a bad scale."""
+        from .modules.lora_runtime import normalize_lora_set
+
+        if self.lora_runtime is None:
+            return normalize_lora_set(spec, known=())
+        return self.lora_runtime.normalize(spec)
+
+    def describe_loras(self, spec) -> list[dict]:
+        """The LoRAs a spec selects here: name, scale, file path, sha256, rank."""
+        lora_set = self.check_loras(spec)
+        return self.lora_runtime.describe(lora_set) if lora_set else []
+
+    def _apply_loras(self, job: ChunkJob) -> None:
+        lora_set = self.check_loras(job.loras)
+        if self.lora_runtime is not None:
+            self.lora_runtime.activate(lora_set)
 
     @property
     def lip_sync(self) -> bool:
@@ -361,7 +419,9 @@ class DiffusionStage:
         teacache = TeaCache(job.teacache_thresh, job.steps, job.size) if job.teacache_thresh > 0 else None
         denoise = self.denoiser(job, audio, image, text, teacache)
         timesteps = flow_timesteps(job.steps, job.shift)
+        self.check_loras(job.loras)  # an unknown name or bad scale fails before the lock
         with self._lock:
+            self._apply_loras(job)
             latent = sample(denoise, noise.to(self.device), timesteps, guidance,
                             motion_latents=None if image.motion_latents is None else image.motion_latents.to(self.device),
                             generator=generator, on_step=on_step, teacache=teacache,

@@ -1,4 +1,4 @@
-"""LoRA files for the DiT (the official ``--lora_dir`` / ``--lora_scale``), merged into the weights.
+"""LoRA files for the DiT (the official ``--lora_dir`` / ``--lora_scale``): reading and merging.
 
 The distillation LoRAs MultiTalk users run (FusionX, lightx2v) cut sampling to 4-8 steps
 with text guidance 1, i.e. two DiT passes per step instead of three: about 7-10x fewer
@@ -13,17 +13,22 @@ forwards per clip. They ship as safetensors with the official DiT names under a
   ``up @ down · scale`` with no ``alpha / rank`` factor; matching it keeps the numbers the
   LoRA authors tuned for).
 
-Merging is strict where the official wrapper is silent: a key naming no parameter of the
-model, or a delta of the wrong shape, raises :class:`CheckpointError` naming it; a file with
-nothing to merge is an error too. The product is computed in float32 (the official one
-runs in the parameter dtype on GPUs) and added in the parameter's dtype.
+:func:`read_lora` parses a file strictly against a model where the official wrapper is
+silent: a key naming no parameter of the model, or a delta of the wrong shape, raises
+:class:`CheckpointError` naming it; a file with nothing to apply is an error too. The
+parsed :class:`LoraFile` is what both users apply: :func:`merge_lora` (into the weights, at
+load) and :mod:`multitalk.modules.lora_runtime` (per request, without touching the base).
+Merged products are computed in float32 (the official one runs in the parameter dtype on
+GPUs) and added in the parameter's dtype.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -45,6 +50,57 @@ class LoraReport:
     ignored: list[str] = field(default_factory=list)
 
 
+@dataclass
+class LoraDelta:
+    """One parameter's change from one file: low rank ``up [out, r] @ down [r, in]`` or
+    ``full`` (the parameter's shape). ``key`` is the file key it came from (for messages)."""
+
+    param: str
+    key: str
+    down: Optional[torch.Tensor] = None
+    up: Optional[torch.Tensor] = None
+    full: Optional[torch.Tensor] = None
+
+    @property
+    def low_rank(self) -> bool:
+        return self.full is None
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.down is None else int(self.down.shape[0])
+
+    def dense(self, device: "torch.device | str") -> torch.Tensor:
+        """The delta as a float32 tensor of the parameter's shape, on ``device``."""
+        if self.full is not None:
+            return self.full.float().to(device)
+        return self.up.float().to(device) @ self.down.float().to(device)
+
+
+@dataclass
+class LoraFile:
+    """A LoRA file checked against one model: its deltas in file-key order."""
+
+    path: str
+    deltas: list[LoraDelta]
+    ignored: list[str] = field(default_factory=list)
+
+    @property
+    def rank(self) -> int:
+        return max((d.rank for d in self.deltas), default=0)
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [t for d in self.deltas for t in (d.down, d.up, d.full) if t is not None]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def sha256(self) -> str:
+        digest = hashlib.sha256()
+        with open(self.path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(block)
+        return digest.hexdigest()
+
+
 def _param_name(key: str) -> str:
     for prefix in _PREFIXES:
         if key.startswith(prefix):
@@ -52,35 +108,34 @@ def _param_name(key: str) -> str:
     return key
 
 
-@torch.no_grad()
-def merge_lora(model: torch.nn.Module, path: str | os.PathLike, scale: float = 1.0) -> LoraReport:
-    """Add the LoRA at ``path`` (safetensors) times ``scale`` into ``model``'s weights, in place."""
+def read_lora(model: torch.nn.Module, path: str | os.PathLike) -> LoraFile:
+    """Read the LoRA at ``path`` (safetensors) and check every key and shape against ``model``.
+
+    Raises :class:`CheckpointError` naming the first problem; ``model`` is not changed.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"LoRA file not found: {path}")
-    with open_tensors(path) as items:  # tensors are read lazily: merge while the file is open
-        return _merge(model, path, {key: load for key, load, _ in items}, float(scale))
+    with open_tensors(path) as items:
+        tensors = {key: load for key, load, _ in items}
+        return _parse(model, path, tensors)
 
 
-def _merge(model: torch.nn.Module, path: Path, tensors: dict, scale: float) -> LoraReport:
-    params = dict(model.named_parameters())
-    report = LoraReport(str(path), scale)
+def _parse(model: torch.nn.Module, path: Path, tensors: dict) -> LoraFile:
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    lora = LoraFile(str(path), [])
     unmatched: list[str] = []
     used: set[str] = set()
 
     def target(key: str, suffix: str, replacement: str) -> str:
         name = _param_name(key)[: -len(suffix)] + replacement
-        if name not in params:
+        if name not in shapes:
             raise CheckpointError(f"{path}: LoRA key {key!r} names {name!r}, which the DiT does not have")
         return name
 
-    def add(name: str, delta: torch.Tensor, key: str) -> None:
-        param = params[name]
-        if tuple(delta.shape) != tuple(param.shape):
-            raise CheckpointError(f"{path}: LoRA key {key!r} gives a delta of shape {tuple(delta.shape)} for "
-                                  f"{name!r} of shape {tuple(param.shape)}")
-        param.add_((delta.float().to(param.device) * scale).to(param.dtype))
-        report.merged.append(name)
+    def wrong_shape(key: str, name: str, shape) -> CheckpointError:
+        return CheckpointError(f"{path}: LoRA key {key!r} gives a delta of shape {tuple(shape)} for "
+                               f"{name!r} of shape {shapes[name]}")
 
     for key in sorted(tensors):
         if key in used:
@@ -91,17 +146,25 @@ def _merge(model: torch.nn.Module, path: Path, tensors: dict, scale: float) -> L
                 if up_key not in tensors:
                     raise CheckpointError(f"{path}: {key!r} has no matching {up_key!r}")
                 name = target(key, down_suffix, ".weight")
-                down, up = tensors[key]().float(), tensors[up_key]().float()
-                add(name, up.to(params[name].device) @ down.to(params[name].device), key)
+                down, up = tensors[key](), tensors[up_key]()
+                if down.dim() != 2 or up.dim() != 2 or up.shape[1] != down.shape[0]:
+                    raise CheckpointError(f"{path}: {key!r} {tuple(down.shape)} and {up_key!r} {tuple(up.shape)} "
+                                          f"are not a [r, in] / [out, r] pair")
+                if (up.shape[0], down.shape[1]) != shapes[name]:
+                    raise wrong_shape(key, name, (up.shape[0], down.shape[1]))
+                lora.deltas.append(LoraDelta(name, key, down=down, up=up))
                 used.update((key, up_key))
                 break
         else:
-            if key.endswith(".diff_b"):
-                add(target(key, ".diff_b", ".bias"), tensors[key](), key)
-            elif key.endswith(".diff"):
-                add(target(key, ".diff", ".weight"), tensors[key](), key)
+            if key.endswith(".diff_b") or key.endswith(".diff"):
+                suffix, replacement = (".diff_b", ".bias") if key.endswith(".diff_b") else (".diff", ".weight")
+                name = target(key, suffix, replacement)
+                full = tensors[key]()
+                if tuple(full.shape) != shapes[name]:
+                    raise wrong_shape(key, name, full.shape)
+                lora.deltas.append(LoraDelta(name, key, full=full))
             elif key.endswith(".alpha"):
-                report.ignored.append(key)
+                lora.ignored.append(key)
             elif any(key.endswith(up) for _, up in _PAIRS):
                 continue  # an up half whose down half is missing: reported below
             else:
@@ -111,9 +174,24 @@ def _merge(model: torch.nn.Module, path: Path, tensors: dict, scale: float) -> L
     if unmatched:
         shown = ", ".join(repr(k) for k in unmatched[:5])
         raise CheckpointError(f"{path}: {len(unmatched)} key(s) are not LoRA weights for the DiT: {shown}")
-    if not report.merged:
+    if not lora.deltas:
         raise CheckpointError(f"{path}: nothing to merge (expected diffusion_model.<param>.lora_down/lora_up, "
                               f".diff or .diff_b keys)")
-    logger.info("LoRA %s (scale %g): %d parameters merged, %d alpha keys ignored", path.name, scale,
+    return lora
+
+
+@torch.no_grad()
+def merge_lora(model: torch.nn.Module, path: "str | os.PathLike | LoraFile", scale: float = 1.0) -> LoraReport:
+    """Add the LoRA at ``path`` (safetensors, or an already read :class:`LoraFile`) times
+    ``scale`` into ``model``'s weights, in place."""
+    lora = path if isinstance(path, LoraFile) else read_lora(model, path)
+    scale = float(scale)
+    params = dict(model.named_parameters())
+    report = LoraReport(lora.path, scale, ignored=list(lora.ignored))
+    for delta in lora.deltas:
+        param = params[delta.param]
+        param.add_((delta.dense(param.device) * scale).to(param.dtype))
+        report.merged.append(delta.param)
+    logger.info("LoRA %s (scale %g): %d parameters merged, %d alpha keys ignored", Path(lora.path).name, scale,
                 len(report.merged), len(report.ignored))
     return report

@@ -92,6 +92,11 @@ class BlockStreamer:
             return output
         return hook
 
+    def discard_staged(self) -> None:
+        """Forget device copies made ahead of use (their host weights have just changed,
+        e.g. a LoRA merged in place); the next forward copies afresh."""
+        self._staged.clear()
+
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
