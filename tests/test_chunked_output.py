@@ -133,7 +133,8 @@ def test_a_streaming_job_hands_over_its_first_chunk_while_later_chunks_are_gener
     assert result.chunks == 4 and [s.index for s in segments] == [0, 1, 2, 3]
     first = events.index(("segment decoded", 0, 17))
     assert first < events.index(("sample finished", 1)) < events.index(("sample started", 3))
-    assert [s.frames_so_far for s in segments] == [17, 29, 41, 53] == [e[2] for e in events if e[0] == "segment decoded"]
+    decoded = [e[2] for e in events if e[0] == "segment decoded"]
+    assert [s.frames_so_far for s in segments] == [17, 29, 41, 53] == decoded
     assert probe_mp4(segments[0].init + b"".join(s.data for s in segments))["num_frames"] == result.num_frames == 53
     pipe.stages.diffusion.sample = original_sample
     assert pipe.generate(request).video == result.video
@@ -144,5 +145,6 @@ def test_playlist_text_is_plain_hls():
 
     text = hls_playlist([ChunkSegment(0, b"", b"", 81, 81, 0.0, 3.24)], ended=False, init_uri="i.mp4",
                         segment_uri="/v1/jobs/x/chunks/{index}")
-    assert text.splitlines()[:3] == ["#EXTM3U", "#EXT-X-VERSION:7", "#EXT-X-TARGETDURATION:4"]
+    assert text.splitlines()[:4] == ["#EXTM3U", "#EXT-X-VERSION:7", "#EXT-X-PLAYLIST-TYPE:EVENT",
+                                     "#EXT-X-TARGETDURATION:4"]
     assert "/v1/jobs/x/chunks/0" in text and json.dumps(text)

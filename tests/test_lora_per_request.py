@@ -50,8 +50,8 @@ def _with_everywhere_lora(path, seed=5):
 @pytest.fixture(scope="module")
 def lora_files(tiny_official):
     root = tiny_official / "loras"
-    a = save_tiny_lora(root / "a.safetensors", seed=1)
-    b = save_tiny_lora(root / "b.safetensors", seed=2, rank=6)
+    save_tiny_lora(root / "a.safetensors", seed=1)
+    save_tiny_lora(root / "b.safetensors", seed=2, rank=6)
     c = _with_everywhere_lora(root / "c.safetensors")
     return {"a": "loras/a.safetensors", "b": "loras/b.safetensors", "c": str(c)}
 

@@ -35,7 +35,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -256,9 +256,6 @@ class LoraRuntime:
         streamer = getattr(self.model, "_block_streamer", None)
         if streamer is not None:
             streamer.discard_staged()
-
-    def hooked_linears(self) -> Iterator[tuple[str, nn.Linear]]:
-        return iter(self._linears.items())
 
 
 def resolve_registry(registry: Mapping[str, Any], root: "str | os.PathLike") -> dict[str, Path]:

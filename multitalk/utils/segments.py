@@ -39,7 +39,7 @@ import subprocess
 import tempfile
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -73,14 +73,14 @@ def hls_playlist(segments: Sequence[ChunkSegment], ended: bool, init_uri: str = 
                  segment_uri: str = "segment_{index}.m4s") -> str:
     """An HLS media playlist (fMP4 segments, ``EXT-X-MAP`` = the init) of ``segments``.
 
-    ``ended``: the job is finished (``EXT-X-ENDLIST``); otherwise players poll for more.
+    ``ended``: the job is finished (type ``VOD``, ``EXT-X-ENDLIST``); otherwise the type is
+    ``EVENT`` (segments are only ever appended) and players reload it for more.
     ``segment_uri`` is formatted with ``index``.
     """
     target = max([1] + [int(-(-s.duration // 1)) for s in segments])
-    lines = ["#EXTM3U", "#EXT-X-VERSION:7", f"#EXT-X-TARGETDURATION:{target}", "#EXT-X-MEDIA-SEQUENCE:0",
-             "#EXT-X-INDEPENDENT-SEGMENTS", f'#EXT-X-MAP:URI="{init_uri}"']
-    if ended:
-        lines.insert(2, "#EXT-X-PLAYLIST-TYPE:VOD")
+    lines = ["#EXTM3U", "#EXT-X-VERSION:7", f"#EXT-X-PLAYLIST-TYPE:{'VOD' if ended else 'EVENT'}",
+             f"#EXT-X-TARGETDURATION:{target}", "#EXT-X-MEDIA-SEQUENCE:0", "#EXT-X-INDEPENDENT-SEGMENTS",
+             f'#EXT-X-MAP:URI="{init_uri}"']
     for segment in segments:
         lines += [f"#EXTINF:{segment.duration:.3f},", segment_uri.format(index=segment.index)]
     if ended:
@@ -411,7 +411,8 @@ class SegmentedMp4Writer:
         tracks = [(1, "vide", VIDEO_TIMESCALE, _avc1(self._avcc, self.width, self.height), self.width, self.height)]
         if self._audio is not None:
             a = self._audio
-            tracks.append((2, "soun", a.sample_rate, _mp4a(a.config, a.sample_rate, a.channels, self.audio_bitrate), 0, 0))
+            entry = _mp4a(a.config, a.sample_rate, a.channels, self.audio_bitrate)
+            tracks.append((2, "soun", a.sample_rate, entry, 0, 0))
         return _init_segment(tracks)
 
     def _make_segment(self, index: int) -> ChunkSegment:
