@@ -181,7 +181,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
 
-    plain = build_model(args.dim, args.layers).to(args.device, dtype)
+    plain = build_model(args.dim, args.layers)
+    if args.device != "cpu" or dtype != torch.float32:
+        plain = plain.to(args.device, dtype)
     unmerged_model = copy.deepcopy(plain)
     inputs = {k: v.to(args.device) for k, v in make_inputs(plain, tuple(args.grid)).items()}
     tokens = args.grid[0] * args.grid[1] * args.grid[2] // 4
@@ -200,33 +202,40 @@ def main() -> None:
 
     with torch.no_grad():
         reference = plain(**inputs)
-        switch = {"unmerged": {}, "merge on switch": {}}
-        switch["unmerged"]["none→A"] = timed(lambda: runtime.activate([("a", 1.0)]))
-        switch["merge on switch"]["none→A"] = timed(lambda: merging.activate(((lora_a, 1.0),)))
+        runtime.activate([("a", 1.0)])
+        merging.activate(((lora_a, 1.0),))
         out_unmerged_a, out_merged_a = unmerged_model(**inputs), plain(**inputs)
-        switch["unmerged"]["A→B"] = timed(lambda: runtime.activate([("b", 1.0)]))
-        switch["merge on switch"]["A→B"] = timed(lambda: merging.activate(((lora_b, 1.0),)))
-        switch["unmerged"]["B→none"] = timed(lambda: runtime.activate(()))
-        switch["merge on switch"]["B→none"] = timed(lambda: merging.activate(()))
+        runtime.activate([("b", 1.0)])
+        merging.activate(((lora_b, 1.0),))
+        runtime.activate(())
+        merging.activate(())
         exact_unmerged = torch.equal(unmerged_model(**inputs), reference)
         exact_merged = torch.equal(plain(**inputs), reference)
         original_bytes = merging.original_bytes
 
-        # Per forward, interleaved so machine load drifts hit every case alike.
+        # Interleaved repeats, so machine load drifts hit every case alike; each case keeps
+        # its fastest time (on a shared machine other load only ever adds time).
+        steps = {"none→A": ((("a", 1.0),), ((lora_a, 1.0),)), "A→B": ((("b", 1.0),), ((lora_b, 1.0),)),
+                 "B→none": ((), ())}
+        switch = {"unmerged": {k: [] for k in steps}, "merge on switch": {k: [] for k in steps}}
         cases = {"plain": [], "unmerged idle": [], "unmerged, A active": [], "merged A (merge on switch)": []}
         for _ in range(args.repeats):
-            runtime.activate(())
-            merging.activate(())
+            for step, (spec, files) in steps.items():
+                switch["unmerged"][step].append(timed(lambda: runtime.activate(spec)))
+                switch["merge on switch"][step].append(timed(lambda: merging.activate(files)))
             cases["plain"].append(timed(lambda: plain(**inputs)))
             cases["unmerged idle"].append(timed(lambda: unmerged_model(**inputs)))
             runtime.activate([("a", 1.0)])
             merging.activate(((lora_a, 1.0),))
             cases["unmerged, A active"].append(timed(lambda: unmerged_model(**inputs)))
             cases["merged A (merge on switch)"].append(timed(lambda: plain(**inputs)))
+            runtime.activate(())
+            merging.activate(())
+        switch = {mech: {k: min(v) for k, v in row.items()} for mech, row in switch.items()}
 
     agree = ((out_unmerged_a - out_merged_a).abs().max() / out_merged_a.abs().max()).item()
     lora_effect = ((out_merged_a - reference).abs().max() / reference.abs().max()).item()
-    print("\nswitch time (s)            none→A    A→B     B→none")
+    print(f"\nswitch time (s, best of {args.repeats})   none→A    A→B     B→none")
     for mech, row in switch.items():
         print(f"  {mech:<24} {row['none→A']:7.3f} {row['A→B']:7.3f} {row['B→none']:8.3f}")
     # The fastest of the repeats: on a shared machine, other load only ever adds time.
