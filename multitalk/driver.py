@@ -242,6 +242,7 @@ async def generate(
     timer = _Timer()
     emit = progress or (lambda p: None)
     started = time.perf_counter()
+    lora_set = normalize_lora_set(request.loras)  # syntax here; names and scales at the Diffusion stage
     emit(Progress("prepare", message="decoding inputs"))
     prep, _ = await asyncio.gather(asyncio.to_thread(prepare_inputs, request, limits), stages.prepare())
     timer.add("prepare", time.perf_counter() - started)
@@ -256,7 +257,6 @@ async def generate(
     negative = s.negative_prompt if s.negative_prompt is not None else DEFAULT_NEGATIVE_PROMPT
     lat_hw = tuple(prep.ref_masks.shape[-2:])
     total_steps = s.steps * len(plan.starts)
-    lora_set = normalize_lora_set(request.loras)  # syntax here; names and scales at the Diffusion stage
 
     # The encoders are independent: start all three, await none of them here.
     t_enc = time.perf_counter()

@@ -148,3 +148,13 @@ def test_playlist_text_is_plain_hls():
     assert text.splitlines()[:4] == ["#EXTM3U", "#EXT-X-VERSION:7", "#EXT-X-PLAYLIST-TYPE:EVENT",
                                      "#EXT-X-TARGETDURATION:4"]
     assert "/v1/jobs/x/chunks/0" in text and json.dumps(text)
+
+
+def test_a_silent_video_makes_a_video_only_stream(tmp_path):
+    writer = SegmentedMp4Writer(H + 1, W, [5, 4], None, 25, preset="veryfast")  # odd height: padded, as the mp4
+    writer.write(np.zeros((5, H + 1, W, 3), np.uint8))
+    first = writer.wait_segment(0, timeout=60)
+    writer.write(np.zeros((6, H + 1, W, 3), np.uint8))  # two frames too many: dropped
+    segments = writer.close()
+    info = probe_mp4(first.init + b"".join(s.data for s in segments))
+    assert info["num_frames"] == 9 and info["audio_codec"] is None and (info["height"], info["width"]) == (H + 2, W)

@@ -34,6 +34,7 @@ CRF the stream is larger (``bench/first_chunk.py`` prints the ratio), and a plai
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import subprocess
 import tempfile
@@ -309,8 +310,14 @@ class SegmentedMp4Writer:
                 return self.segments[index]
             raise RuntimeError(f"segment {index} was never completed: {self._failure()}")
 
+    def forget(self, index: int) -> None:
+        """Drop segment ``index``'s bytes once they are handed on (its metadata stays, for
+        :meth:`playlist`), so a long video's stream does not pile up here."""
+        with self._done:
+            self.segments[index] = dataclasses.replace(self.segments[index], data=b"")
+
     def close(self) -> list[ChunkSegment]:
-        """Finish the stream; returns all segments (each delivered by now)."""
+        """Finish the stream; returns all segments (complete by now; forgotten ones without data)."""
         try:
             try:
                 self._process.stdin.close()
@@ -444,8 +451,9 @@ class SegmentFeed:
     """Hands each finished chunk's segment to ``on_chunk`` in order, from the event loop,
     without holding up the next chunk: after each chunk is written, :meth:`after_write`
     schedules a delivery that waits (in a worker thread) for the segment to complete and
-    then calls ``on_chunk(segment)`` (awaited if it returns an awaitable). :meth:`finish`
-    waits for the last delivery and re-raises a callback's error."""
+    then calls ``on_chunk(segment)`` (awaited if it returns an awaitable) and lets the
+    writer forget the segment's bytes. :meth:`finish` waits for the last delivery and
+    re-raises a callback's error."""
 
     def __init__(self, writer: SegmentedMp4Writer, on_chunk: Callable[[ChunkSegment], Any]):
         self.writer, self.on_chunk = writer, on_chunk
@@ -464,6 +472,7 @@ class SegmentFeed:
         result = self.on_chunk(segment)
         if hasattr(result, "__await__"):
             await result
+        self.writer.forget(index)
 
     async def finish(self) -> None:
         self.after_write()
