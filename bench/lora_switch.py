@@ -132,6 +132,13 @@ def timed(fn) -> float:
     return time.perf_counter() - started
 
 
+def second_of_two(fn) -> float:
+    """Time the second of two runs: the first after a switch pays page faults for the
+    memory the switch freed (glibc hands big blocks back), which would bias the order."""
+    fn()
+    return timed(fn)
+
+
 def _sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -214,7 +221,8 @@ def main() -> None:
         original_bytes = merging.original_bytes
 
         # Interleaved repeats, so machine load drifts hit every case alike; each case keeps
-        # its fastest time (on a shared machine other load only ever adds time).
+        # its fastest time (on a shared machine other load only ever adds time), and each
+        # forward is timed warm (second_of_two).
         steps = {"none→A": ((("a", 1.0),), ((lora_a, 1.0),)), "A→B": ((("b", 1.0),), ((lora_b, 1.0),)),
                  "B→none": ((), ())}
         switch = {"unmerged": {k: [] for k in steps}, "merge on switch": {k: [] for k in steps}}
@@ -223,12 +231,12 @@ def main() -> None:
             for step, (spec, files) in steps.items():
                 switch["unmerged"][step].append(timed(lambda: runtime.activate(spec)))
                 switch["merge on switch"][step].append(timed(lambda: merging.activate(files)))
-            cases["plain"].append(timed(lambda: plain(**inputs)))
-            cases["unmerged idle"].append(timed(lambda: unmerged_model(**inputs)))
+            cases["plain"].append(second_of_two(lambda: plain(**inputs)))
+            cases["unmerged idle"].append(second_of_two(lambda: unmerged_model(**inputs)))
             runtime.activate([("a", 1.0)])
             merging.activate(((lora_a, 1.0),))
-            cases["unmerged, A active"].append(timed(lambda: unmerged_model(**inputs)))
-            cases["merged A (merge on switch)"].append(timed(lambda: plain(**inputs)))
+            cases["unmerged, A active"].append(second_of_two(lambda: unmerged_model(**inputs)))
+            cases["merged A (merge on switch)"].append(second_of_two(lambda: plain(**inputs)))
             runtime.activate(())
             merging.activate(())
         switch = {mech: {k: min(v) for k, v in row.items()} for mech, row in switch.items()}

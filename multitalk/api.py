@@ -64,6 +64,17 @@ class Limits:
 
 
 @dataclass
+class LoraChoice:
+    """One LoRA a job asks for, by the name the deployment registered it under
+    (``DiffusionStage.from_pretrained(lora_registry=...)``), and its strength."""
+
+    __pydantic_config__ = {"extra": "forbid"}
+
+    name: str
+    scale: float = 1.0
+
+
+@dataclass
 class SamplingOptions:
     """Sampler settings; defaults are the official ``generate_multitalk.py`` ones."""
 
@@ -111,9 +122,9 @@ class GenerationRequest:
     color_correction: float = 1.0
     max_frames: int = 1000
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
-    # LoRAs for this job by registered name: [{"name": ..., "scale": 1.0}] or (name, scale)
-    # pairs; the Diffusion stage applies them on top of the loaded base (no reload).
-    loras: list = field(default_factory=list)
+    # LoRAs for this job by registered name (dicts {"name", "scale"} and (name, scale) pairs
+    # are accepted too); the Diffusion stage applies them on top of the loaded base, no reload.
+    loras: list[LoraChoice] = field(default_factory=list)
 
     def replace(self, **changes) -> "GenerationRequest":
         return dataclasses.replace(self, **changes)

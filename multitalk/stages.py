@@ -336,7 +336,7 @@ class DiffusionStage:
 
     def check_loras(self, spec) -> tuple:
         """A job's LoRA spec → the canonical set this stage will apply; raises
-        :class:`multitalk.api.InputError` (field ``lora``) naming an unknown name or a bad scale."""
+        :class:`multitalk.api.InputError` (field ``loras``) naming an unknown name or a bad scale."""
         from .modules.lora_runtime import normalize_lora_set
 
         if self.lora_runtime is None:

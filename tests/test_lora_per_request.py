@@ -102,7 +102,7 @@ def test_unknown_names_and_bad_scales_are_input_errors_naming_them(stage):
     job, audio, image, text = _job(loras=(("nope", 1.0),))
     with pytest.raises(InputError, match="unknown LoRA 'nope'.*'a', 'b', 'c'") as e:
         stage.sample(job, audio, image, text)
-    assert e.value.field == "lora" and e.value.status == 422
+    assert e.value.field == "loras" and e.value.status == 422
     with pytest.raises(InputError, match="scale 2.5 of LoRA 'a' is outside \\[0, 2\\]"):
         stage.check_loras([{"name": "a", "scale": 2.5}])
     with pytest.raises(InputError, match="scale nan"):
@@ -209,14 +209,14 @@ def test_compiled_stage_applies_sets_without_recompiling_between_sets_of_one_ran
 
 
 def test_the_pipeline_reports_the_set_it_used(tiny_official, lora_files, fixtures_dir):
-    from multitalk.api import GenerationRequest, SamplingOptions
+    from multitalk.api import GenerationRequest, LoraChoice, SamplingOptions
     from multitalk.pipeline import MultiTalkPipeline
 
     pipe = MultiTalkPipeline.from_pretrained(str(tiny_official), lora_registry=lora_files)
     single = fixtures_dir / "single"
     request = dict(image=(single / "single1.png").read_bytes(), audio=[(single / "1.wav").read_bytes()],
                    size="multitalk-32", frames=9, sampling=SamplingOptions(steps=1), color_correction=0.0)
-    with_lora = pipe.generate(GenerationRequest(**request, loras=[{"name": "a", "scale": 0.5}]))
+    with_lora = pipe.generate(GenerationRequest(**request, loras=[LoraChoice("a", 0.5)]))
     plain = pipe.generate(GenerationRequest(**request))
     assert with_lora.loras == [{"name": "a", "scale": 0.5}] and plain.loras == []
     assert with_lora.video != plain.video

@@ -41,7 +41,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..api import InputError
+from ..api import InputError, LoraChoice
 from ..checkpoints.lora import LoraDelta, LoraFile, read_lora
 from .loading import CheckpointError
 
@@ -51,7 +51,7 @@ LoraSet = tuple[tuple[str, float], ...]  # canonical: sorted by name, float scal
 
 DEFAULT_SCALE_RANGE = (0.0, 2.0)
 DEFAULT_MAX_LORAS = 4
-REQUEST_FIELD = "lora"  # the request field an InputError about the set names
+REQUEST_FIELD = "loras"  # the request field an InputError about the set names (GenerationRequest.loras)
 
 # Linears whose weights the DiT uses through F.linear (fp32 paths), not by calling the
 # module: a forward hook on them would never run, so their deltas are merged in place.
@@ -64,15 +64,16 @@ def normalize_lora_set(spec: Any, known: Optional[Iterable[str]] = None,
                        max_loras: int = DEFAULT_MAX_LORAS) -> LoraSet:
     """A request's LoRA choice → the canonical :data:`LoraSet`.
 
-    ``spec``: ``None``/empty, or a sequence of ``(name, scale)`` pairs, ``{"name", "scale"}``
-    dicts or bare names (scale 1). ``known``: the registered names (``None``: check the
-    syntax only, e.g. in the driver). Sorted by name, so ``[a, b]`` and ``[b, a]`` are one
-    set (one result, one multiplexing id). Raises :class:`InputError` on field ``lora``
-    naming the unknown name, the out-of-range scale, a repeated name or too many LoRAs.
+    ``spec``: ``None``/empty, or a sequence of :class:`multitalk.api.LoraChoice`,
+    ``(name, scale)`` pairs, ``{"name", "scale"}`` dicts or bare names (scale 1).
+    ``known``: the registered names (``None``: check the syntax only, e.g. in the driver).
+    Sorted by name, so ``[a, b]`` and ``[b, a]`` are one set (one result, one multiplexing
+    id). Raises :class:`InputError` (422) on field ``loras`` naming the unknown name, the
+    out-of-range scale, a repeated name or too many LoRAs.
     """
     if not spec:
         return ()
-    if isinstance(spec, (str, dict)) or not isinstance(spec, Iterable):
+    if isinstance(spec, (str, Mapping, LoraChoice)) or not isinstance(spec, Iterable):
         spec = [spec]
     chosen: dict[str, float] = {}
     for item in spec:
@@ -98,6 +99,8 @@ def normalize_lora_set(spec: Any, known: Optional[Iterable[str]] = None,
 def _name_and_scale(item: Any) -> tuple[str, float]:
     if isinstance(item, str):
         name, scale = item, 1.0
+    elif isinstance(item, LoraChoice):
+        name, scale = item.name, item.scale
     elif isinstance(item, Mapping):
         if "name" not in item or set(item) - {"name", "scale"}:
             raise InputError(REQUEST_FIELD, f"each LoRA is {{name, scale}}, got {dict(item)!r}")
