@@ -63,3 +63,15 @@ def test_load_memory_bench_runs_and_reports_both_loaders():
             if line.split()[:1] in (["ours"], ["naive"])}
     assert set(rows) == {"ours", "naive"}
     assert all(len(r) == 4 for r in rows.values())
+
+
+def test_lora_switch_bench_runs_small_and_both_mechanisms_agree():
+    out = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "lora_switch.py"), "--dim", "256", "--layers", "1", "--rank", "16",
+         "--grid", "2", "8", "16", "--repeats", "1"],
+        check=True, capture_output=True, text=True, timeout=300,
+    ).stdout
+    assert "bit for bit: unmerged True, merge on switch True" in out
+    agree = float(out.split("max rel diff ")[1].split()[0])
+    assert agree < 1e-5
+    assert "EXTRAPOLATION" in out and out.count("none→A") == 1
