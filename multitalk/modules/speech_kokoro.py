@@ -51,10 +51,12 @@ __all__ = [
     "SPLIT_PATTERN",
     "TINY_CONFIG",
     "TINY_VOICES",
+    "VOCAB_V1",
     "WEIGHTS_FILE",
     "build_model",
     "load_model",
     "load_voice",
+    "read_config",
     "save_tiny",
     "split_phonemes",
     "voice_names",
@@ -99,7 +101,7 @@ VOCAB_V1 = {
 #: ``config.json`` of the tiny test model. Kokoro's decoder has fixed widths (1024/512
 #: channels, a 512-wide text encoder and a 128+128 style) whatever the config says, so only
 #: the ALBERT, the layer counts, the generator's resblocks and the durations shrink: about
-#: 57 M parameters (230 MB in fp32, against 82 M for the real model). ``max_dur`` 4 gives
+#: 58 M parameters (232 MB in fp32, against 82 M for the real model). ``max_dur`` 4 gives
 #: random durations near 2 frames (50 ms) per phoneme, a speaking rate close to real speech.
 TINY_CONFIG = {
     "istftnet": {
