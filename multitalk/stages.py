@@ -38,7 +38,6 @@ logger = logging.getLogger(__name__)
 VAE_TEMPORAL_STRIDE = 4
 VAE_SPATIAL_STRIDE = 8
 AUDIO_WINDOW = 5  # audio frames around each video frame (official: indices -2..2)
-KOKORO_RATE = 24000  # Kokoro's output rate
 SPEECH_RATE = 16000  # wav2vec2's input rate
 
 
@@ -427,14 +426,20 @@ class SpeechStage:
         Raises :class:`InputError` for an unknown voice (listing the available ones), a
         malformed script, or a text that yields no speech.
         """
+        from .modules.speech_kokoro import SAMPLE_RATE as KOKORO_RATE
         from .utils.dialogue import lay_out_turns, parse_script
 
         for i, voice in enumerate(speech.voices, start=1):
             if voice not in self.tts.voices:
                 raise InputError(f"voice_{i}", f"unknown voice {voice!r}; available: {', '.join(self.voices)}")
         if speech.script is not None:
-            spoken = [(turn.speaker, self._speak(turn.text, speech.voices[turn.speaker - 1], speech.speed, "script"))
-                      for turn in parse_script(speech.script)]
+            turns = parse_script(speech.script)
+            for turn in turns:
+                if turn.speaker > len(speech.voices):
+                    raise InputError(f"voice_{turn.speaker}", f"the script has (s{turn.speaker}) turns but no "
+                                                              f"voice is given for speaker {turn.speaker}")
+            spoken = [(t.speaker, self._speak(t.text, speech.voices[t.speaker - 1], speech.speed, "script"))
+                      for t in turns]
             tracks = lay_out_turns(spoken, len(speech.voices))
         else:
             tracks = [self._speak(text, voice, speech.speed, f"text_{i}")

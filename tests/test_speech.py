@@ -181,6 +181,14 @@ def test_script_gives_the_official_turn_layout(stage):
     assert np.abs(tracks[1][:first]).max() < 1e-3 < np.abs(tracks[0][:first]).max()
 
 
+def test_the_stage_checks_voices_itself(stage):
+    with pytest.raises(InputError) as e:  # called directly, without the driver's checks
+        stage.synthesize(SpeechRequest(voices=["af_heart"], script="(s1) Hi. (s2) Hello."))
+    assert e.value.field == "voice_2"
+    with pytest.raises(InputError, match="unknown voice 'zz'; available: af_bella, af_heart, am_adam"):
+        stage.synthesize(SpeechRequest(voices=["zz"], texts=["Hi."]))
+
+
 def test_per_speaker_texts_are_separate_tracks(stage):
     tracks = stage.synthesize(SpeechRequest(voices=["af_heart", "am_adam"], texts=["Hello there.", "Hi."]))
     assert len(tracks) == 2 and len(tracks[0]) != len(tracks[1]) and all(t.dtype == np.float32 for t in tracks)
