@@ -185,9 +185,10 @@ async def generate(
     started = time.perf_counter()
     if request.speech is not None:
         request = await synthesize_speech(request, stages, limits, emit, timer)
+    prepare_started = time.perf_counter()
     emit(Progress("prepare", message="decoding inputs"))
     prep = await asyncio.to_thread(prepare_inputs, request, limits)
-    timer.add("prepare", time.perf_counter() - started)
+    timer.add("prepare", time.perf_counter() - prepare_started)
     plan = plan_chunks(prep.audio_frames, request.frames, request.mode,
                        request.motion_frames, request.frames if request.mode == "clip" else request.max_frames)
     warnings = []
