@@ -4,6 +4,8 @@
     multitalk check DIR                      # JSON report: which components are where
     multitalk explore DIR                    # what a models volume holds
     multitalk generate --models DIR --image IMG --audio WAV [--audio2 WAV] --prompt TEXT --out OUT.mp4
+    multitalk generate --models DIR --image IMG --text TEXT --voice af_heart --out OUT.mp4
+    multitalk generate --models DIR --image IMG --script "(s1) Hi! (s2) Hello." --voice af_heart --voice2 am_adam ...
     multitalk submit --url URL --image IMG --audio WAV [--wait] [--out OUT.mp4]
 
 The installed ``multitalk`` command is this parser plus the serving layer's ``serve`` and
@@ -29,7 +31,7 @@ def cmd_make_tiny(args) -> int:
     from .checkpoints.discovery import find_checkpoints
     from .checkpoints.tiny import make_tiny_weights
 
-    root = make_tiny_weights(args.dir, args.layout, args.seed)
+    root = make_tiny_weights(args.dir, args.layout, args.seed, speech=args.speech)
     print(json.dumps({"root": str(root), "kind": find_checkpoints(root).kind, "layout": args.layout}))
     return 0
 
@@ -55,14 +57,14 @@ def cmd_generate(args) -> int:
     from .api import GenerationRequest, InputError, SamplingOptions
     from .pipeline import MultiTalkPipeline
 
-    audio = [Path(args.audio).read_bytes()] + ([Path(args.audio2).read_bytes()] if args.audio2 else [])
+    audio, speech = _audio_or_speech(args)
     sampling = SamplingOptions(steps=args.steps, seed=args.seed, text_scale=args.text_scale,
                                audio_scale=args.audio_scale, shift=args.shift, use_apg=args.apg,
                                teacache_thresh=args.teacache)
     request = GenerationRequest(
         image=Path(args.image).read_bytes(), audio=audio, prompt=args.prompt, audio_type=args.audio_type,
         bbox=_bbox(args.bbox), mode=args.mode, frames=args.frames, size=args.size, sampling=sampling,
-        color_correction=args.color_correction,
+        color_correction=args.color_correction, speech=speech,
     )
     pipe = MultiTalkPipeline.from_pretrained(
         args.models, device=args.device, dtype=args.dtype, attention_backend=args.attention_backend,
@@ -88,12 +90,33 @@ def cmd_generate(args) -> int:
         return 2
     bar.close()
     Path(args.out).write_bytes(result.video)
+    if args.speech_out and result.speech_wav is not None:
+        Path(args.speech_out).write_bytes(result.speech_wav)
     for w in result.warnings:
         print(f"warning: {w}", file=sys.stderr)
     print(json.dumps({"out": args.out, "frames": result.num_frames, "fps": result.fps, "width": result.width,
                       "height": result.height, "chunks": result.chunks, "lip_sync": result.lip_sync,
                       "timings": result.timings}))
     return 0
+
+
+def _audio_or_speech(args):
+    """``--audio [--audio2]`` → audio bytes, or ``--text``/``--script`` with voices → a SpeechRequest."""
+    from .api import SpeechRequest
+
+    if args.audio and (args.text or args.script):
+        raise SystemExit("error: give --audio or --text/--script, not both")
+    if args.audio:
+        return [Path(args.audio).read_bytes()] + ([Path(args.audio2).read_bytes()] if args.audio2 else []), None
+    if not (args.text or args.script):
+        raise SystemExit("error: give --audio WAV, --text TEXT --voice NAME, or --script '(s1) ... (s2) ...'")
+    if not args.voice:
+        raise SystemExit("error: --text/--script need --voice (and --voice2 for a second speaker)")
+    voices = [args.voice] + ([args.voice2] if args.voice2 else [])
+    if args.script:
+        return [], SpeechRequest(voices=voices, script=args.script, speed=args.speed)
+    texts = [args.text] + ([args.text2] if args.text2 else [])
+    return [], SpeechRequest(voices=voices, texts=texts, speed=args.speed)
 
 
 def cmd_submit(args) -> int:
@@ -126,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("dir")
     s.add_argument("--layout", choices=["official", "diffusers"], default="official")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--no-speech", dest="speech", action="store_false",
+                   help="leave out the text-to-speech folder Kokoro-82M/ (about 230 MB)")
     s.set_defaults(fn=cmd_make_tiny)
 
     s = sub.add_parser("check", help="report which model components are present under a models root")
@@ -140,8 +165,15 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("generate", help="generate one video in this process")
     s.add_argument("--models", required=True)
     s.add_argument("--image", required=True)
-    s.add_argument("--audio", required=True)
+    s.add_argument("--audio", help="speaker 1's audio (or --text/--script)")
     s.add_argument("--audio2")
+    s.add_argument("--text", help="text for speaker 1 to say, instead of --audio (needs Kokoro-82M/)")
+    s.add_argument("--text2", help="text for speaker 2 (with --voice2)")
+    s.add_argument("--script", help="two-speaker dialogue '(s1) ... (s2) ...', instead of --audio")
+    s.add_argument("--voice", help="Kokoro voice of speaker 1, e.g. af_heart")
+    s.add_argument("--voice2", help="Kokoro voice of speaker 2, e.g. am_adam")
+    s.add_argument("--speed", type=float, default=1.0, help="speaking rate of the synthesised speech")
+    s.add_argument("--speech-out", help="with --text/--script: also write the synthesised speech (WAV) here")
     s.add_argument("--audio-type", choices=["add", "para"], default="add")
     s.add_argument("--bbox", nargs="+", metavar="R0,C0,R1,C1", help="per speaker, source pixels, rows first")
     s.add_argument("--prompt", default="")

@@ -4,6 +4,10 @@
     result = pipe.generate(GenerationRequest(image=png, audio=[wav], prompt="..."))
     open("out.mp4", "wb").write(result.video)
 
+    # text instead of audio (a Kokoro-82M/ folder under the models root):
+    speech = SpeechRequest(voices=["af_heart", "am_adam"], script="(s1) Hi there! (s2) Hello.")
+    result = pipe.generate(GenerationRequest(image=png, audio=[], speech=speech))
+
 The same stages and driver run under Ray Serve, one deployment per stage.
 """
 from __future__ import annotations
@@ -14,7 +18,7 @@ from typing import Optional
 from .api import GenerationRequest, GenerationResult, ProgressCallback
 from .checkpoints.discovery import CheckpointSet, find_checkpoints
 from .driver import Limits, LocalStages, generate
-from .stages import AudioStage, DecodeStage, DiffusionStage, ImageStage, TextStage
+from .stages import AudioStage, DecodeStage, DiffusionStage, ImageStage, SpeechStage, TextStage
 
 
 class MultiTalkPipeline:
@@ -40,11 +44,24 @@ class MultiTalkPipeline:
             DiffusionStage.from_pretrained(ckpt, device, dtype, attention_backend=attention_backend,
                                            **diffusion_options),
             DecodeStage.from_pretrained(ckpt, device, dtype, tiled=tiled_vae),
+            speech=load_speech_stage(ckpt, device),
         )
         return cls(stages, ckpt)
+
+    @property
+    def voices(self) -> list[str]:
+        """Text-to-speech voices (empty without a Kokoro-82M folder)."""
+        return self.stages.speech.voices if self.stages.speech is not None else []
 
     async def agenerate(self, request: GenerationRequest, progress: Optional[ProgressCallback] = None) -> GenerationResult:
         return await generate(request, self.stages, progress, self.limits)
 
     def generate(self, request: GenerationRequest, progress: Optional[ProgressCallback] = None) -> GenerationResult:
         return asyncio.run(self.agenerate(request, progress))
+
+
+def load_speech_stage(ckpt: CheckpointSet, device: str = "cpu") -> Optional[SpeechStage]:
+    """The text-to-speech stage when the models root has a Kokoro-82M folder, else ``None``
+    (jobs that give text are then refused with an :class:`~multitalk.api.InputError`)."""
+    speech = ckpt.components.get("speech")
+    return SpeechStage.from_pretrained(ckpt, device) if speech is not None and speech.found else None

@@ -13,6 +13,7 @@ ImageStage      CLIP vision + VAE encoder              pixels → :class:`ImageC
 TextStage       UMT5 (+ prompt-embedding cache)        prompts → :class:`TextEmbeddings`
 DiffusionStage  MultiTalk DiT + flow-matching sampler  :class:`ChunkJob` → latents
 DecodeStage     VAE decoder                            latents → pixels [3, T, H, W]
+SpeechStage     Kokoro-82M (optional, text to speech)  :class:`SpeechRequest` → 16 kHz tracks
 ==============  ====================================  ======================================
 """
 from __future__ import annotations
@@ -26,7 +27,8 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from .checkpoints.discovery import CheckpointSet, find_checkpoints
+from .api import InputError, SpeechRequest
+from .checkpoints.discovery import CheckpointSet, MissingCheckpointError, find_checkpoints
 from .utils.sampler import (
     COND, DROP_AUDIO, DROP_TEXT, UNCOND, Guidance, GuidanceConfig, TeaCache, flow_timesteps, sample,
 )
@@ -36,6 +38,7 @@ logger = logging.getLogger(__name__)
 VAE_TEMPORAL_STRIDE = 4
 VAE_SPATIAL_STRIDE = 8
 AUDIO_WINDOW = 5  # audio frames around each video frame (official: indices -2..2)
+SPEECH_RATE = 16000  # wav2vec2's input rate
 
 
 def _as_checkpoints(models: "str | CheckpointSet") -> CheckpointSet:
@@ -387,6 +390,75 @@ class DecodeStage:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """``[16, N_t, h, w]`` → ``[3, 1 + 4(N_t-1), 8h, 8w]`` float32 in [-1, 1] on CPU."""
         return self.vae.decode(latents[None].float(), tiled=self.tiled)[0].float().cpu()
+
+
+class SpeechStage:
+    """Kokoro-82M text to speech: per-speaker speech at 16 kHz (synthesised at 24 kHz).
+
+    Runs in fp32 whatever ``dtype`` says, as the official does (Kokoro's STFT and LSTMs
+    have no bf16 path worth having for an 82 M model).
+    """
+
+    def __init__(self, tts):
+        self.tts = tts
+
+    @classmethod
+    def from_pretrained(cls, models: "str | CheckpointSet", device: str = "cpu", dtype="float32") -> "SpeechStage":
+        from .modules.speech_kokoro import KokoroTTS
+
+        # Only the Kokoro folder is needed (a Speech replica may run where the DiT is not).
+        ckpt = models if isinstance(models, CheckpointSet) else find_checkpoints(models)
+        if "speech" not in ckpt.components:
+            raise MissingCheckpointError(f"speech not looked for under {ckpt.root}")
+        return cls(KokoroTTS.from_pretrained(ckpt.path("speech"), device=device))
+
+    @property
+    def voices(self) -> list[str]:
+        return self.tts.voice_names
+
+    def synthesize(self, speech: SpeechRequest) -> list[np.ndarray]:
+        """Per speaker float32 16 kHz speech.
+
+        With a ``script``: one track per voice, all of the same length, in the official turn
+        layout (each turn on its speaker's track, silence of the same length on the other,
+        laid out at 24 kHz and each track then resampled). With ``texts``: each speaker's
+        speech alone (the driver lays them out by the job's ``audio_type``).
+        Raises :class:`InputError` for an unknown voice (listing the available ones), a
+        malformed script, or a text that yields no speech.
+        """
+        from .modules.speech_kokoro import SAMPLE_RATE as KOKORO_RATE
+        from .utils.dialogue import lay_out_turns, parse_script
+
+        for i, voice in enumerate(speech.voices, start=1):
+            if voice not in self.tts.voices:
+                raise InputError(f"voice_{i}", f"unknown voice {voice!r}; available: {', '.join(self.voices)}")
+        if speech.script is not None:
+            turns = parse_script(speech.script)
+            for turn in turns:
+                if turn.speaker > len(speech.voices):
+                    raise InputError(f"voice_{turn.speaker}", f"the script has (s{turn.speaker}) turns but no "
+                                                              f"voice is given for speaker {turn.speaker}")
+            spoken = [(t.speaker, self._speak(t.text, speech.voices[t.speaker - 1], speech.speed, "script"))
+                      for t in turns]
+            tracks = lay_out_turns(spoken, len(speech.voices))
+        else:
+            tracks = [self._speak(text, voice, speech.speed, f"text_{i}")
+                      for i, (text, voice) in enumerate(zip(speech.texts or [], speech.voices), start=1)]
+        return [_resample(t, KOKORO_RATE, SPEECH_RATE) for t in tracks]
+
+    def _speak(self, text: str, voice: str, speed: float, field_name: str) -> np.ndarray:
+        audio = self.tts.synthesize(text, voice, speed)
+        if audio.shape[0] == 0:
+            raise InputError(field_name, f"{text[:40]!r} gives nothing to speak")
+        return audio
+
+
+def _resample(speech: np.ndarray, rate: int, target: int) -> np.ndarray:
+    """librosa's ``soxr_hq``, the resampler the official ``librosa.load(sr=16000)`` uses."""
+    import librosa
+
+    return np.ascontiguousarray(librosa.resample(speech, orig_sr=rate, target_sr=target, res_type="soxr_hq"),
+                                dtype=np.float32)
 
 
 # --------------------------------------------------------------------------- helpers
