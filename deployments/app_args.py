@@ -25,8 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from .diffusion_parallel import ParallelSettings
 from .service import ServiceSettings
 
-StageName = Literal["audio", "image", "text", "diffusion", "decode"]
-STAGE_NAMES: tuple[str, ...] = ("audio", "image", "text", "diffusion", "decode")
+StageName = Literal["audio", "image", "text", "diffusion", "decode", "speech"]
+STAGE_NAMES: tuple[str, ...] = ("audio", "image", "text", "diffusion", "decode", "speech")
 
 
 class StoreSettings(BaseModel):

@@ -70,7 +70,17 @@ def model_check(models_root: str) -> dict[str, Any]:
 
     report = find_checkpoints(models_root).report()
     report["ready"] = report.get("kind") != "incomplete"
+    report["speech_voices"] = speech_voices(models_root)
     return report
+
+
+def speech_voices(models_root: str) -> list[str]:
+    """The text-to-speech voices under ``models_root`` (empty without a Kokoro-82M folder)."""
+    from multitalk.checkpoints.discovery import find_checkpoints
+    from multitalk.modules.speech_kokoro import voice_names
+
+    speech = find_checkpoints(models_root).components.get("speech")
+    return voice_names(speech.path) if speech is not None and speech.found else []
 
 
 def volume_explore(models_root: str, path: str = "", max_depth: int = 3, max_entries: int = 500) -> dict[str, Any]:

@@ -105,6 +105,8 @@ class SpeechRequest:
     Errors name ``text_1``/``text_2``, ``script``, ``voice_1``/``voice_2`` or ``speed``.
     """
 
+    __pydantic_config__ = {"extra": "forbid"}
+
     voices: list[str]
     texts: Optional[list[str]] = None
     script: Optional[str] = None

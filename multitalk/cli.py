@@ -100,14 +100,16 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def _audio_or_speech(args):
-    """``--audio [--audio2]`` → audio bytes, or ``--text``/``--script`` with voices → a SpeechRequest."""
+def _audio_or_speech(args, read: bool = True):
+    """``--audio [--audio2]`` → audio bytes (``read=False``: the paths), or ``--text``/``--script``
+    with voices → a SpeechRequest."""
     from .api import SpeechRequest
 
     if args.audio and (args.text or args.script):
         raise SystemExit("error: give --audio or --text/--script, not both")
     if args.audio:
-        return [Path(args.audio).read_bytes()] + ([Path(args.audio2).read_bytes()] if args.audio2 else []), None
+        paths = [args.audio] + ([args.audio2] if args.audio2 else [])
+        return ([Path(a).read_bytes() for a in paths] if read else paths), None
     if not (args.text or args.script):
         raise SystemExit("error: give --audio WAV, --text TEXT --voice NAME, or --script '(s1) ... (s2) ...'")
     if not args.voice:
@@ -122,8 +124,12 @@ def _audio_or_speech(args):
 def cmd_submit(args) -> int:
     from .client import submit
 
-    status = submit(args.url, args.image, args.audio, audio2=args.audio2, prompt=args.prompt, wait=args.wait,
-                    out=args.out, options=json.loads(args.options) if args.options else None)
+    options = json.loads(args.options) if args.options else {}
+    audio, speech = _audio_or_speech(args, read=False)
+    if speech is not None:
+        options["speech"] = {k: v for k, v in vars(speech).items() if v is not None}
+    status = submit(args.url, args.image, *(audio or [None]), prompt=args.prompt, wait=args.wait,
+                    out=args.out, options=options or None)
     print(json.dumps(status, indent=2, default=str))
     return 0 if status.get("state", status.get("status")) not in ("FAILED", "CANCELLED") else 1
 
@@ -137,6 +143,16 @@ def _lora_spec(text: str) -> dict:
         except ValueError:
             pass
     return {"path": text, "scale": 1.0}
+
+
+def _speech_arguments(s: argparse.ArgumentParser) -> None:
+    """Text to speech instead of audio (generate and submit)."""
+    s.add_argument("--text", help="text for speaker 1 to say, instead of --audio (needs Kokoro-82M/)")
+    s.add_argument("--text2", help="text for speaker 2 (with --voice2)")
+    s.add_argument("--script", help="two-speaker dialogue '(s1) ... (s2) ...', instead of --audio")
+    s.add_argument("--voice", help="Kokoro voice of speaker 1, e.g. af_heart")
+    s.add_argument("--voice2", help="Kokoro voice of speaker 2, e.g. am_adam")
+    s.add_argument("--speed", type=float, default=1.0, help="speaking rate of the synthesised speech")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -167,12 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--image", required=True)
     s.add_argument("--audio", help="speaker 1's audio (or --text/--script)")
     s.add_argument("--audio2")
-    s.add_argument("--text", help="text for speaker 1 to say, instead of --audio (needs Kokoro-82M/)")
-    s.add_argument("--text2", help="text for speaker 2 (with --voice2)")
-    s.add_argument("--script", help="two-speaker dialogue '(s1) ... (s2) ...', instead of --audio")
-    s.add_argument("--voice", help="Kokoro voice of speaker 1, e.g. af_heart")
-    s.add_argument("--voice2", help="Kokoro voice of speaker 2, e.g. am_adam")
-    s.add_argument("--speed", type=float, default=1.0, help="speaking rate of the synthesised speech")
+    _speech_arguments(s)
     s.add_argument("--speech-out", help="with --text/--script: also write the synthesised speech (WAV) here")
     s.add_argument("--audio-type", choices=["add", "para"], default="add")
     s.add_argument("--bbox", nargs="+", metavar="R0,C0,R1,C1", help="per speaker, source pixels, rows first")
@@ -209,8 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("submit", help="submit a job to a running server")
     s.add_argument("--url", default="http://127.0.0.1:8000")
     s.add_argument("--image", required=True)
-    s.add_argument("--audio", required=True)
+    s.add_argument("--audio", help="speaker 1's audio: a local file (uploaded) or a reference (or --text/--script)")
     s.add_argument("--audio2")
+    _speech_arguments(s)
     s.add_argument("--prompt", default="")
     s.add_argument("--options", help="JSON object of extra job options (frames, steps, size, bbox ...)")
     s.add_argument("--wait", action="store_true")

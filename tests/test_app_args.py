@@ -16,7 +16,7 @@ import pipeline_graph
 from deployments.launcher import default_config_path
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("AudioEncoder", "ImageEncoder", "TextEncoder", "Diffusion", "VaeDecoder")
+STAGES = ("AudioEncoder", "ImageEncoder", "TextEncoder", "Diffusion", "VaeDecoder", "Speech")
 
 
 def _field(settings, name):

@@ -21,7 +21,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVE_CONFIGS = [ROOT / "serve_config.yaml", ROOT / "deployments" / "configs" / "serve_cpu.yaml"]
-NAMES = {"MultiTalkIngress", "AudioEncoder", "ImageEncoder", "TextEncoder", "Diffusion", "VaeDecoder"}
+NAMES = {"MultiTalkIngress", "AudioEncoder", "ImageEncoder", "TextEncoder", "Diffusion", "VaeDecoder",
+                 "Speech"}
 
 
 def _load(path: Path) -> dict:

@@ -92,8 +92,8 @@ async def _from_multipart(request: Request, service: JobService, tenant: Optiona
     audio_refs = [await _upload_or_reference(service, f"audio[{i}]", a, tenant) for i, a in enumerate(audios)]
     if not audio_refs:
         audio_refs = options.get("audio") or []
-    if not audio_refs:
-        raise InputError("audio", "missing audio file")
+    if not audio_refs and "speech" not in options:
+        raise InputError("audio", "missing audio file (or speech: text to speak)")
     return {**options, "image": image_ref, "audio": audio_refs}
 
 

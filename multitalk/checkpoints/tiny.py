@@ -158,18 +158,24 @@ def make_tiny_weights(root: str | os.PathLike, layout: str = "official", seed: i
     return root
 
 
+# Bumped whenever the embedded default set gains a component, so that an older cache is
+# not taken for a complete one.
+EMBEDDED_SET_VERSION = 2  # 2: with the Kokoro-82M text-to-speech folder
+
+
 def ensure_tiny_weights(cache_dir: str | os.PathLike | None = None, layout: str = "official") -> str:
-    """The embedded default's weights: generated once into ``cache_dir`` (safe if two
-    processes race: each builds in a private temp folder and the first rename wins)."""
+    """The embedded default's weights, every optional component included (text to speech):
+    generated once into ``cache_dir`` (safe if two processes race: each builds in a private
+    temp folder and the first rename wins)."""
     cache_dir = Path(cache_dir or os.environ.get("MULTITALK_CACHE", Path.home() / ".cache" / "multitalk-serve"))
-    target = cache_dir / f"tiny-{layout}"
+    target = cache_dir / f"tiny-{layout}-v{EMBEDDED_SET_VERSION}"
     if (target / "TINY_RANDOM_WEIGHTS.txt").exists():
         return str(target)
     cache_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix=f".tiny-{layout}-", dir=cache_dir))
     try:
-        make_tiny_weights(tmp, layout)
+        make_tiny_weights(tmp, layout, speech=True)
         try:
             tmp.rename(target)
         except OSError:
