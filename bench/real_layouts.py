@@ -469,10 +469,11 @@ def write_wav2vec2_folder(folder: Path, manifest: dict, files: str = "bin") -> N
 
 
 def _write_umt5_tokenizer(folder: Path) -> None:
-    """A tokenizer folder that discovery recognises (the tokenizer itself is not loaded by
-    the meta-device checks)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "T5Tokenizer"}))
+    """A loadable T5-style tokenizer folder (the project's tiny one: the real 4 MB
+    sentencepiece model is not needed to check the weights)."""
+    from multitalk.modules.text_encoder import _save_tiny_tokenizer
+
+    _save_tiny_tokenizer(folder)
 
 
 def main() -> None:
