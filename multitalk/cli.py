@@ -60,7 +60,7 @@ def cmd_check(args) -> int:
 
     options = PlanOptions(gpu_memory=parse_bytes(args.gpu_memory) if args.gpu_memory else None,
                           quantize=args.quantize, low_vram=args.low_vram, batch_guidance=args.batch_guidance,
-                          dtypes=parse_stage_dtypes(args.stage_dtype))
+                          dtypes=parse_stage_dtypes(args.stage_dtype), trace=not args.weights_only)
     print(f"{report['root']}: {report['kind']} ({report['base_layout']} layout), every component loads"
           + ("" if args.no_verify else " (checked on the meta device)"))
     print(format_plan(memory_plan(ckpt, options)))
@@ -193,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--low-vram", nargs="?", const=True, default=False, choices=["prefetch"], metavar="prefetch",
                    help="plan with the DiT blocks streamed from host RAM")
     s.add_argument("--batch-guidance", action="store_true", help="plan with the guidance passes batched")
+    s.add_argument("--weights-only", action="store_true",
+                   help="plan the weights only (instant; the activation estimates trace every stage: about a minute)")
     s.add_argument("--stage-dtype", action="append", default=[], metavar="STAGE=DTYPE",
                    help="plan with another dtype for a stage (dit, text, clip, vae, audio)")
     s.set_defaults(fn=cmd_check)

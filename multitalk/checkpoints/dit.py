@@ -133,6 +133,7 @@ def load_dit(
         cfg = {k: v for k, v in raw_cfg.items() if not k.startswith("_")}
         shards = _official_shards(base_dir)
         rename = lambda k: k  # noqa: E731 - the official names are ours
+        source_name = None
     elif layout == "diffusers":
         cfg = config_from_diffusers(raw_cfg)
         shards = sorted(base_dir.glob("diffusion_pytorch_model*.safetensors"))
@@ -160,12 +161,15 @@ def load_dit(
                 return None
             return mapping.get(k, k)  # unknown keys fail in load_strict
 
+        inverse = {v: k for k, v in mapping.items()}
+        source_name = lambda k: inverse.get(k, k)  # noqa: E731 - missing keys named as the files name them
+
     files = list(shards) + ([Path(adapter_file)] if adapter_file is not None else [])
     if adapter_file is not None:
         adapter_keys = read_keys(adapter_file)
         if not any(is_adapter_key(k) for k in adapter_keys):
             raise CheckpointError(f"{adapter_file} holds no MultiTalk adapter keys (audio_proj.*, *.audio_cross_attn.*)")
-    load_strict(model, files, rename=rename, device=device, dtype=dtype)
+    load_strict(model, files, rename=rename, device=device, dtype=dtype, source_name=source_name)
     model.eval().requires_grad_(False)
     params = sum(p.numel() for p in model.parameters())
     logger.info(

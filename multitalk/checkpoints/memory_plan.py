@@ -184,14 +184,14 @@ def _fake(obj, *modules):
     return obj
 
 
-def _audio_peak(ckpt: CheckpointSet, dtype: torch.dtype) -> int:
+def _audio_peak(ckpt: CheckpointSet, dtype: torch.dtype, frames: int = FRAMES) -> int:
     import numpy as np
 
     from ..modules.audio_encoder import SAMPLE_RATE, VIDEO_FPS
     from ..stages import AudioStage
 
     enc = AudioStage.from_pretrained(ckpt, "meta", dtype).encoder
-    speech = np.zeros(int(FRAMES / VIDEO_FPS * SAMPLE_RATE), dtype=np.float32)  # one speaker at a time
+    speech = np.zeros(int(frames / VIDEO_FPS * SAMPLE_RATE), dtype=np.float32)  # one speaker at a time
 
     def build():
         _fake(enc, enc.model)
@@ -200,7 +200,7 @@ def _audio_peak(ckpt: CheckpointSet, dtype: torch.dtype) -> int:
     return _trace_peak(build)
 
 
-def _image_peak(ckpt: CheckpointSet, dtypes: dict, hw: tuple[int, int]) -> int:
+def _image_peak(ckpt: CheckpointSet, dtypes: dict, hw: tuple[int, int], frames: int = FRAMES) -> int:
     from ..stages import ImageStage
 
     stage = ImageStage.from_pretrained(ckpt, "meta", dtypes["clip"], vae_dtype=dtypes["vae"])
@@ -210,7 +210,7 @@ def _image_peak(ckpt: CheckpointSet, dtypes: dict, hw: tuple[int, int]) -> int:
         _fake(stage.vae, stage.vae.model)
         _fake(stage)
         both = torch.nn.ModuleList([stage.clip.model, stage.vae.model])
-        return both, lambda: stage.encode(torch.zeros(3, 1, *hw), FRAMES)
+        return both, lambda: stage.encode(torch.zeros(3, 1, *hw), frames)
 
     return _trace_peak(build)
 
@@ -229,20 +229,21 @@ def _text_peak(ckpt: CheckpointSet, dtype: torch.dtype) -> int:
     return _trace_peak(build)
 
 
-def _dit_inputs(model, hw: tuple[int, int], dtype: torch.dtype) -> dict:
+def _dit_inputs(model, hw: tuple[int, int], dtype: torch.dtype, frames: int) -> dict:
     cfg = model.config
-    lat_t, h, w = 1 + (FRAMES - 1) // 4, hw[0] // 8, hw[1] // 8
+    lat_t, h, w = 1 + (frames - 1) // 4, hw[0] // 8, hw[1] // 8
     return dict(
         x=torch.zeros(16, lat_t, h, w), t=torch.tensor([811.0]),
         context=torch.zeros(TEXT_TOKENS, cfg.text_dim, dtype=dtype),
         clip_fea=torch.zeros(1, 257, cfg.image_dim, dtype=dtype),
         y=torch.zeros(20, lat_t, h, w, dtype=dtype),
-        audio=torch.zeros(SPEAKERS, FRAMES, 5, cfg.audio_blocks, cfg.audio_channels, dtype=dtype),
+        audio=torch.zeros(SPEAKERS, frames, 5, cfg.audio_blocks, cfg.audio_channels, dtype=dtype),
         ref_target_masks=torch.ones(3, h, w),
     )
 
 
-def _dit_peak(ckpt: CheckpointSet, dtype: torch.dtype, hw: tuple[int, int], batch_guidance: bool) -> int:
+def _dit_peak(ckpt: CheckpointSet, dtype: torch.dtype, hw: tuple[int, int], batch_guidance: bool,
+              frames: int = FRAMES) -> int:
     from .dit import load_dit
 
     comps = ckpt.components
@@ -252,7 +253,7 @@ def _dit_peak(ckpt: CheckpointSet, dtype: torch.dtype, hw: tuple[int, int], batc
 
     def build():
         _fake(model, model)
-        inp = _dit_inputs(model, hw, dtype)
+        inp = _dit_inputs(model, hw, dtype, frames)
         if not batch_guidance:
             return model, lambda: model(**inp)
         silent = torch.zeros_like(inp["audio"][:1])
@@ -263,14 +264,14 @@ def _dit_peak(ckpt: CheckpointSet, dtype: torch.dtype, hw: tuple[int, int], batc
     return _trace_peak(build)
 
 
-def _decode_peak(ckpt: CheckpointSet, dtype: torch.dtype, hw: tuple[int, int]) -> int:
+def _decode_peak(ckpt: CheckpointSet, dtype: torch.dtype, hw: tuple[int, int], frames: int = FRAMES) -> int:
     from ..stages import DecodeStage
 
     stage = DecodeStage.from_pretrained(ckpt, "meta", dtype)
 
     def build():
         _fake(stage.vae, stage.vae.model)
-        lat_t = 1 + (FRAMES - 1) // 4
+        lat_t = 1 + (frames - 1) // 4
         return stage.vae.model, lambda: stage.decode(torch.zeros(16, lat_t, hw[0] // 8, hw[1] // 8))
 
     return _trace_peak(build)
@@ -289,6 +290,8 @@ class PlanOptions:
     batch_guidance: bool = False
     dtypes: dict = field(default_factory=dict)
     trace: bool = True  # False: weights only (activations counted as 0; instant)
+    frames: int = FRAMES
+    resolutions: dict = field(default_factory=lambda: dict(RESOLUTIONS))  # name -> (height, width)
 
 
 @dataclass
@@ -371,15 +374,15 @@ def memory_plan(ckpt: CheckpointSet, options: Optional[PlanOptions] = None) -> M
         if not opts.trace:
             return 0
         if (dtype, batched, res) not in dit_peaks:
-            dit_peaks[dtype, batched, res] = _dit_peak(ckpt, dtype, RESOLUTIONS[res], batched)
+            dit_peaks[dtype, batched, res] = _dit_peak(ckpt, dtype, opts.resolutions[res], batched, opts.frames)
         return dit_peaks[dtype, batched, res]
 
     trace = (lambda f, *a: f(*a)) if opts.trace else (lambda f, *a: 0)
-    audio, text = trace(_audio_peak, ckpt, dtypes["audio"]), trace(_text_peak, ckpt, dtypes["text"])
+    audio, text = trace(_audio_peak, ckpt, dtypes["audio"], opts.frames), trace(_text_peak, ckpt, dtypes["text"])
     acts = {}
-    for res, hw in RESOLUTIONS.items():
-        acts[res] = {"audio": audio, "image": trace(_image_peak, ckpt, dtypes, hw), "text": text,
-                     "decode": trace(_decode_peak, ckpt, dtypes["vae"], hw),
+    for res, hw in opts.resolutions.items():
+        acts[res] = {"audio": audio, "image": trace(_image_peak, ckpt, dtypes, hw, opts.frames), "text": text,
+                     "decode": trace(_decode_peak, ckpt, dtypes["vae"], hw, opts.frames),
                      "diffusion": dit_peak(dtypes["dit"], opts.batch_guidance, res)}
     stages = _stage_rows(stats, dtypes, opts, acts)
     fit_rows = []
@@ -387,7 +390,7 @@ def memory_plan(ckpt: CheckpointSet, options: Optional[PlanOptions] = None) -> M
         dt = dict(dtypes, dit=lever.get("dit_dtype", dtypes["dit"]))
         o = PlanOptions(quantize=lever.get("quantize"), low_vram=lever.get("low_vram", False),
                         batch_guidance=lever.get("batch_guidance", False))
-        for res in RESOLUTIONS:
+        for res in opts.resolutions:
             a = dict(acts[res], diffusion=dit_peak(dt["dit"], o.batch_guidance, res))
             fit_rows.append(_placements(name, res, _stage_rows(stats, dt, o, {res: a}), a))
     return MemoryPlan(str(ckpt.root), opts, stages, {c: s.params for c, s in stats.items()}, fit_rows)
@@ -432,23 +435,24 @@ def _g(n: int) -> str:
 def format_plan(plan: MemoryPlan) -> str:
     """The plan as text tables (GiB)."""
     o = plan.options
+    res = list(o.resolutions)
+    sizes = ", ".join(f"{r} = {h}x{w}" for r, (h, w) in o.resolutions.items())
     lines = [f"memory plan for {plan.root} (GiB = 2^30 bytes; weights exact from the headers, activations an "
              f"estimate: see multitalk.checkpoints.memory_plan)",
-             f"clip: {FRAMES} frames, {SPEAKERS} speakers, a {TEXT_TOKENS}-token prompt; 480p = "
-             f"{RESOLUTIONS['480p'][0]}x{RESOLUTIONS['480p'][1]}, 720p = {RESOLUTIONS['720p'][0]}x"
-             f"{RESOLUTIONS['720p'][1]} (largest-area buckets); options: quantize={o.quantize or 'none'}, "
-             f"low_vram={o.low_vram or False}, batch_guidance={o.batch_guidance}",
+             f"clip: {o.frames} frames, {SPEAKERS} speakers, a {TEXT_TOKENS}-token prompt; {sizes} (the largest-area "
+             f"buckets); options: quantize={o.quantize or 'none'}, low_vram={o.low_vram or False}, "
+             f"batch_guidance={o.batch_guidance}",
              "parameters: " + ", ".join(f"{c} {n / 1e9:.3f}B" for c, n in plan.weights.items()),
              "",
              f"{'stage':10} {'models':32} {'dtype':17} {'GPU load':>8} {'host load':>9} "
-             f"{'GPU 480p':>8} {'GPU 720p':>8} {'host run':>8}"]
+             + " ".join(f"{'GPU ' + r:>8}" for r in res) + f" {'host run':>8}"]
     for s in plan.stages:
         lines.append(f"{s.stage:10} {s.models:32} {s.dtype:17} {_g(s.gpu_load):>8} {_g(s.host_load):>9} "
-                     f"{_g(s.gpu_peak['480p']):>8} {_g(s.gpu_peak['720p']):>8} {_g(max(s.host_peak.values())):>8}")
+                     + " ".join(f"{_g(s.gpu_peak[r]):>8}" for r in res) + f" {_g(max(s.host_peak.values())):>8}")
     lines += ["",
-              "GPU load: the stage's weights; host load: host RAM while loading (one tensor streaming, plus the "
-              "DiT itself when it is loaded on the CPU first for low_vram/quantize; the files' page cache is "
-              "reclaimable and not counted); GPU 480p/720p: weights + activation peak; a CUDA context "
+              "GPU load: the stage's weights; host load: host RAM while loading (at most one tensor streaming, plus "
+              "the DiT itself when it is loaded on the CPU first for low_vram/quantize; the files' page cache is "
+              f"reclaimable and not counted); GPU {'/'.join(res)}: weights + activation peak; a CUDA context "
               f"({CUDA_CONTEXT_BYTES / GiB:.1f} GiB) per process comes on top.",
               ""]
     cards = {"given": o.gpu_memory} if o.gpu_memory else CARDS
@@ -456,11 +460,10 @@ def format_plan(plan: MemoryPlan) -> str:
     head += "  ".join(f"{'fits ' + (n if n != 'given' else _g(c).strip() + 'GiB'):>12}" for n, c in cards.items())
     lines += ["which option sets fit (one GPU: all five stages in one process, as multitalk generate; DiT alone: "
               "the Diffusion replica on its own GPU, as the serve config; encoders: audio+image+text+decode "
-              f"replicas sharing one GPU; fits: <= {FIT_MARGIN:.0%} of the card)", head]
+              f"replicas sharing one GPU; fits: <= {FIT_MARGIN:.0%} of the card; host: host RAM at load)", head]
     for r in plan.fits:
-        marks = []
-        for n, card in cards.items():
-            marks.append("/".join(("yes" if fits(r[k], card) else "no") for k in ("one_gpu", "dit_alone", "encoders_decoder")))
+        marks = ["/".join(("yes" if fits(r[k], card) else "no") for k in ("one_gpu", "dit_alone", "encoders_decoder"))
+                 for card in cards.values()]
         lines.append(f"{r['option']:28} {r['resolution']:5} {_g(r['one_gpu']):>8} {_g(r['dit_alone']):>9} "
                      f"{_g(r['encoders_decoder']):>8} {_g(r['host']):>6}  " + "  ".join(f"{m:>12}" for m in marks))
     lines.append("fits columns: one GPU / DiT alone / encoders")

@@ -224,6 +224,7 @@ def load_strict(
     dtype: Optional[torch.dtype] = None,
     transform: Optional[Callable[[str, torch.Tensor], torch.Tensor]] = None,
     keep_dtype: Callable[[str], bool] = lambda k: False,
+    source_name: Optional[Callable[[str], str]] = None,
 ) -> list[str]:
     """Fill ``model`` (typically on ``meta``) from checkpoint files, strictly.
 
@@ -234,6 +235,8 @@ def load_strict(
             is done by the caller through ``rename`` returning a list — not supported here;
             use ``transform`` for reshapes).
         keep_dtype: model keys to keep in their file dtype (e.g. fp32 norms).
+        source_name: model key → the name the files use (the inverse of ``rename``), so a
+            missing parameter is reported under the key the user would look for.
     Returns:
         The file keys that were skipped on purpose.
     """
@@ -256,15 +259,20 @@ def load_strict(
                 if transform is not None:
                     tensor = transform(key, tensor)
                 if tuple(tensor.shape) != tuple(target.shape):
+                    named = repr(file_key) if file_key == key else f"{file_key!r} (model parameter {key!r})"
                     raise CheckpointError(
-                        f"shape mismatch for {key!r} in {path}: file {tuple(tensor.shape)} vs model {tuple(target.shape)}"
+                        f"shape mismatch for {named} in {path}: file {tuple(tensor.shape)} vs model {tuple(target.shape)}"
                     )
                 want = target.dtype if (dtype is None or keep_dtype(key) or not target.is_floating_point()) else dtype
                 _assign(model, key, tensor.to(device=device, dtype=want))
                 filled.add(key)
     missing = sorted(set(expected) - filled)
     if missing:
-        shown = ", ".join(missing[:8]) + (f" ... ({len(missing)} in all)" if len(missing) > 8 else "")
+        def named(key: str) -> str:
+            file_key = source_name(key) if source_name is not None else key
+            return repr(file_key) if file_key == key else f"{file_key!r} (model parameter {key!r})"
+
+        shown = ", ".join(named(k) for k in missing[:8]) + (f" ... ({len(missing)} in all)" if len(missing) > 8 else "")
         raise CheckpointError(f"parameters not found in the checkpoint files: {shown}")
     return skipped
 
