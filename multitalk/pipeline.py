@@ -37,10 +37,15 @@ class MultiTalkPipeline:
         ``diffusion_options``: :meth:`DiffusionStage.from_pretrained` levers (``batch_guidance``,
         ``quantize``, ``low_vram``, ``compile``).
         """
-        from .precision import stage_dtypes as resolve_stage_dtypes
+        from .checkpoints.dit import dit_parameter_count
+        from .precision import check_dit_dtype, stage_dtypes as resolve_stage_dtypes
 
         dt = resolve_stage_dtypes(device, dtype, stage_dtypes)
         ckpt = find_checkpoints(models_root).require_complete()
+        adapter = ckpt.components["audio_adapter"]
+        # Refused before any stage loads (DiffusionStage checks again on its own).
+        check_dit_dtype(dt["dit"], device, dit_parameter_count(ckpt.path("dit"), ckpt.layout("dit"),
+                                                              adapter.path if adapter.found else None), allow_fp32_dit)
         stages = LocalStages(
             AudioStage.from_pretrained(ckpt, device, dt["audio"]),
             ImageStage.from_pretrained(ckpt, device, dt["clip"], vae_dtype=dt["vae"]),

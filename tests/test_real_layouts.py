@@ -398,6 +398,7 @@ def test_memory_plan_weights_from_the_real_headers(official_tree, manifests):
     assert low.gpu_load < 3 * GiB and low.host_peak["480p"] == gpu["diffusion"]
 
 
+@pytest.mark.slow  # ~20 s: fake-tensor traces of five stages at two sizes
 def test_plan_traces_every_stage_on_tiny_weights(tiny_official):
     """The activation estimates come from tracing each stage's own code on fake tensors;
     at tiny sizes (9 frames, small frames) the traces take seconds."""
@@ -430,3 +431,49 @@ def test_check_plan_cli_on_the_real_tree_weights_only(official_tree, capsys):
     assert text_row.split()[3] == "10.6"  # UMT5-XXL bf16, GiB
     bf16_row = re.search(r"^bf16 +480p .*", out, re.M).group(0)
     assert bf16_row.split()[3] == "35.8"  # DiT alone: 35.2 GiB of bf16 weights + the CUDA context
+
+
+def test_generate_refuses_an_fp32_dit_on_a_gpu_with_a_message(official_tree, tmp_path, capsys):
+    from multitalk.cli import main
+
+    (tmp_path / "x.png").write_bytes(b"not read before the models load")
+    (tmp_path / "x.wav").write_bytes(b"not read before the models load")
+    code = main(["generate", "--models", str(official_tree), "--image", str(tmp_path / "x.png"),
+                 "--audio", str(tmp_path / "x.wav"), "--device", "cuda", "--dtype", "fp32", "--out", str(tmp_path / "o.mp4")])
+    err = capsys.readouterr().err
+    assert code == 2 and "float32" in err and "--allow-fp32-dit" in err and "75.5 GB" in err
+
+
+def test_precision_policy():
+    from multitalk import precision as p
+
+    cuda = {c: p.default_dtype(c, "cuda") for c in p.COMPONENTS}
+    assert cuda == {"audio": torch.float32, "text": torch.bfloat16, "clip": torch.float16, "vae": torch.float32,
+                    "dit": torch.bfloat16}
+    assert all(p.default_dtype(c, "cpu") == torch.float32 for c in p.COMPONENTS)
+    assert p.resolve_dtype("diffusion", "cuda:1", None) == torch.bfloat16
+    assert p.resolve_dtype("audio", "cuda", "bf16") == torch.bfloat16
+    dts = p.stage_dtypes("cuda", "fp16", ["dit=bf16", "decode=fp32"])
+    assert dts == {"audio": torch.float16, "text": torch.float16, "clip": torch.float16, "vae": torch.float32,
+                   "dit": torch.bfloat16}
+    assert p.parse_stage_dtypes({"diffusion": "bfloat16", "image": "float16"}) == {"dit": torch.bfloat16,
+                                                                                  "clip": torch.float16}
+    for bad in (["dit"], ["dit=fp64"], ["nope=bf16"]):
+        with pytest.raises(p.PrecisionError):
+            p.parse_stage_dtypes(bad)
+    with pytest.raises(p.PrecisionError, match="allow-fp32-dit"):
+        p.check_dit_dtype(torch.float32, "cuda", 18_900_000_000)
+    p.check_dit_dtype(torch.float32, "cuda", 18_900_000_000, allow_fp32=True)
+    p.check_dit_dtype(torch.float32, "cpu", 18_900_000_000)
+    p.check_dit_dtype(torch.float32, "cuda", 3_000_000)  # a tiny DiT in fp32 on a GPU is fine
+
+
+def test_stage_dtypes_on_tiny_weights(tiny_official):
+    from multitalk.pipeline import MultiTalkPipeline
+
+    pipe = MultiTalkPipeline.from_pretrained(str(tiny_official), stage_dtypes=["text=bf16", "clip=fp16"])
+    s = pipe.stages
+    assert s.text.encoder.dtype == torch.bfloat16 and s.image.clip.dtype == torch.float16
+    assert s.audio.encoder.dtype == torch.float32 and s.diffusion.dtype == torch.float32  # CPU default: fp32
+    assert s.image.vae.dtype == torch.float32 and s.decode.vae.dtype == torch.float32
+    assert next(s.diffusion.model.parameters()).dtype == torch.float32

@@ -314,6 +314,10 @@ class MemoryPlan:
     fits: list[dict]  # option sets x placements x resolutions
 
 
+def _short(dtype: torch.dtype) -> str:
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype, str(dtype))
+
+
 def _dtype_bytes(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
@@ -388,6 +392,7 @@ def memory_plan(ckpt: CheckpointSet, options: Optional[PlanOptions] = None) -> M
     fit_rows = []
     for name, lever in _OPTION_SETS:
         dt = dict(dtypes, dit=lever.get("dit_dtype", dtypes["dit"]))
+        name = name.replace("bf16", _short(dtypes["dit"]))  # the DiT dtype asked for (bf16 by default)
         o = PlanOptions(quantize=lever.get("quantize"), low_vram=lever.get("low_vram", False),
                         batch_guidance=lever.get("batch_guidance", False))
         for res in opts.resolutions:
@@ -451,8 +456,9 @@ def format_plan(plan: MemoryPlan) -> str:
                      + " ".join(f"{_g(s.gpu_peak[r]):>8}" for r in res) + f" {_g(max(s.host_peak.values())):>8}")
     lines += ["",
               "GPU load: the stage's weights; host load: host RAM while loading (at most one tensor streaming, plus "
-              "the DiT itself when it is loaded on the CPU first for low_vram/quantize; the files' page cache is "
-              f"reclaimable and not counted); GPU {'/'.join(res)}: weights + activation peak; a CUDA context "
+              "the DiT itself when it is loaded on the CPU first for low_vram/quantize; the files are memory-mapped, "
+              "so RSS also shows up to about one shard of page cache, reclaimable and not counted here); "
+              f"GPU {'/'.join(res)}: weights + activation peak; a CUDA context "
               f"({CUDA_CONTEXT_BYTES / GiB:.1f} GiB) per process comes on top.",
               ""]
     cards = {"given": o.gpu_memory} if o.gpu_memory else CARDS
