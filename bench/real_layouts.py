@@ -209,10 +209,6 @@ def _shapes(module) -> dict:
 
 
 def official_manifests(multitalk_repo: Path, wan_repo: Path) -> dict[str, dict]:
-    import torch
-
-    from multitalk.checkpoints.dit import is_adapter_key
-
     # The real libraries first, so their optional-dependency probes never see the stubs.
     import diffusers.models  # noqa: F401
     from diffusers import AutoencoderKLWan, WanTransformer3DModel  # noqa: F401
@@ -313,7 +309,7 @@ def library_manifests(base_keys: dict) -> dict[str, dict]:
     with torch.device("meta"):
         vae = AutoencoderKLWan(**REAL_CONFIG)
     out["diffusers_vae"] = _manifest("diffusers_vae", _shapes(vae), "diffusers AutoencoderKLWan(base_dim 96) on meta",
-                                     dict(vae.config))
+                                     {k: v for k, v in dict(vae.config).items() if not k.startswith("_")})
     return out
 
 

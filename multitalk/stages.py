@@ -46,10 +46,9 @@ def _as_checkpoints(models: "str | CheckpointSet") -> CheckpointSet:
 
 
 def _dtype(dtype: "torch.dtype | str") -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-            "float16": torch.float16, "fp16": torch.float16}[str(dtype)]
+    from .precision import parse_dtype
+
+    return parse_dtype(dtype)
 
 
 # --------------------------------------------------------------------------- data types

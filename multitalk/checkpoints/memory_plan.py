@@ -28,7 +28,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ..modules.loading import is_allowed_extra, read_keys, transformers_weight_files
+from ..modules.loading import is_allowed_extra, transformers_weight_files
 from .discovery import CheckpointSet
 
 GiB = 1 << 30
