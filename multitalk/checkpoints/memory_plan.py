@@ -442,8 +442,9 @@ def format_plan(plan: MemoryPlan) -> str:
     o = plan.options
     res = list(o.resolutions)
     sizes = ", ".join(f"{r} = {h}x{w}" for r, (h, w) in o.resolutions.items())
-    lines = [f"memory plan for {plan.root} (GiB = 2^30 bytes; weights exact from the headers, activations an "
-             f"estimate: see multitalk.checkpoints.memory_plan)",
+    acts = ("activations an estimate: see multitalk.checkpoints.memory_plan" if o.trace
+            else "activations NOT counted: weights only")
+    lines = [f"memory plan for {plan.root} (GiB = 2^30 bytes; weights exact from the headers, {acts})",
              f"clip: {o.frames} frames, {SPEAKERS} speakers, a {TEXT_TOKENS}-token prompt; {sizes} (the largest-area "
              f"buckets); options: quantize={o.quantize or 'none'}, low_vram={o.low_vram or False}, "
              f"batch_guidance={o.batch_guidance}",
