@@ -116,6 +116,7 @@ class JobService:
         self._sweeper: Optional[asyncio.Task] = None
         self._models_root: Optional[str] = None
         self._voices: Optional[list[str]] = None
+        self._models_report: Optional[tuple[float, dict]] = None
 
     # --- lifecycle -------------------------------------------------------------------
     async def start(self) -> None:
@@ -205,6 +206,15 @@ class JobService:
                 return None
             self._voices = volume.speech_voices(root)
         return self._voices
+
+    async def models_report(self, max_age_s: float = 300.0) -> dict:
+        """``/v1/models``: the models root's components and the loaders' verdict (kept for
+        ``max_age_s``: verifying a 14B set reads every header, a few seconds)."""
+        cached = self._models_report
+        if cached is None or time.monotonic() - cached[0] > max_age_s:
+            root = await self.models_root()
+            cached = self._models_report = (time.monotonic(), await asyncio.to_thread(volume.model_check, root or ""))
+        return cached[1]
 
     async def models_root(self) -> Optional[str]:
         if self._models_root is None:

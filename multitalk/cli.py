@@ -1,7 +1,8 @@
 """The model library's command line (``python -m multitalk.cli``).
 
     multitalk make-tiny-weights DIR [--layout official|diffusers]
-    multitalk check DIR                      # JSON report: which components are where
+    multitalk check DIR                      # JSON report: which components are where, and whether they load
+    multitalk check DIR --plan [--gpu-memory 80GB] [--quantize int8] [--low-vram]   # memory per stage
     multitalk explore DIR                    # what a models volume holds
     multitalk generate --models DIR --image IMG --audio WAV [--audio2 WAV] --prompt TEXT --out OUT.mp4
     multitalk generate --models DIR --image IMG --text TEXT --voice af_heart --out OUT.mp4
@@ -37,11 +38,36 @@ def cmd_make_tiny(args) -> int:
 
 
 def cmd_check(args) -> int:
+    """Discovery, then (unless ``--no-verify``) every loader's verdict on the meta device:
+    a set that would not load is ``incomplete`` and the broken key is named."""
     from .checkpoints.discovery import find_checkpoints
 
-    report = find_checkpoints(args.dir).report()
-    print(json.dumps(report, indent=2))
-    return 0 if report["kind"] != "incomplete" else 1
+    ckpt = find_checkpoints(args.dir)
+    if not args.no_verify:
+        from .checkpoints.verify import verify_checkpoints
+
+        verify_checkpoints(ckpt)
+    report = ckpt.report()
+    for comp in report["components"].values():
+        if comp["loadable"] is False:
+            print(f"error: {comp['name']} ({comp['path']}) would not load: {comp['error']}", file=sys.stderr)
+    if not args.plan:
+        print(json.dumps(report, indent=2))
+        return 0 if report["kind"] != "incomplete" else 1
+    if report["kind"] == "incomplete":
+        print(json.dumps(report, indent=2))
+        print("error: no memory plan for an incomplete set", file=sys.stderr)
+        return 1
+    from .checkpoints.memory_plan import PlanOptions, format_plan, memory_plan, parse_bytes
+    from .precision import parse_stage_dtypes
+
+    options = PlanOptions(gpu_memory=parse_bytes(args.gpu_memory) if args.gpu_memory else None,
+                          quantize=args.quantize, low_vram=args.low_vram, batch_guidance=args.batch_guidance,
+                          dtypes=parse_stage_dtypes(args.stage_dtype), trace=not args.weights_only)
+    print(f"{report['root']}: {report['kind']} ({report['base_layout']} layout), every component loads"
+          + ("" if args.no_verify else " (checked on the meta device)"))
+    print(format_plan(memory_plan(ckpt, options)))
+    return 0
 
 
 def cmd_explore(args) -> int:
@@ -66,11 +92,19 @@ def cmd_generate(args) -> int:
         bbox=_bbox(args.bbox), mode=args.mode, frames=args.frames, size=args.size, sampling=sampling,
         color_correction=args.color_correction, speech=speech,
     )
-    pipe = MultiTalkPipeline.from_pretrained(
-        args.models, device=args.device, dtype=args.dtype, attention_backend=args.attention_backend,
-        tiled_vae=args.tiled_vae, batch_guidance=args.batch_guidance, quantize=args.quantize, low_vram=args.low_vram,
-        compile=args.compile, loras=[_lora_spec(x) for x in args.lora],
-    )
+    from .precision import PrecisionError
+
+    try:
+        pipe = MultiTalkPipeline.from_pretrained(
+            args.models, device=args.device or _default_device(), dtype=args.dtype,
+            stage_dtypes=args.stage_dtype, allow_fp32_dit=args.allow_fp32_dit,
+            attention_backend=args.attention_backend, tiled_vae=args.tiled_vae, batch_guidance=args.batch_guidance,
+            quantize=args.quantize, low_vram=args.low_vram, compile=args.compile,
+            loras=[_lora_spec(x) for x in args.lora],
+        )
+    except PrecisionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     bar = tqdm(total=1, desc="prepare", unit="step")
 
     def progress(p):
@@ -134,6 +168,13 @@ def cmd_submit(args) -> int:
     return 0 if status.get("state", status.get("status")) not in ("FAILED", "CANCELLED") else 1
 
 
+def _default_device() -> str:
+    """``cuda`` when this machine has a GPU, else ``cpu``."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _lora_spec(text: str) -> dict:
     """``PATH[:SCALE]`` → ``{"path": PATH, "scale": SCALE}`` (scale 1 by default)."""
     path, sep, scale = text.rpartition(":")
@@ -169,8 +210,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="leave out the text-to-speech folder Kokoro-82M/ (about 230 MB)")
     s.set_defaults(fn=cmd_make_tiny)
 
-    s = sub.add_parser("check", help="report which model components are present under a models root")
+    s = sub.add_parser("check", help="report which model components are present under a models root, "
+                                     "whether they load, and (--plan) the memory each stage takes")
     s.add_argument("dir")
+    s.add_argument("--no-verify", action="store_true",
+                   help="only look for the files (skip running the loaders on the meta device)")
+    s.add_argument("--plan", action="store_true",
+                   help="print per stage the GPU and host memory at load and at the peak of a 480p and a 720p "
+                        "81-frame two-speaker clip, and which option sets fit which card")
+    s.add_argument("--gpu-memory", metavar="SIZE", help="the card to fit: 24GB, 40GB, 80GB, 141GB (binary GB)")
+    s.add_argument("--quantize", choices=["int8", "fp8"], help="plan with int8/fp8 DiT blocks")
+    s.add_argument("--low-vram", nargs="?", const=True, default=False, choices=["prefetch"], metavar="prefetch",
+                   help="plan with the DiT blocks streamed from host RAM")
+    s.add_argument("--batch-guidance", action="store_true", help="plan with the guidance passes batched")
+    s.add_argument("--weights-only", action="store_true",
+                   help="plan the weights only (instant; the activation estimates trace every stage: about a minute)")
+    s.add_argument("--stage-dtype", action="append", default=[], metavar="STAGE=DTYPE",
+                   help="plan with another dtype for a stage (dit, text, clip, vae, audio)")
     s.set_defaults(fn=cmd_check)
 
     s = sub.add_parser("explore", help="list what a models volume holds")
@@ -199,8 +255,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--apg", action="store_true")
     s.add_argument("--teacache", type=float, default=0.0, help="TeaCache threshold (0 = off; official 0.2-0.5)")
     s.add_argument("--color-correction", type=float, default=1.0)
-    s.add_argument("--device", default="cpu")
-    s.add_argument("--dtype", default="float32")
+    s.add_argument("--device", default=None, help="cuda or cpu (default: cuda if this machine has a GPU)")
+    s.add_argument("--dtype", default=None,
+                   help="every stage's dtype (fp32, bf16, fp16); default: each stage's own, as the official runs "
+                        "it on CUDA (DiT and UMT5 bf16, CLIP fp16, VAE and wav2vec2 fp32), fp32 on CPU")
+    s.add_argument("--stage-dtype", action="append", default=[], metavar="STAGE=DTYPE",
+                   help="one stage's dtype, over --dtype (repeatable): dit, text, clip, vae, audio; "
+                        "e.g. --stage-dtype dit=bf16 --stage-dtype audio=fp32")
+    s.add_argument("--allow-fp32-dit", action="store_true",
+                   help="let the 14B DiT run in fp32 on a GPU (75.5 GB of weights; refused otherwise)")
     s.add_argument("--attention-backend", help="diffusers attention backend: flash, _flash_3, sage, _native_cudnn ...")
     s.add_argument("--batch-guidance", action="store_true", help="run the 3 guidance passes as one batch (lossless)")
     s.add_argument("--quantize", choices=["int8", "fp8", "fp8_dynamic"],

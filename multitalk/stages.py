@@ -29,6 +29,7 @@ import torch
 
 from .api import InputError, SpeechRequest
 from .checkpoints.discovery import CheckpointSet, MissingCheckpointError, find_checkpoints
+from .precision import check_dit_dtype, resolve_dtype
 from .utils.sampler import (
     COND, DROP_AUDIO, DROP_TEXT, UNCOND, Guidance, GuidanceConfig, TeaCache, flow_timesteps, sample,
 )
@@ -48,10 +49,9 @@ def _as_checkpoints(models: "str | CheckpointSet") -> CheckpointSet:
 
 
 def _dtype(dtype: "torch.dtype | str") -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-            "float16": torch.float16, "fp16": torch.float16}[str(dtype)]
+    from .precision import parse_dtype
+
+    return parse_dtype(dtype)
 
 
 # --------------------------------------------------------------------------- data types
@@ -132,11 +132,13 @@ class AudioStage:
         self.encoder = encoder
 
     @classmethod
-    def from_pretrained(cls, models: "str | CheckpointSet", device: str = "cpu", dtype="float32") -> "AudioStage":
+    def from_pretrained(cls, models: "str | CheckpointSet", device: str = "cpu", dtype=None) -> "AudioStage":
+        """``dtype``: ``None`` = the official's (fp32, see :mod:`multitalk.precision`)."""
         from .modules.audio_encoder import AudioEncoder
 
         ckpt = _as_checkpoints(models)
-        return cls(AudioEncoder.from_pretrained(ckpt.path("audio_encoder"), device=device, dtype=_dtype(dtype)))
+        dt = resolve_dtype("audio", device, dtype)
+        return cls(AudioEncoder.from_pretrained(ckpt.path("audio_encoder"), device=device, dtype=dt))
 
     @torch.no_grad()
     def encode(self, speeches: list[np.ndarray]) -> torch.Tensor:
@@ -154,18 +156,22 @@ class ImageStage:
         self.device, self.dtype = torch.device(device), dtype
 
     @classmethod
-    def from_pretrained(cls, models: "str | CheckpointSet", device: str = "cpu", dtype="float32") -> "ImageStage":
+    def from_pretrained(cls, models: "str | CheckpointSet", device: str = "cpu", dtype=None,
+                        vae_dtype=None) -> "ImageStage":
+        """``dtype``: the CLIP's, ``vae_dtype``: the VAE encoder's; ``None`` = the official's
+        (CLIP fp16 and VAE fp32 on CUDA, fp32 on CPU; :mod:`multitalk.precision`). The
+        outputs are float32 either way (exact for fp16 CLIP features; the DiT casts them
+        once to its own dtype, as the official does)."""
         from .modules.image_encoder import ImageEncoder
 
         ckpt = _as_checkpoints(models)
-        dt = _dtype(dtype)
+        dt = resolve_dtype("clip", device, dtype)
         if ckpt.layout("image_encoder") == "official":
             clip = ImageEncoder.from_original(ckpt.path("image_encoder"), device=device, dtype=dt)
         else:
             clip = ImageEncoder.from_diffusers(Path(ckpt.path("image_encoder")).parent, device=device, dtype=dt)
-        # The VAE runs in fp32 like the official (its convolutions are sensitive to bf16).
-        vae = load_vae(ckpt, device)
-        return cls(clip, vae, device, dt)
+        vae = load_vae(ckpt, device, resolve_dtype("vae", device, vae_dtype))
+        return cls(clip, vae, device, torch.float32)
 
     @torch.no_grad()
     def encode(self, cond_pixels: torch.Tensor, frames: int) -> ImageConditioning:
@@ -196,11 +202,12 @@ class TextStage:
         self.encoder = encoder
 
     @classmethod
-    def from_pretrained(cls, models: "str | CheckpointSet", device: str = "cpu", dtype="float32") -> "TextStage":
+    def from_pretrained(cls, models: "str | CheckpointSet", device: str = "cpu", dtype=None) -> "TextStage":
+        """``dtype``: ``None`` = the official's (bf16 on CUDA, fp32 on CPU; :mod:`multitalk.precision`)."""
         from .modules.text_encoder import TextEncoder
 
         ckpt = _as_checkpoints(models)
-        dt = _dtype(dtype)
+        dt = resolve_dtype("text", device, dtype)
         if ckpt.layout("text_encoder") == "official":
             enc = TextEncoder.from_original(ckpt.path("text_encoder"), ckpt.path("tokenizer"), device=device, dtype=dt)
         else:
@@ -244,11 +251,15 @@ class DiffusionStage:
         self.guidance_parallel = None
 
     @classmethod
-    def from_pretrained(cls, models: "str | CheckpointSet", device: str = "cpu", dtype="float32",
+    def from_pretrained(cls, models: "str | CheckpointSet", device: str = "cpu", dtype=None,
                         attention_backend: Optional[str] = None, batch_guidance: bool = False,
                         low_vram: "bool | str" = False, quantize: Optional[str] = None,
-                        compile: "bool | dict" = False, loras: Sequence = ()) -> "DiffusionStage":
-        """``low_vram``: keep the DiT blocks in CPU memory and stream them to ``device`` one by
+                        compile: "bool | dict" = False, loras: Sequence = (),
+                        allow_fp32: bool = False) -> "DiffusionStage":
+        """``dtype``: ``None`` = the official's (bf16 on CUDA, fp32 on CPU); float32 for the
+        14B DiT on a GPU is refused (:class:`multitalk.precision.PrecisionError`) unless
+        ``allow_fp32`` (:mod:`multitalk.precision`).
+        ``low_vram``: keep the DiT blocks in CPU memory and stream them to ``device`` one by
         one (official ``--num_persistent_param_in_dit 0``); slower, fits 24 GB cards.
         ``"prefetch"``: copy the next block on a side stream while one computes.
         ``quantize``: ``"int8"`` or ``"fp8"`` weight-only DiT blocks (torchao), quantised on
@@ -264,15 +275,17 @@ class DiffusionStage:
         if compile_kwargs is not None and low_vram:
             raise ValueError("compile and low_vram cannot be combined: the block streamer swaps weights "
                              "in hooks around each block, which the compiled block would not see")
-        from .checkpoints.dit import load_dit
+        from .checkpoints.dit import dit_parameter_count, load_dit
 
         ckpt = _as_checkpoints(models)
         adapter = ckpt.components["audio_adapter"].path if ckpt.components["audio_adapter"].found else None
         if adapter is None:
             logger.warning("no MultiTalk adapter under %s: the DiT runs without lip sync", ckpt.root)
+        dt = resolve_dtype("dit", device, dtype)
+        check_dit_dtype(dt, device, dit_parameter_count(ckpt.path("dit"), ckpt.layout("dit"), adapter), allow_fp32)
         on_cpu_first = low_vram or quantize is not None
         model = load_dit(ckpt.path("dit"), ckpt.layout("dit"), adapter,
-                         device="cpu" if on_cpu_first else device, dtype=_dtype(dtype))
+                         device="cpu" if on_cpu_first else device, dtype=dt)
         for lora in loras:  # merged before quantisation, streaming and compilation
             from .checkpoints.lora import merge_lora
 
@@ -296,7 +309,7 @@ class DiffusionStage:
             model.set_attention_backend(attention_backend)
         if compile_kwargs is not None:
             model.compile_repeated_blocks(**compile_kwargs)
-        return cls(model, device, _dtype(dtype), batch_guidance=batch_guidance)
+        return cls(model, device, dt, batch_guidance=batch_guidance)
 
     @property
     def lip_sync(self) -> bool:
@@ -382,9 +395,10 @@ class DecodeStage:
         self.tiled = tiled
 
     @classmethod
-    def from_pretrained(cls, models: "str | CheckpointSet", device: str = "cpu", dtype="float32",
+    def from_pretrained(cls, models: "str | CheckpointSet", device: str = "cpu", dtype=None,
                         tiled: bool = False) -> "DecodeStage":
-        return cls(load_vae(_as_checkpoints(models), device), tiled)
+        """``dtype``: the VAE's; ``None`` = the official's (fp32; :mod:`multitalk.precision`)."""
+        return cls(load_vae(_as_checkpoints(models), device, resolve_dtype("vae", device, dtype)), tiled)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -462,9 +476,10 @@ def _resample(speech: np.ndarray, rate: int, target: int) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- helpers
-def load_vae(ckpt: CheckpointSet, device: str):
+def load_vae(ckpt: CheckpointSet, device: str, dtype: torch.dtype = torch.float32):
+    """The VAE, in fp32 by default like the official (its convolutions are sensitive to bf16)."""
     from .modules.vae import WanVAE
 
     if ckpt.layout("vae") == "official":
-        return WanVAE.from_original(ckpt.path("vae"), device=device, dtype=torch.float32)
-    return WanVAE.from_pretrained(ckpt.path("vae"), device=device, dtype=torch.float32)
+        return WanVAE.from_original(ckpt.path("vae"), device=device, dtype=dtype)
+    return WanVAE.from_pretrained(ckpt.path("vae"), device=device, dtype=dtype)

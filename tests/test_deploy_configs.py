@@ -71,7 +71,7 @@ def test_gpu_serve_config_resources():
 
     raw_app = _load(ROOT / "serve_config.yaml")["applications"][0]
     app = ServeDeploySchema.model_validate(_load(ROOT / "serve_config.yaml")).applications[0]
-    assert app.args["device"] == "cuda" and app.args["dtype"] == "bfloat16"
+    assert app.args["device"] == "cuda" and "dtype" not in app.args  # each stage's official dtype
     root = app.args["models_root"]
     assert root.startswith("s3://") or root.startswith("/")
     deps = {d["name"]: d for d in raw_app["deployments"]}

@@ -39,6 +39,10 @@ class Component:
     bytes: int = 0
     dtype: Optional[str] = None
     note: str = ""
+    # The loaders' verdict (multitalk.checkpoints.verify, run on the meta device): None = not
+    # checked, False = the files are there but would not load (``error`` names the key).
+    loadable: Optional[bool] = None
+    error: str = ""
 
 
 @dataclass
@@ -68,6 +72,7 @@ class CheckpointSet:
     def require_complete(self) -> "CheckpointSet":
         if self.kind == "incomplete":
             missing = [c.name for c in self.components.values() if not c.found and c.name not in OPTIONAL_COMPONENTS]
+            missing += [f"{c.name} (does not load: {c.error})" for c in self.components.values() if c.loadable is False]
             raise MissingCheckpointError(f"incomplete model set under {self.root}: missing {', '.join(missing)}")
         return self
 
