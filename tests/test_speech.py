@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from inputs import mp4_audio
 import torch
 
 from multitalk.api import GenerationRequest, InputError, SamplingOptions, SpeechRequest, speech_from_tts_audio
@@ -321,14 +322,6 @@ def test_cli_takes_text_and_script():
 
 
 # --------------------------------------------------------------------------- end to end
-def _mp4_audio(mp4: bytes) -> np.ndarray:
-    import imageio_ffmpeg
-
-    out = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-loglevel", "error", "-i", "pipe:0", "-f", "s16le",
-                          "-ac", "1", "-ar", "16000", "pipe:1"], input=mp4, capture_output=True, check=True).stdout
-    return np.frombuffer(out, np.int16).astype(np.float32) / 32768
-
-
 @pytest.mark.slow
 def test_script_to_video_end_to_end(speech_pipeline, fixtures_dir):
     """Two-speaker script → mp4 (streaming): its soundtrack is the synthesised dialogue
@@ -356,7 +349,7 @@ def test_script_to_video_end_to_end(speech_pipeline, fixtures_dir):
     assert result.chunks > 1 and info["num_frames"] == result.num_frames
     assert info["num_frames"] / 25 == pytest.approx(seconds, abs=4 / 25)  # official: ends 3 frames early
     assert info["audio_duration"] == pytest.approx(info["num_frames"] / 25, abs=0.05)
-    track = _mp4_audio(result.video)
+    track = mp4_audio(result.video)
     n = min(len(track), len(dialogue))
     assert n > 0.9 * result.num_frames / 25 * 16000
     assert np.corrcoef(track[:n], dialogue[:n])[0, 1] > 0.9
