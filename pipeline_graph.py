@@ -1,4 +1,7 @@
-"""Composition of the MultiTalk Serve application: five stage deployments and the ingress.
+"""Composition of the MultiTalk Serve application: six stage deployments and the ingress.
+
+Uploaded speech goes to AudioEncoder; a job that gives text goes first through Speech
+(Kokoro-82M), whose tracks then take the same audio path.
 
 ``pipeline_graph:build_app`` is a Ray Serve app builder with typed arguments
 (:class:`deployments.app_args.AppArgs`); a serve config passes it ``args``::
@@ -35,7 +38,7 @@ from ray.serve import Application
 from deployments.app_args import AppArgs
 from deployments.diffusion_parallel import deployment_options as diffusion_deployment_options
 from deployments.ingress import MultiTalkIngress
-from deployments.stages import AudioEncoder, Diffusion, ImageEncoder, TextEncoder, VaeDecoder
+from deployments.stages import AudioEncoder, Diffusion, ImageEncoder, Speech, TextEncoder, VaeDecoder
 
 
 def build_app(args: Union[AppArgs, dict[str, Any], None] = None) -> Application:
@@ -48,6 +51,7 @@ def build_app(args: Union[AppArgs, dict[str, Any], None] = None) -> Application:
         TextEncoder.bind(stage_settings),
         Diffusion.options(**diffusion_deployment_options(stage_settings)).bind(stage_settings),
         VaeDecoder.bind(stage_settings),
+        Speech.bind(stage_settings),
         args.ingress_settings(),
     )
 

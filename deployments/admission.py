@@ -52,8 +52,10 @@ class Admission:
     def __init__(self, store: Store, limits: Limits, allowed_buckets: tuple[str, ...] = (),
                  max_queued_jobs: int = 16, max_queued_jobs_per_tenant: Optional[int] = None,
                  retry_after_s: int = 30, precheck_media: bool = True,
-                 presets: Optional[dict] = None, request_defaults: Optional[dict] = None):
+                 presets: Optional[dict] = None, request_defaults: Optional[dict] = None,
+                 voices: Optional[Callable[[], Optional[list[str]]]] = None):
         self.store = store
+        self.voices = voices  # text-to-speech voices of the models root (None: not known here)
         self.presets = dict(presets or {})
         self.request_defaults = dict(request_defaults or {})
         self.limits = limits
@@ -147,11 +149,9 @@ class Admission:
     def admit(self, request: JobRequest, source: str, tenant: Optional[str]) -> JobRequest:
         """The request with canonical references, once every check passed; raises
         :class:`InputError` named for ``source`` otherwise."""
-        from multitalk.driver import validate
-
         try:
             # Options first: no store call for a request that is wrong on its face.
-            validate(request.to_generation_request(b"", [b""] * len(request.audio)), self.limits)
+            self._check_options(request)
             request = self._canonical_references(request, tenant)
             if self.precheck_media:
                 self._precheck(request)
@@ -159,11 +159,40 @@ class Admission:
             raise rename_field(e, source) from None
         return request
 
-    def _precheck(self, request: JobRequest) -> None:
-        """Decode and check the media now (the library's own checks)."""
-        from multitalk.driver import plan_request, prepare_inputs
+    def _check_options(self, request: JobRequest) -> None:
+        from multitalk.driver import validate, validate_speech
 
-        gen = request.to_generation_request(*self.fetch_inputs(request))
+        gen = request.to_generation_request(b"", [b""] * len(request.audio))
+        if gen.speech is not None:
+            validate_speech(gen, self.limits)
+            self._check_voices(gen.speech)
+            gen = gen.replace(audio=[b""] * len(gen.speech.voices), speech=None)
+        validate(gen, self.limits)
+
+    def _check_voices(self, speech) -> None:
+        """Voices against the models root's Kokoro folder, where this replica can see it
+        (an ``s3://`` root not mirrored here: the Speech replica checks them instead)."""
+        voices = self.voices() if self.voices is not None else None
+        if voices is None:
+            return
+        if not voices:
+            raise InputError(speech.text_field, "text to speech needs a Kokoro-82M folder under the models root; "
+                                                "this server has none (see /v1/models)")
+        for i, voice in enumerate(speech.voices, start=1):
+            if voice not in voices:
+                raise InputError(f"voice_{i}", f"unknown voice {voice!r}; available: {', '.join(voices)}")
+
+    def _precheck(self, request: JobRequest) -> None:
+        """Decode and check the media now (the library's own checks). A text-to-speech
+        job has only its image to check: its speech and clip length exist after synthesis."""
+        from multitalk.driver import plan_request, prepare_inputs
+        from multitalk.utils.image import load_image
+
+        image, audio = self.fetch_inputs(request)
+        gen = request.to_generation_request(image, audio)
+        if gen.speech is not None:
+            load_image(image, max_pixels=self.limits.max_image_pixels)
+            return
         plan_request(gen, prepare_inputs(gen, self.limits).audio_frames, self.limits)
 
     def fetch_inputs(self, request: JobRequest, source: Optional[str] = None) -> tuple[bytes, list[bytes]]:

@@ -9,7 +9,8 @@ stage deployments receive is :class:`StageSettings`, whole; the ingress receives
     args:
       models_root: /models          # "" = tiny random weights generated into cache_dir
       device: auto                  # auto | cpu | cuda
-      dtype: bfloat16               # every stage; stage_options.<stage>.dtype overrides one
+      dtype: null                   # null: each stage's official dtype on its device (multitalk/precision.py);
+                                    # a name: every stage; stage_options.<stage>.dtype overrides one
       stage_options: {diffusion: {batch_guidance: true, compile: true}, decode: {tiled: true}}
       parallel: {sp_degree: 4}      # Diffusion over several GPUs (deployments/diffusion_parallel.py)
       store: {bucket: my-bucket, region: eu-west-1}
@@ -25,8 +26,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from .diffusion_parallel import ParallelSettings
 from .service import ServiceSettings
 
-StageName = Literal["audio", "image", "text", "diffusion", "decode"]
-STAGE_NAMES: tuple[str, ...] = ("audio", "image", "text", "diffusion", "decode")
+StageName = Literal["audio", "image", "text", "diffusion", "decode", "speech"]
+STAGE_NAMES: tuple[str, ...] = ("audio", "image", "text", "diffusion", "decode", "speech")
 
 
 class StoreSettings(BaseModel):
@@ -50,7 +51,9 @@ class StageSettings(BaseModel):
 
     models_root: str = ""
     device: str = "auto"
-    dtype: str = "float32"
+    # None: each stage's official dtype for its device (on CUDA DiT and UMT5 bf16, CLIP fp16,
+    # VAE and wav2vec2 fp32; fp32 on CPU; multitalk/precision.py). A name: every stage.
+    dtype: Optional[str] = None
     cache_dir: Optional[str] = None
     # Other implementations of a stage ("module:Class" with the same interface).
     stage_classes: dict[StageName, str] = Field(default_factory=dict)
@@ -59,10 +62,10 @@ class StageSettings(BaseModel):
     parallel: ParallelSettings = Field(default_factory=ParallelSettings)
     torch_threads: Optional[int] = None  # default: the replica's CPU share, rounded up
 
-    def options_for(self, stage: str) -> tuple[str, dict[str, Any]]:
-        """``(dtype, other from_pretrained options)`` of one stage."""
+    def options_for(self, stage: str) -> tuple[Optional[str], dict[str, Any]]:
+        """``(dtype or None for the stage's default, other from_pretrained options)`` of one stage."""
         options = dict(self.stage_options.get(stage) or {})
-        return str(options.pop("dtype", self.dtype)), options
+        return options.pop("dtype", self.dtype), options
 
     @model_validator(mode="after")
     def _options_exist(self):

@@ -30,7 +30,7 @@ class MultiTalkIngress:
     """HTTP routes plus handle methods; handles are trusted in-cluster callers, who may
     name the ``tenant`` a job runs as."""
 
-    def __init__(self, audio, image, text, diffusion, decode, settings: Optional[dict] = None):
+    def __init__(self, audio, image, text, diffusion, decode, speech, settings: Optional[dict] = None):
         from .metrics import replica_logging
 
         replica_logging()  # the [job <id>] lines into this replica's Serve log
@@ -43,7 +43,7 @@ class MultiTalkIngress:
                 settings["replica_id"] = serve.get_replica_context().replica_id.unique_id
             except Exception:  # noqa: BLE001 - outside a replica (tests): a random id
                 pass
-        self.service = JobService(store=store, stages=ServeStages(audio, image, text, diffusion, decode),
+        self.service = JobService(store=store, stages=ServeStages(audio, image, text, diffusion, decode, speech),
                                   settings=ServiceSettings.from_dict(settings))
         logger.info("ingress replica %s: store %s", self.service.settings.replica_id, store.describe())
 

@@ -223,8 +223,14 @@ class JobRunner:
         target: Store = self.local_store if rec.request.output.format == "local" else self.store
         await asyncio.to_thread(target.put, key, result.video, "video/mp4")
         url = await asyncio.to_thread(target.presigned_url, key, self.settings.presign_expires_s)
+        speech_key = speech_url = None
+        if getattr(result, "speech_wav", None):  # text to speech: the synthesised soundtrack beside the video
+            speech_key = key[: -len(".mp4")] + ".speech.wav"
+            await asyncio.to_thread(target.put, speech_key, result.speech_wav, "audio/wav")
+            speech_url = await asyncio.to_thread(target.presigned_url, speech_key, self.settings.presign_expires_s)
         local = isinstance(target, LocalStore)
         return ResultInfo(
+            speech_key=speech_key, speech_url=speech_url,
             key=key, store="local" if local else "s3", url=url, path=str(target.path(key)) if local else None,
             video_url=f"/v1/jobs/{rec.id}/video", frames=result.num_frames,
             duration=round(result.num_frames / float(result.fps or 25), 3), fps=result.fps, width=result.width,

@@ -18,13 +18,15 @@ from typing import Any, Callable, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
+from multitalk.api import TTS_AUDIO_FIELDS, InputError, speech_from_tts_audio
+
 from . import volume
 from .jobs import JobRecord
 from .schemas import OPTION_NAMES, JobRequest, JobState, option_fields
 
 # Errors carry the library's field names; RunPod callers get them in their input's names.
 RUNPOD_FIELD_NAMES = {"image": "condition_image", "audio[0]": "audio_1", "audio[1]": "audio_2",
-                      "output.key": "output_key", "sampling.steps": "sample_steps"}
+                      "output.key": "output_key", "sampling.steps": "sample_steps", **TTS_AUDIO_FIELDS}
 
 
 class ModelCheckInput(BaseModel):
@@ -43,8 +45,10 @@ class _GenerateFields(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     action: Literal["generate"]
-    audio_1: str
+    audio_1: Optional[str] = None  # or tts_audio
     audio_2: Optional[str] = None
+    # The official examples' text to speech: {text, human1_voice[, human2_voice]} (multitalk.api).
+    tts_audio: Optional[dict[str, Any]] = None
     condition_image: str
     output_format: Literal["s3", "local"] = "s3"
     output_key: Optional[str] = None
@@ -69,10 +73,16 @@ class _GenerateFields(BaseModel):
             body["sampling"] = sampling
         if self.preset is not None:
             body["preset"] = self.preset
+        if self.tts_audio is not None:
+            if self.audio_1 is not None:
+                raise InputError("audio_1", "give either audio_1 or tts_audio, not both")
+            body["speech"] = vars(speech_from_tts_audio(self.tts_audio))
+        elif self.audio_1 is None:
+            raise InputError("audio_1", "required (or tts_audio: text with voices)")
         return {
             **body,
             "image": self.condition_image,
-            "audio": [self.audio_1] + ([self.audio_2] if self.audio_2 else []),
+            "audio": [a for a in (self.audio_1, self.audio_2) if a],
             "output": {"format": self.output_format, "key": self.output_key},
         }
 
@@ -144,6 +154,8 @@ def _generate_output(rec: JobRecord) -> dict:
         output["s3_key"] = r.key
     if r.path:
         output["local_path"] = r.path
+    if r.speech_key:
+        output["speech_key"], output["speech_url"] = r.speech_key, r.speech_url
     return output
 
 

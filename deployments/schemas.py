@@ -76,6 +76,8 @@ OPTION_DOCS = {
     "color_correction": "Streaming: strength of the colour match to the reference image",
     "max_frames": "Streaming: cap on the video's frames",
     "sampling": "Sampler settings (steps, guidance scales, seed, TeaCache, APG, negative prompt)",
+    "speech": "Text to speak instead of audio (Kokoro-82M): {voices: [v1, v2?], texts: [t1, t2?] | script: "
+              "'(s1) ... (s2) ...', speed}",
 }
 # Checks that hold for every deployment; the configured caps are Limits (module docstring).
 OPTION_BOUNDS = {
@@ -114,7 +116,8 @@ class _JobInputs(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     image: str = Field(..., description="Reference image: store key, file name or s3://bucket/key")
-    audio: list[str] = Field(..., min_length=1, max_length=2, description="One or two speakers' audio")
+    audio: list[str] = Field(default_factory=list, max_length=2,
+                             description="One or two speakers' audio (or ``speech``: text to speak)")
     output: OutputSpec = Field(default_factory=OutputSpec)
     preset: Optional[str] = Field(None, description="A named set of options from the server's config (e.g. "
                                                     "quality, fast); fields the request sets win")
@@ -136,11 +139,22 @@ class _JobInputs(BaseModel):
         validate_sampling(v)  # the configured step cap is checked at submit (Limits)
         return v
 
+    @property
+    def speakers(self) -> int:
+        speech = getattr(self, "speech", None)
+        return len(speech.voices) if speech is not None and not self.audio else len(self.audio)
+
+    @model_validator(mode="after")
+    def _audio_or_speech(self):
+        if not self.audio and getattr(self, "speech", None) is None:
+            raise InputError("audio", "give one or two speakers' audio, or speech (text with voices) to synthesise")
+        return self
+
     @model_validator(mode="after")
     def _bbox_per_speaker(self):
         bbox = getattr(self, "bbox", None)
         if bbox is not None:
-            if len(bbox) != len(self.audio):
+            if len(bbox) != self.speakers:
                 raise InputError("bbox", "bbox needs one box per audio track")
             for box in bbox:
                 if len(box) != 4 or box[0] >= box[2] or box[1] >= box[3]:
@@ -201,6 +215,8 @@ class ResultInfo(BaseModel):
     chunks: int = 1
     lip_sync: bool = True
     warnings: list[str] = Field(default_factory=list)
+    speech_key: Optional[str] = Field(None, description="Text-to-speech jobs: the synthesised speech (16 kHz wav)")
+    speech_url: Optional[str] = Field(None, description="Text-to-speech jobs: presigned URL (s3) or file:// URL")
 
 
 class JobStatus(BaseModel):
@@ -232,7 +248,11 @@ class SubmitResponse(BaseModel):
 
 # Errors carry the library's field names (the RunPod contract's too); native API callers
 # get them renamed to the fields of their JobRequest.
-NATIVE_FIELD_NAMES = {"condition_image": "image", "audio_1": "audio[0]", "audio_2": "audio[1]"}
+NATIVE_FIELD_NAMES = {
+    "condition_image": "image", "audio_1": "audio[0]", "audio_2": "audio[1]",
+    "text_1": "speech.texts[0]", "text_2": "speech.texts[1]", "script": "speech.script",
+    "voice_1": "speech.voices[0]", "voice_2": "speech.voices[1]", "voice": "speech.voices", "speed": "speech.speed",
+}
 
 
 class ErrorBody(BaseModel):

@@ -23,9 +23,10 @@ logger = logging.getLogger("multitalk.serve")
 
 
 class ServeStages:
-    def __init__(self, audio, image, text, diffusion, decode, _shared: Optional[dict] = None,
+    def __init__(self, audio, image, text, diffusion, decode, speech=None, _shared: Optional[dict] = None,
                  job_id: Optional[str] = None, retries: Optional[RetryBudget] = None):
         self.audio, self.image, self.text, self.diffusion, self.decode = audio, image, text, diffusion, decode
+        self.speech = speech
         self._kw = {"job_id": job_id} if job_id else {}  # stage replicas log it with their lines
         self._shared = _shared if _shared is not None else {}
         self.retries = retries if retries is not None else RetryBudget()
@@ -33,8 +34,8 @@ class ServeStages:
         self._tasks: list[asyncio.Task] = []
 
     def for_job(self, job_id: Optional[str] = None, retries: Optional[RetryBudget] = None) -> "ServeStages":
-        return ServeStages(self.audio, self.image, self.text, self.diffusion, self.decode, self._shared, job_id,
-                           retries)
+        return ServeStages(self.audio, self.image, self.text, self.diffusion, self.decode, self.speech,
+                           self._shared, job_id, retries)
 
     async def prepare(self) -> None:
         """Fetch what the driver reads synchronously (``lip_sync``) once per ingress."""
@@ -62,6 +63,9 @@ class ServeStages:
 
     def text_encode(self, prompt, negative_prompt):
         return self._track(self.text.encode.remote(prompt, negative_prompt, **self._kw))
+
+    def speech_synthesize(self, speech):
+        return self._track(self.speech.synthesize.remote(speech, **self._kw))
 
     def diffusion_sample(self, job, audio, image, text, on_step=None):
         async def sample_once():

@@ -105,7 +105,7 @@ class JobService:
         self.local_store: LocalStore = local_store  # type: ignore[assignment]
         self.admission = Admission(store, s.limits, s.allowed_buckets, s.max_queued_jobs,
                                    s.max_queued_jobs_per_tenant, s.retry_after_s, s.precheck_inputs,
-                                   s.presets, s.request_defaults)
+                                   s.presets, s.request_defaults, self.speech_voices)
         self.leases = Leases(self.jobs, s.replica_id, s.lease_s, s.persist_interval_s, job_log)
         self.webhooks = Webhooks(s.webhooks)
         self.runner = JobRunner(stages, self.admission, self.leases, store, self.local_store,
@@ -115,6 +115,8 @@ class JobService:
         self._started = False
         self._sweeper: Optional[asyncio.Task] = None
         self._models_root: Optional[str] = None
+        self._voices: Optional[list[str]] = None
+        self._models_report: Optional[tuple[float, dict]] = None
 
     # --- lifecycle -------------------------------------------------------------------
     async def start(self) -> None:
@@ -193,6 +195,26 @@ class JobService:
         rec.started_at, rec.finished_at = started, time.time()
         await asyncio.to_thread(self.jobs.save, rec)
         return rec
+
+    def speech_voices(self) -> Optional[list[str]]:
+        """The Kokoro voices under the models root ([] without a Kokoro folder); ``None``
+        where this replica cannot see the models root (it is only mirrored where stages run)."""
+        if self._voices is None:
+            root = volume.optional_models_root({"models_root": self.settings.models_root,
+                                                "cache_dir": self.settings.cache_dir})
+            if root is None:
+                return None
+            self._voices = volume.speech_voices(root)
+        return self._voices
+
+    async def models_report(self, max_age_s: float = 300.0) -> dict:
+        """``/v1/models``: the models root's components and the loaders' verdict (kept for
+        ``max_age_s``: verifying a 14B set reads every header, a few seconds)."""
+        cached = self._models_report
+        if cached is None or time.monotonic() - cached[0] > max_age_s:
+            root = await self.models_root()
+            cached = self._models_report = (time.monotonic(), await asyncio.to_thread(volume.model_check, root or ""))
+        return cached[1]
 
     async def models_root(self) -> Optional[str]:
         if self._models_root is None:

@@ -164,6 +164,40 @@ class Diffusion(_StageReplica):
             yield {"event": "result", "latents": to_cpu(stream.result)}
 
 
+@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=4)
+class Speech(_StageReplica):
+    """Kokoro-82M text to speech (``SpeechStage``), called only for jobs that give text.
+
+    Text to speech is optional: without a ``Kokoro-82M`` folder under the models root the
+    replica still starts, and every call is a 422 naming the text (``/v1/models`` says
+    ``speech: found false``), so an audio-only deployment needs no TTS weights.
+    """
+
+    stage_name = "speech"
+
+    def __init__(self, settings: Any):
+        from multitalk.checkpoints.discovery import MissingCheckpointError
+
+        try:
+            _StageReplica.__init__(self, settings)
+            self.missing = None
+        except MissingCheckpointError as e:
+            self.settings, self.stage, self.missing = StageSettings.model_validate(settings), None, str(e)
+            self._lock = asyncio.Lock()
+            logger.info("Speech: no Kokoro-82M folder (%s); text to speech is unavailable", e)
+
+    async def synthesize(self, speech, job_id: Optional[str] = None):
+        if self.stage is None:
+            from multitalk.api import InputError
+
+            raise InputError(speech.text_field, "text to speech needs a Kokoro-82M folder (config.json, "
+                                                "kokoro-v1_0.pth, voices/) under the models root; none was found")
+        return await self._run(self.stage.synthesize, speech, job_id=job_id)
+
+    async def voices(self) -> list[str]:
+        return [] if self.stage is None else list(self.stage.voices)
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=2)
 class VaeDecoder(_StageReplica):
     """VAE decoder: latents to frames (``DecodeStage``)."""

@@ -64,13 +64,30 @@ def optional_models_root(settings: Mapping[str, Any]) -> Optional[str]:
         return None
 
 
-def model_check(models_root: str) -> dict[str, Any]:
-    """Which model components are present (and which layout/dtype) under ``models_root``."""
+def model_check(models_root: str, verify: bool = True) -> dict[str, Any]:
+    """Which model components are present (and which layout/dtype) under ``models_root``,
+    and (``verify``) whether each would load: the loaders run on the meta device, reading
+    headers only, so a set that would fail names the key that breaks it."""
     from multitalk.checkpoints.discovery import find_checkpoints
 
-    report = find_checkpoints(models_root).report()
+    ckpt = find_checkpoints(models_root)
+    if verify:
+        from multitalk.checkpoints.verify import verify_checkpoints
+
+        verify_checkpoints(ckpt)
+    report = ckpt.report()
     report["ready"] = report.get("kind") != "incomplete"
+    report["speech_voices"] = speech_voices(models_root)
     return report
+
+
+def speech_voices(models_root: str) -> list[str]:
+    """The text-to-speech voices under ``models_root`` (empty without a Kokoro-82M folder)."""
+    from multitalk.checkpoints.discovery import find_checkpoints
+    from multitalk.modules.speech_kokoro import voice_names
+
+    speech = find_checkpoints(models_root).components.get("speech")
+    return voice_names(speech.path) if speech is not None and speech.found else []
 
 
 def volume_explore(models_root: str, path: str = "", max_depth: int = 3, max_entries: int = 500) -> dict[str, Any]:

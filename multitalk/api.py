@@ -42,6 +42,11 @@ class InputError(ValueError):
         self.message = message
         self.status = status
 
+    def __reduce__(self):
+        # Picklable with its field, so it survives the hop out of a Ray Serve replica
+        # (the default would call __init__ with the formatted message alone).
+        return (InputError, (self.field, self.message, self.status))
+
 
 @dataclass
 class Limits:
@@ -58,6 +63,7 @@ class Limits:
     min_frames: int = 5
     max_clip_frames: int = 201
     max_steps: int = 100
+    max_speech_chars: int = 4000  # text to speech: characters of all texts (about 5 min of speech)
     # A clip fitted to short speech (frames left out) is never shorter than this: below it,
     # the request is refused naming the audio.
     min_fit_frames: int = 5
@@ -98,6 +104,75 @@ class SamplingOptions:
 
 
 @dataclass
+class SpeechRequest:
+    """Text to speak instead of uploaded audio (Kokoro-82M, the official TTS).
+
+    ``voices``: the voice of each speaker (1 or 2), names from the models root's
+    ``Kokoro-82M/voices/`` (``af_heart`` for ``voices/af_heart.pt``).
+    Either ``texts``, one per voice (two speakers are then laid out by the job's
+    ``audio_type``, as uploaded audio is), or one ``script`` whose turns are tagged
+    ``(s1) ... (s2) ...`` (the official two-speaker layout: each turn on its speaker's
+    track, silence on the other's). ``speed``: Kokoro's speaking rate (1 = the official).
+    Errors name ``text_1``/``text_2``, ``script``, ``voice_1``/``voice_2`` or ``speed``.
+    """
+
+    __pydantic_config__ = {"extra": "forbid"}
+
+    voices: list[str]
+    texts: Optional[list[str]] = None
+    script: Optional[str] = None
+    speed: float = 1.0
+
+    @property
+    def text_field(self) -> str:
+        """The request field holding the text (for errors about it as a whole)."""
+        return "script" if self.script is not None else "text_1"
+
+
+# ``tts_audio`` keys of the official examples for the fields :class:`SpeechRequest` errors name.
+TTS_AUDIO_FIELDS = {"script": "tts_audio.text", "text_1": "tts_audio.text", "voice_1": "tts_audio.human1_voice",
+                    "voice_2": "tts_audio.human2_voice", "speed": "tts_audio.speed"}
+
+
+def speech_from_tts_audio(tts_audio: dict) -> SpeechRequest:
+    """The official examples' ``tts_audio`` object → :class:`SpeechRequest`.
+
+    ``{"text": ..., "human1_voice": ..., "human2_voice": ...}``; voices by name
+    (``af_heart``) or as the official paths (``weights/Kokoro-82M/voices/af_heart.pt``: only
+    the name is used, voices always come from the models root). With ``human2_voice`` the
+    text is a two-speaker script (official ``process_tts_multi``); without it the text is
+    spoken by speaker 1 (``process_tts_single``), as a script if it carries turn tags.
+    An optional ``speed`` (not in the official object) sets the speaking rate.
+    """
+    from .utils.dialogue import has_turn_tags
+
+    if not isinstance(tts_audio, dict):
+        raise InputError("tts_audio", "must be an object {text, human1_voice[, human2_voice]}")
+    unknown = sorted(set(tts_audio) - {"text", "human1_voice", "human2_voice", "speed"})
+    if unknown:
+        raise InputError("tts_audio", f"unknown key(s) {', '.join(unknown)}")
+    text = tts_audio.get("text")
+    if not isinstance(text, str):
+        raise InputError("tts_audio.text", "a string is required")
+    voices = [_voice_name(tts_audio.get("human1_voice"), "tts_audio.human1_voice")]
+    if tts_audio.get("human2_voice") is not None:
+        voices.append(_voice_name(tts_audio["human2_voice"], "tts_audio.human2_voice"))
+    speed = tts_audio.get("speed", 1.0)
+    if isinstance(speed, bool) or not isinstance(speed, (int, float)):
+        raise InputError("tts_audio.speed", "must be a number")
+    if len(voices) == 2 or has_turn_tags(text):
+        return SpeechRequest(voices=voices, script=text, speed=float(speed))
+    return SpeechRequest(voices=voices, texts=[text], speed=float(speed))
+
+
+def _voice_name(value, field_name: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise InputError(field_name, "a voice name is required, e.g. af_heart")
+    name = value.strip().replace("\\", "/").rsplit("/", 1)[-1]
+    return name[: -len(".pt")] if name.endswith(".pt") else name
+
+
+@dataclass
 class GenerationRequest:
     """One talking-video job, inputs as raw file bytes.
 
@@ -122,6 +197,8 @@ class GenerationRequest:
     color_correction: float = 1.0
     max_frames: int = 1000
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
+    # Text to speech instead of ``audio`` (then left empty); see :class:`SpeechRequest`.
+    speech: Optional[SpeechRequest] = None
     # LoRAs for this job by registered name (dicts {"name", "scale"} and (name, scale) pairs
     # are accepted too); the Diffusion stage applies them on top of the loaded base, no reload.
     loras: list[LoraChoice] = field(default_factory=list)
@@ -132,7 +209,7 @@ class GenerationRequest:
 
 @dataclass
 class Progress:
-    """A progress event. ``stage`` is one of: audio, image, text, diffusion, decode, mux.
+    """A progress event. ``stage`` is one of: speech, audio, image, text, diffusion, decode, mux.
 
     For diffusion, ``step``/``total_steps`` count sampler steps over all chunks and
     ``chunk``/``total_chunks`` the streaming chunk.
@@ -162,4 +239,6 @@ class GenerationResult:
     lip_sync: bool
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    # Jobs that gave text: the synthesised soundtrack the video carries (16 kHz mono WAV).
+    speech_wav: Optional[bytes] = None
     loras: list[dict] = field(default_factory=list)  # the set applied: [{"name", "scale"}], sorted by name

@@ -56,7 +56,7 @@ def _raise_for(resp: requests.Response) -> None:
 def submit(
     url: str,
     image: str,
-    audio: str,
+    audio: Optional[str] = None,
     audio2: Optional[str] = None,
     prompt: str = "",
     wait: bool = True,
@@ -71,7 +71,8 @@ def submit(
     """Submit a job and (with ``wait``) follow it to the end; returns the final status.
 
     ``image``/``audio``/``audio2``: local files (uploaded) or references the server
-    resolves (a key in its store, a simple file name, ``s3://bucket/key``).
+    resolves (a key in its store, a simple file name, ``s3://bucket/key``); no audio with
+    ``options={"speech": {"voices": [...], "texts": [...] | "script": ...}}`` (text to speech).
     ``options``: further :class:`deployments.schemas.JobRequest` fields (``frames``,
     ``mode``, ``sampling``: {...}, ``output``: {...} ...). ``out``: where to save the mp4.
     Raises :class:`RequestRejected` on 4xx/5xx and :class:`JobFailed` if the job fails.

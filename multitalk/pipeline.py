@@ -4,6 +4,10 @@
     result = pipe.generate(GenerationRequest(image=png, audio=[wav], prompt="..."))
     open("out.mp4", "wb").write(result.video)
 
+    # text instead of audio (a Kokoro-82M/ folder under the models root):
+    speech = SpeechRequest(voices=["af_heart", "am_adam"], script="(s1) Hi there! (s2) Hello.")
+    result = pipe.generate(GenerationRequest(image=png, audio=[], speech=speech))
+
 The same stages and driver run under Ray Serve, one deployment per stage.
 """
 from __future__ import annotations
@@ -14,7 +18,7 @@ from typing import Optional
 from .api import GenerationRequest, GenerationResult, ProgressCallback
 from .checkpoints.discovery import CheckpointSet, find_checkpoints
 from .driver import Limits, LocalStages, generate
-from .stages import AudioStage, DecodeStage, DiffusionStage, ImageStage, TextStage
+from .stages import AudioStage, DecodeStage, DiffusionStage, ImageStage, SpeechStage, TextStage
 
 
 class MultiTalkPipeline:
@@ -24,24 +28,43 @@ class MultiTalkPipeline:
         self.limits = limits
 
     @classmethod
-    def from_pretrained(cls, models_root: str, device: str = "cpu", dtype: str = "float32",
+    def from_pretrained(cls, models_root: str, device: str = "cpu", dtype: Optional[str] = None,
                         attention_backend: Optional[str] = None, tiled_vae: bool = False,
+                        stage_dtypes=None, allow_fp32_dit: bool = False,
                         **diffusion_options) -> "MultiTalkPipeline":
         """Load every stage from a models root (official or diffusers layout, see ``multitalk check``).
 
+        ``dtype``: every stage's dtype (``None``: each stage's default, the official's on CUDA
+        and fp32 on CPU, :mod:`multitalk.precision`); ``stage_dtypes``: per-stage overrides,
+        ``{"dit": "bf16", "audio": "fp32"}`` or ``["dit=bf16", ...]``; ``allow_fp32_dit``:
+        let an fp32 14B DiT onto a GPU.
         ``diffusion_options``: :meth:`DiffusionStage.from_pretrained` levers (``batch_guidance``,
         ``quantize``, ``low_vram``, ``compile``).
         """
+        from .checkpoints.dit import dit_parameter_count
+        from .precision import check_dit_dtype, stage_dtypes as resolve_stage_dtypes
+
+        dt = resolve_stage_dtypes(device, dtype, stage_dtypes)
         ckpt = find_checkpoints(models_root).require_complete()
+        adapter = ckpt.components["audio_adapter"]
+        # Refused before any stage loads (DiffusionStage checks again on its own).
+        check_dit_dtype(dt["dit"], device, dit_parameter_count(ckpt.path("dit"), ckpt.layout("dit"),
+                                                              adapter.path if adapter.found else None), allow_fp32_dit)
         stages = LocalStages(
-            AudioStage.from_pretrained(ckpt, device, dtype),
-            ImageStage.from_pretrained(ckpt, device, dtype),
-            TextStage.from_pretrained(ckpt, device, dtype),
-            DiffusionStage.from_pretrained(ckpt, device, dtype, attention_backend=attention_backend,
-                                           **diffusion_options),
-            DecodeStage.from_pretrained(ckpt, device, dtype, tiled=tiled_vae),
+            AudioStage.from_pretrained(ckpt, device, dt["audio"]),
+            ImageStage.from_pretrained(ckpt, device, dt["clip"], vae_dtype=dt["vae"]),
+            TextStage.from_pretrained(ckpt, device, dt["text"]),
+            DiffusionStage.from_pretrained(ckpt, device, dt["dit"], attention_backend=attention_backend,
+                                           allow_fp32=allow_fp32_dit, **diffusion_options),
+            DecodeStage.from_pretrained(ckpt, device, dt["vae"], tiled=tiled_vae),
+            speech=load_speech_stage(ckpt, device),
         )
         return cls(stages, ckpt)
+
+    @property
+    def voices(self) -> list[str]:
+        """Text-to-speech voices (empty without a Kokoro-82M folder)."""
+        return self.stages.speech.voices if self.stages.speech is not None else []
 
     async def agenerate(self, request: GenerationRequest, progress: Optional[ProgressCallback] = None,
                         on_chunk=None) -> GenerationResult:
@@ -51,3 +74,10 @@ class MultiTalkPipeline:
     def generate(self, request: GenerationRequest, progress: Optional[ProgressCallback] = None,
                  on_chunk=None) -> GenerationResult:
         return asyncio.run(self.agenerate(request, progress, on_chunk))
+
+
+def load_speech_stage(ckpt: CheckpointSet, device: str = "cpu") -> Optional[SpeechStage]:
+    """The text-to-speech stage when the models root has a Kokoro-82M folder, else ``None``
+    (jobs that give text are then refused with an :class:`~multitalk.api.InputError`)."""
+    speech = ckpt.components.get("speech")
+    return SpeechStage.from_pretrained(ckpt, device) if speech is not None and speech.found else None

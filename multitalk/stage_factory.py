@@ -17,6 +17,7 @@ STAGE_CLASSES = {
     "text": "multitalk.stages:TextStage",
     "diffusion": "multitalk.stages:DiffusionStage",
     "decode": "multitalk.stages:DecodeStage",
+    "speech": "multitalk.stages:SpeechStage",
 }
 
 

@@ -13,6 +13,7 @@ ImageStage      CLIP vision + VAE encoder              pixels → :class:`ImageC
 TextStage       UMT5 (+ prompt-embedding cache)        prompts → :class:`TextEmbeddings`
 DiffusionStage  MultiTalk DiT + flow-matching sampler  :class:`ChunkJob` → latents
 DecodeStage     VAE decoder                            latents → pixels [3, T, H, W]
+SpeechStage     Kokoro-82M (optional, text to speech)  :class:`SpeechRequest` → 16 kHz tracks
 ==============  ====================================  ======================================
 """
 from __future__ import annotations
@@ -26,7 +27,9 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from .checkpoints.discovery import CheckpointSet, find_checkpoints
+from .api import InputError, SpeechRequest
+from .checkpoints.discovery import CheckpointSet, MissingCheckpointError, find_checkpoints
+from .precision import check_dit_dtype, resolve_dtype
 from .utils.sampler import (
     COND, DROP_AUDIO, DROP_TEXT, UNCOND, Guidance, GuidanceConfig, TeaCache, flow_timesteps, sample,
 )
@@ -36,6 +39,7 @@ logger = logging.getLogger(__name__)
 VAE_TEMPORAL_STRIDE = 4
 VAE_SPATIAL_STRIDE = 8
 AUDIO_WINDOW = 5  # audio frames around each video frame (official: indices -2..2)
+SPEECH_RATE = 16000  # wav2vec2's input rate
 
 
 def _as_checkpoints(models: "str | CheckpointSet") -> CheckpointSet:
@@ -45,10 +49,9 @@ def _as_checkpoints(models: "str | CheckpointSet") -> CheckpointSet:
 
 
 def _dtype(dtype: "torch.dtype | str") -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-            "float16": torch.float16, "fp16": torch.float16}[str(dtype)]
+    from .precision import parse_dtype
+
+    return parse_dtype(dtype)
 
 
 # --------------------------------------------------------------------------- data types
@@ -132,11 +135,13 @@ class AudioStage:
         self.encoder = encoder
 
     @classmethod
-    def from_pretrained(cls, models: "str | CheckpointSet", device: str = "cpu", dtype="float32") -> "AudioStage":
+    def from_pretrained(cls, models: "str | CheckpointSet", device: str = "cpu", dtype=None) -> "AudioStage":
+        """``dtype``: ``None`` = the official's (fp32, see :mod:`multitalk.precision`)."""
         from .modules.audio_encoder import AudioEncoder
 
         ckpt = _as_checkpoints(models)
-        return cls(AudioEncoder.from_pretrained(ckpt.path("audio_encoder"), device=device, dtype=_dtype(dtype)))
+        dt = resolve_dtype("audio", device, dtype)
+        return cls(AudioEncoder.from_pretrained(ckpt.path("audio_encoder"), device=device, dtype=dt))
 
     @torch.no_grad()
     def encode(self, speeches: list[np.ndarray]) -> torch.Tensor:
@@ -154,18 +159,22 @@ class ImageStage:
         self.device, self.dtype = torch.device(device), dtype
 
     @classmethod
-    def from_pretrained(cls, models: "str | CheckpointSet", device: str = "cpu", dtype="float32") -> "ImageStage":
+    def from_pretrained(cls, models: "str | CheckpointSet", device: str = "cpu", dtype=None,
+                        vae_dtype=None) -> "ImageStage":
+        """``dtype``: the CLIP's, ``vae_dtype``: the VAE encoder's; ``None`` = the official's
+        (CLIP fp16 and VAE fp32 on CUDA, fp32 on CPU; :mod:`multitalk.precision`). The
+        outputs are float32 either way (exact for fp16 CLIP features; the DiT casts them
+        once to its own dtype, as the official does)."""
         from .modules.image_encoder import ImageEncoder
 
         ckpt = _as_checkpoints(models)
-        dt = _dtype(dtype)
+        dt = resolve_dtype("clip", device, dtype)
         if ckpt.layout("image_encoder") == "official":
             clip = ImageEncoder.from_original(ckpt.path("image_encoder"), device=device, dtype=dt)
         else:
             clip = ImageEncoder.from_diffusers(Path(ckpt.path("image_encoder")).parent, device=device, dtype=dt)
-        # The VAE runs in fp32 like the official (its convolutions are sensitive to bf16).
-        vae = load_vae(ckpt, device)
-        return cls(clip, vae, device, dt)
+        vae = load_vae(ckpt, device, resolve_dtype("vae", device, vae_dtype))
+        return cls(clip, vae, device, torch.float32)
 
     @torch.no_grad()
     def encode(self, cond_pixels: torch.Tensor, frames: int) -> ImageConditioning:
@@ -196,11 +205,12 @@ class TextStage:
         self.encoder = encoder
 
     @classmethod
-    def from_pretrained(cls, models: "str | CheckpointSet", device: str = "cpu", dtype="float32") -> "TextStage":
+    def from_pretrained(cls, models: "str | CheckpointSet", device: str = "cpu", dtype=None) -> "TextStage":
+        """``dtype``: ``None`` = the official's (bf16 on CUDA, fp32 on CPU; :mod:`multitalk.precision`)."""
         from .modules.text_encoder import TextEncoder
 
         ckpt = _as_checkpoints(models)
-        dt = _dtype(dtype)
+        dt = resolve_dtype("text", device, dtype)
         if ckpt.layout("text_encoder") == "official":
             enc = TextEncoder.from_original(ckpt.path("text_encoder"), ckpt.path("tokenizer"), device=device, dtype=dt)
         else:
@@ -247,14 +257,17 @@ class DiffusionStage:
         self.compiled = False  # hooks added after torch.compile would be ignored by dynamo
 
     @classmethod
-    def from_pretrained(cls, models: "str | CheckpointSet", device: str = "cpu", dtype="float32",
+    def from_pretrained(cls, models: "str | CheckpointSet", device: str = "cpu", dtype=None,
                         attention_backend: Optional[str] = None, batch_guidance: bool = False,
                         low_vram: "bool | str" = False, quantize: Optional[str] = None,
                         compile: "bool | dict" = False, loras: Sequence = (),
-                        lora_registry: Optional[dict] = None,
+                        allow_fp32: bool = False, lora_registry: Optional[dict] = None,
                         lora_scale_range: tuple[float, float] = (0.0, 2.0),
                         max_loras_per_job: int = 4) -> "DiffusionStage":
-        """``low_vram``: keep the DiT blocks in CPU memory and stream them to ``device`` one by
+        """``dtype``: ``None`` = the official's (bf16 on CUDA, fp32 on CPU); float32 for the
+        14B DiT on a GPU is refused (:class:`multitalk.precision.PrecisionError`) unless
+        ``allow_fp32`` (:mod:`multitalk.precision`).
+        ``low_vram``: keep the DiT blocks in CPU memory and stream them to ``device`` one by
         one (official ``--num_persistent_param_in_dit 0``); slower, fits 24 GB cards.
         ``"prefetch"``: copy the next block on a side stream while one computes.
         ``quantize``: ``"int8"`` or ``"fp8"`` weight-only DiT blocks (torchao), quantised on
@@ -275,15 +288,17 @@ class DiffusionStage:
         if compile_kwargs is not None and low_vram:
             raise ValueError("compile and low_vram cannot be combined: the block streamer swaps weights "
                              "in hooks around each block, which the compiled block would not see")
-        from .checkpoints.dit import load_dit
+        from .checkpoints.dit import dit_parameter_count, load_dit
 
         ckpt = _as_checkpoints(models)
         adapter = ckpt.components["audio_adapter"].path if ckpt.components["audio_adapter"].found else None
         if adapter is None:
             logger.warning("no MultiTalk adapter under %s: the DiT runs without lip sync", ckpt.root)
+        dt = resolve_dtype("dit", device, dtype)
+        check_dit_dtype(dt, device, dit_parameter_count(ckpt.path("dit"), ckpt.layout("dit"), adapter), allow_fp32)
         on_cpu_first = low_vram or quantize is not None
         model = load_dit(ckpt.path("dit"), ckpt.layout("dit"), adapter,
-                         device="cpu" if on_cpu_first else device, dtype=_dtype(dtype))
+                         device="cpu" if on_cpu_first else device, dtype=dt)
         for lora in loras:  # merged before quantisation, streaming and compilation
             from .checkpoints.lora import merge_lora
 
@@ -307,14 +322,14 @@ class DiffusionStage:
         if lora_registry:  # after quantisation and streaming (the hooks sit beside both), before compile
             from .modules.lora_runtime import LoraRuntime, resolve_registry
 
-            runtime = LoraRuntime(model, device, _dtype(dtype), lora_scale_range, max_loras_per_job)
+            runtime = LoraRuntime(model, device, dt, lora_scale_range, max_loras_per_job)
             for name, path in resolve_registry(lora_registry, ckpt.root).items():
                 runtime.register(name, path)
         if attention_backend:
             model.set_attention_backend(attention_backend)
         if compile_kwargs is not None:
             model.compile_repeated_blocks(**compile_kwargs)
-        stage = cls(model, device, _dtype(dtype), batch_guidance=batch_guidance)
+        stage = cls(model, device, dt, batch_guidance=batch_guidance)
         stage.lora_runtime, stage.compiled = runtime, compile_kwargs is not None
         return stage
 
@@ -439,9 +454,10 @@ class DecodeStage:
         self.tiled = tiled
 
     @classmethod
-    def from_pretrained(cls, models: "str | CheckpointSet", device: str = "cpu", dtype="float32",
+    def from_pretrained(cls, models: "str | CheckpointSet", device: str = "cpu", dtype=None,
                         tiled: bool = False) -> "DecodeStage":
-        return cls(load_vae(_as_checkpoints(models), device), tiled)
+        """``dtype``: the VAE's; ``None`` = the official's (fp32; :mod:`multitalk.precision`)."""
+        return cls(load_vae(_as_checkpoints(models), device, resolve_dtype("vae", device, dtype)), tiled)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -449,10 +465,80 @@ class DecodeStage:
         return self.vae.decode(latents[None].float(), tiled=self.tiled)[0].float().cpu()
 
 
+class SpeechStage:
+    """Kokoro-82M text to speech: per-speaker speech at 16 kHz (synthesised at 24 kHz).
+
+    Runs in fp32 whatever ``dtype`` says, as the official does (Kokoro's STFT and LSTMs
+    have no bf16 path worth having for an 82 M model).
+    """
+
+    def __init__(self, tts):
+        self.tts = tts
+
+    @classmethod
+    def from_pretrained(cls, models: "str | CheckpointSet", device: str = "cpu", dtype="float32") -> "SpeechStage":
+        from .modules.speech_kokoro import KokoroTTS
+
+        # Only the Kokoro folder is needed (a Speech replica may run where the DiT is not).
+        ckpt = models if isinstance(models, CheckpointSet) else find_checkpoints(models)
+        if "speech" not in ckpt.components:
+            raise MissingCheckpointError(f"speech not looked for under {ckpt.root}")
+        return cls(KokoroTTS.from_pretrained(ckpt.path("speech"), device=device))
+
+    @property
+    def voices(self) -> list[str]:
+        return self.tts.voice_names
+
+    def synthesize(self, speech: SpeechRequest) -> list[np.ndarray]:
+        """Per speaker float32 16 kHz speech.
+
+        With a ``script``: one track per voice, all of the same length, in the official turn
+        layout (each turn on its speaker's track, silence of the same length on the other,
+        laid out at 24 kHz and each track then resampled). With ``texts``: each speaker's
+        speech alone (the driver lays them out by the job's ``audio_type``).
+        Raises :class:`InputError` for an unknown voice (listing the available ones), a
+        malformed script, or a text that yields no speech.
+        """
+        from .modules.speech_kokoro import SAMPLE_RATE as KOKORO_RATE
+        from .utils.dialogue import lay_out_turns, parse_script
+
+        for i, voice in enumerate(speech.voices, start=1):
+            if voice not in self.tts.voices:
+                raise InputError(f"voice_{i}", f"unknown voice {voice!r}; available: {', '.join(self.voices)}")
+        if speech.script is not None:
+            turns = parse_script(speech.script)
+            for turn in turns:
+                if turn.speaker > len(speech.voices):
+                    raise InputError(f"voice_{turn.speaker}", f"the script has (s{turn.speaker}) turns but no "
+                                                              f"voice is given for speaker {turn.speaker}")
+            spoken = [(t.speaker, self._speak(t.text, speech.voices[t.speaker - 1], speech.speed, "script"))
+                      for t in turns]
+            tracks = lay_out_turns(spoken, len(speech.voices))
+        else:
+            tracks = [self._speak(text, voice, speech.speed, f"text_{i}")
+                      for i, (text, voice) in enumerate(zip(speech.texts or [], speech.voices), start=1)]
+        return [_resample(t, KOKORO_RATE, SPEECH_RATE) for t in tracks]
+
+    def _speak(self, text: str, voice: str, speed: float, field_name: str) -> np.ndarray:
+        audio = self.tts.synthesize(text, voice, speed)
+        if audio.shape[0] == 0:
+            raise InputError(field_name, f"{text[:40]!r} gives nothing to speak")
+        return audio
+
+
+def _resample(speech: np.ndarray, rate: int, target: int) -> np.ndarray:
+    """librosa's ``soxr_hq``, the resampler the official ``librosa.load(sr=16000)`` uses."""
+    import librosa
+
+    return np.ascontiguousarray(librosa.resample(speech, orig_sr=rate, target_sr=target, res_type="soxr_hq"),
+                                dtype=np.float32)
+
+
 # --------------------------------------------------------------------------- helpers
-def load_vae(ckpt: CheckpointSet, device: str):
+def load_vae(ckpt: CheckpointSet, device: str, dtype: torch.dtype = torch.float32):
+    """The VAE, in fp32 by default like the official (its convolutions are sensitive to bf16)."""
     from .modules.vae import WanVAE
 
     if ckpt.layout("vae") == "official":
-        return WanVAE.from_original(ckpt.path("vae"), device=device, dtype=torch.float32)
-    return WanVAE.from_pretrained(ckpt.path("vae"), device=device, dtype=torch.float32)
+        return WanVAE.from_original(ckpt.path("vae"), device=device, dtype=dtype)
+    return WanVAE.from_pretrained(ckpt.path("vae"), device=device, dtype=dtype)

@@ -16,7 +16,7 @@ import pipeline_graph
 from deployments.launcher import default_config_path
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("AudioEncoder", "ImageEncoder", "TextEncoder", "Diffusion", "VaeDecoder")
+STAGES = ("AudioEncoder", "ImageEncoder", "TextEncoder", "Diffusion", "VaeDecoder", "Speech")
 
 
 def _field(settings, name):
@@ -44,7 +44,7 @@ def test_production_config_levers_reach_the_diffusion_deployment():
     assert set(bound) == {"MultiTalkIngress", *STAGES}
     diffusion = bound["Diffusion"]
     assert _field(diffusion, "stage_options")["diffusion"] == {"batch_guidance": True}
-    assert _field(diffusion, "device") == "cuda" and _field(diffusion, "dtype") == "bfloat16"
+    assert _field(diffusion, "device") == "cuda" and _field(diffusion, "dtype") is None  # the official per stage
     for name in STAGES:  # every stage gets the whole stage settings, the same for all
         assert _field(bound[name], "models_root") == args["models_root"]
         assert _field(bound[name], "stage_options") == _field(diffusion, "stage_options")
@@ -86,6 +86,7 @@ def test_stage_options_dtype_overrides_one_stage():
     args = AppArgs.model_validate({"dtype": "bfloat16", "stage_options": {"audio": {"dtype": "float32"},
                                                                         "decode": {"tiled": True}}})
     settings = args.stage_settings()
+    assert AppArgs().stage_settings().options_for("text") == (None, {})  # unset: the stage's official dtype
     assert settings.options_for("audio") == ("float32", {})
     assert settings.options_for("decode") == ("bfloat16", {"tiled": True})
     assert settings.options_for("diffusion") == ("bfloat16", {})

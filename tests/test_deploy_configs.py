@@ -21,7 +21,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVE_CONFIGS = [ROOT / "serve_config.yaml", ROOT / "deployments" / "configs" / "serve_cpu.yaml"]
-NAMES = {"MultiTalkIngress", "AudioEncoder", "ImageEncoder", "TextEncoder", "Diffusion", "VaeDecoder"}
+NAMES = {"MultiTalkIngress", "AudioEncoder", "ImageEncoder", "TextEncoder", "Diffusion", "VaeDecoder",
+                 "Speech"}
 
 
 def _load(path: Path) -> dict:
@@ -70,7 +71,7 @@ def test_gpu_serve_config_resources():
 
     raw_app = _load(ROOT / "serve_config.yaml")["applications"][0]
     app = ServeDeploySchema.model_validate(_load(ROOT / "serve_config.yaml")).applications[0]
-    assert app.args["device"] == "cuda" and app.args["dtype"] == "bfloat16"
+    assert app.args["device"] == "cuda" and "dtype" not in app.args  # each stage's official dtype
     root = app.args["models_root"]
     assert root.startswith("s3://") or root.startswith("/")
     deps = {d["name"]: d for d in raw_app["deployments"]}

@@ -232,7 +232,8 @@ def test_serve_config_and_app_builder():
     app_cfg = schema.applications[0]
     assert app_cfg.import_path == "pipeline_graph:build_app"
     names = {d.name for d in app_cfg.deployments}
-    assert names == {"MultiTalkIngress", "AudioEncoder", "ImageEncoder", "TextEncoder", "Diffusion", "VaeDecoder"}
+    assert names == {"MultiTalkIngress", "AudioEncoder", "ImageEncoder", "TextEncoder", "Diffusion", "VaeDecoder",
+                 "Speech"}
     app = pipeline_graph.build_app(app_cfg.args)  # binds only: nothing loads
     assert app is not None and pipeline_graph.app is not None
     with pytest.raises(ValueError):

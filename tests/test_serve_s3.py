@@ -164,6 +164,56 @@ def test_predecessor_sample_body_on_the_embedded_default(s3_serve):
     assert info["num_frames"] == 41 and info["audio_codec"] == "aac", info
 
 
+def test_two_speaker_script_through_jobs_and_runpod_tts_audio(s3_serve):
+    """Text to speech served: a two-speaker script through /v1/jobs and the official
+    ``tts_audio`` object through /run. The soundtrack is the synthesised dialogue (the
+    speech wav stored beside the video) and the video lasts as long as it does."""
+    import io
+
+    import numpy as np
+    import requests
+    import soundfile
+    from inputs import mp4_audio
+
+    from multitalk.utils.video import probe_mp4
+
+    url, s3 = s3_serve["url"], s3_serve["s3"]
+    voices = requests.get(f"{url}/v1/models", timeout=60).json()["speech_voices"]
+    assert {"af_heart", "am_adam"} <= set(voices), voices
+    script = "(s1) Hi there! (s2) Hello, friend. (s1) Bye."
+    native = {"image": "multi1.png", "speech": {"voices": ["af_heart", "am_adam"], "script": script},
+              "mode": "streaming", "motion_frames": 5, "frames": 17, "sampling": {"steps": 1}}
+    runpod = {"input": {"action": "generate", "condition_image": "multi1.png", "output_format": "s3",
+                        "tts_audio": {"text": script, "human1_voice": "weights/Kokoro-82M/voices/af_heart.pt",
+                                      "human2_voice": "am_adam"},
+                        "mode": "streaming", "motion_frames": 5, "frames": 17, "sample_steps": 1}}
+    r1 = requests.post(f"{url}/v1/jobs", json=native, timeout=60)
+    r2 = requests.post(f"{url}/run", json=runpod, timeout=60)
+    assert r1.status_code == 202 and r2.status_code == 200, (r1.text, r2.text)
+    native_status = _poll(url, f"/v1/jobs/{r1.json()['id']}", "state")
+    runpod_status = _poll(url, f"/status/{r2.json()['id']}", "status")
+    assert native_status["state"] == "COMPLETED" and runpod_status["status"] == "COMPLETED", (native_status,
+                                                                                             runpod_status)
+    keys = [(native_status["result"]["key"], native_status["result"]["speech_key"]),
+            (runpod_status["output"]["s3_key"], runpod_status["output"]["speech_key"])]
+    for video_key, speech_key in keys:
+        video = s3.get_object(Bucket=BUCKET, Key=video_key)["Body"].read()
+        speech, rate = soundfile.read(io.BytesIO(s3.get_object(Bucket=BUCKET, Key=speech_key)["Body"].read()),
+                                      dtype="float32")
+        info = probe_mp4(video)
+        assert rate == 16000 and info["audio_codec"] == "aac"
+        assert info["num_frames"] / 25 == pytest.approx(len(speech) / 16000, abs=4 / 25)  # ends 3 frames early
+        track = mp4_audio(video)
+        n = min(len(track), len(speech))
+        assert np.corrcoef(track[:n], speech[:n])[0, 1] > 0.9
+    # same script, same voices, same seed: both front doors synthesise the same dialogue
+    assert native_status["result"]["frames"] == runpod_status["output"]["frames"]
+    r = requests.post(f"{url}/v1/jobs", json={**native, "speech": {"voices": ["af_nobody"], "texts": ["hi"]}},
+                      timeout=60)
+    assert r.status_code == 422 and r.json()["error"]["field"] == "speech.voices[0]", r.text
+    assert "af_heart" in r.json()["error"]["message"]
+
+
 def test_native_api_s3(s3_serve):
     import requests
 

@@ -7,6 +7,7 @@
 * ``GET /v1/jobs/{id}``        :class:`JobStatus` (state, progress, timings, result + URL, error)
 * ``DELETE /v1/jobs/{id}``     cancel (also stops the in-flight stage calls)
 * ``GET /v1/jobs/{id}/video``  the mp4
+* ``GET /v1/jobs/{id}/speech`` text-to-speech jobs: the synthesised speech (16 kHz wav)
 """
 from __future__ import annotations
 
@@ -92,8 +93,8 @@ async def _from_multipart(request: Request, service: JobService, tenant: Optiona
     audio_refs = [await _upload_or_reference(service, f"audio[{i}]", a, tenant) for i, a in enumerate(audios)]
     if not audio_refs:
         audio_refs = options.get("audio") or []
-    if not audio_refs:
-        raise InputError("audio", "missing audio file")
+    if not audio_refs and "speech" not in options:
+        raise InputError("audio", "missing audio file (or speech: text to speak)")
     return {**options, "image": image_ref, "audio": audio_refs}
 
 
@@ -129,12 +130,27 @@ async def cancel_job(job_id: str, service: JobService = Depends(get_service),
 async def get_video(rec: JobRecord = Depends(get_job), service: JobService = Depends(get_service)):
     if rec.state != JobState.COMPLETED or rec.result is None:
         raise InputError("id", f"job is {rec.state.value}, no video yet", 409)
-    store, key = service.video_location(rec)
-    headers = {"Content-Disposition": f'inline; filename="{rec.id}.mp4"'}
+    return _stored_file(service, rec, rec.result.key, "video/mp4", f"{rec.id}.mp4")
+
+
+@router.get("/{job_id}/speech", responses={200: {"content": {"audio/wav": {}}}, **ERROR_RESPONSES},
+            response_class=StreamingResponse)
+async def get_speech(rec: JobRecord = Depends(get_job), service: JobService = Depends(get_service)):
+    if rec.state != JobState.COMPLETED or rec.result is None:
+        raise InputError("id", f"job is {rec.state.value}, no speech yet", 409)
+    if not rec.result.speech_key:
+        raise InputError("id", "this job spoke no text (it was given audio)", 404)
+    return _stored_file(service, rec, rec.result.speech_key, "audio/wav", f"{rec.id}.speech.wav")
+
+
+def _stored_file(service: JobService, rec: JobRecord, key: str, media_type: str, filename: str):
+    """A result file from the job's store, streamed (a local store's file served directly)."""
+    store, _ = service.video_location(rec)
+    headers = {"Content-Disposition": f'inline; filename="{filename}"'}
     if isinstance(store, LocalStore):
-        return FileResponse(store.path(key), media_type="video/mp4", headers=headers)
+        return FileResponse(store.path(key), media_type=media_type, headers=headers)
     try:
         chunks = store.stream(key)
     except NotFound:
-        raise InputError("id", "video missing from the store", 404)
-    return StreamingResponse(chunks, media_type="video/mp4", headers=headers)
+        raise InputError("id", f"{filename} missing from the store", 404)
+    return StreamingResponse(chunks, media_type=media_type, headers=headers)

@@ -2,13 +2,11 @@
 the models report ``/v1/models`` and the health check ``/healthz``."""
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import FileResponse
 
-from .. import volume
 from ..service import JobService
 from .deps import get_service
 
@@ -25,8 +23,7 @@ async def web_page():
 @router.get("/v1/models", tags=["models"])
 async def models(service: JobService = Depends(get_service)):
     """Which model components the models root holds (the RunPod ``model_check`` report)."""
-    root = await service.models_root()
-    return await asyncio.to_thread(volume.model_check, root or "")
+    return await service.models_report()
 
 
 @router.get("/healthz", tags=["health"])

@@ -22,6 +22,8 @@ CLIP_FILE = "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
 VAE_FILE = "Wan2.1_VAE.pth"
 ADAPTER_FILE = "multitalk.safetensors"
 COMPONENTS = ("dit", "audio_adapter", "vae", "text_encoder", "tokenizer", "image_encoder", "audio_encoder")
+# Text to speech (optional): a Kokoro-82M folder, reported as the ``speech`` component.
+OPTIONAL_COMPONENTS = ("audio_adapter", "speech")
 
 
 class MissingCheckpointError(FileNotFoundError):
@@ -37,6 +39,10 @@ class Component:
     bytes: int = 0
     dtype: Optional[str] = None
     note: str = ""
+    # The loaders' verdict (multitalk.checkpoints.verify, run on the meta device): None = not
+    # checked, False = the files are there but would not load (``error`` names the key).
+    loadable: Optional[bool] = None
+    error: str = ""
 
 
 @dataclass
@@ -65,7 +71,8 @@ class CheckpointSet:
 
     def require_complete(self) -> "CheckpointSet":
         if self.kind == "incomplete":
-            missing = [c.name for c in self.components.values() if not c.found and c.name != "audio_adapter"]
+            missing = [c.name for c in self.components.values() if not c.found and c.name not in OPTIONAL_COMPONENTS]
+            missing += [f"{c.name} (does not load: {c.error})" for c in self.components.values() if c.loadable is False]
             raise MissingCheckpointError(f"incomplete model set under {self.root}: missing {', '.join(missing)}")
         return self
 
@@ -188,7 +195,28 @@ def find_checkpoints(root: str | os.PathLike) -> CheckpointSet:
     else:
         kind = "incomplete"
     ordered = {n: comps[n] for n in COMPONENTS}
+    ordered["speech"] = find_speech(dirs)
     return CheckpointSet(str(root), kind, base_layout, ordered)
+
+
+def find_speech(dirs: list[Path]) -> Component:
+    """The optional Kokoro-82M folder (official layout: ``config.json`` with ``istftnet`` and
+    ``plbert``, ``kokoro-v1_0.pth``, ``voices/<name>.pt``); its note lists the voices."""
+    from ..modules.speech_kokoro import WEIGHTS_FILE, voice_names
+
+    folders = [d for d in dirs if {"istftnet", "plbert"} <= set(_read_json(d / "config.json"))]
+    folders.sort(key=lambda d: ("kokoro" not in d.name.lower(), len(d.parts)))
+    if not folders:
+        return Component("speech", False, note="no Kokoro-82M folder (config.json, kokoro-v1_0.pth, voices/*.pt): "
+                                               "text to speech is unavailable")
+    folder = folders[0]
+    weights = folder / WEIGHTS_FILE
+    voices = voice_names(folder)
+    if not weights.is_file() or not voices:
+        lacks = " and ".join(x for x, ok in ((WEIGHTS_FILE, weights.is_file()), ("voices/*.pt", voices)) if not ok)
+        return Component("speech", False, str(folder), "official", note=f"Kokoro folder without {lacks}")
+    return Component("speech", True, str(folder), "official", _size(folder), None,
+                     f"{len(voices)} voices: {', '.join(voices)}")
 
 
 def explore(root: str | os.PathLike, max_depth: int = 3, max_entries: int = 500) -> dict:

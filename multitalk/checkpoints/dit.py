@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..modules.transformer_multitalk import MultiTalkTransformer3DModel
-from ..modules.loading import CheckpointError, load_strict, read_keys
+from ..modules.loading import CheckpointError, is_allowed_extra, load_strict, read_keys
 
 logger = logging.getLogger(__name__)
 
@@ -99,8 +99,13 @@ _ADAPTER_CONFIG_KEYS = ("audio_window", "intermediate_dim", "output_dim", "conte
 def _official_shards(wan_dir: Path) -> list[Path]:
     index = wan_dir / "diffusion_pytorch_model.safetensors.index.json"
     if index.exists():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [wan_dir / n for n in names if n != ADAPTER_FILE and (wan_dir / n).exists()]
+        # The Wan index, or MultiTalk's linked in its place (which also maps the adapter keys
+        # to multitalk.safetensors, loaded separately).
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()) - {ADAPTER_FILE})
+        missing = [n for n in names if not (wan_dir / n).exists()]
+        if missing:
+            raise CheckpointError(f"{index} names DiT shards that are not in {wan_dir}: {', '.join(missing)}")
+        return [wan_dir / n for n in names]
     shards = sorted(wan_dir.glob("diffusion_pytorch_model*.safetensors"))
     if not shards:
         raise CheckpointError(f"no DiT shards (diffusion_pytorch_model*.safetensors) in {wan_dir}")
@@ -138,6 +143,7 @@ def load_dit(
     if layout == "official":
         shards = _official_shards(base_dir)
         rename = lambda k: k  # noqa: E731 - the official names are ours
+        source_name = None
     else:
         shards = sorted(base_dir.glob("diffusion_pytorch_model*.safetensors"))
         if not shards:
@@ -156,14 +162,21 @@ def load_dit(
         model = MultiTalkTransformer3DModel(**cfg)
     if rename is None:
         mapping = diffusers_to_official_keys(list(model.state_dict()))
-        rename = lambda k: mapping.get(k, k)  # noqa: E731 - unknown keys fail in load_strict
+
+        def rename(k: str) -> Optional[str]:
+            if is_allowed_extra("dit_diffusers", k):  # the 40 zero norm_added_q tensors
+                return None
+            return mapping.get(k, k)  # unknown keys fail in load_strict
+
+        inverse = {v: k for k, v in mapping.items()}
+        source_name = lambda k: inverse.get(k, k)  # noqa: E731 - missing keys named as the files name them
 
     files = list(shards) + ([Path(adapter_file)] if adapter_file is not None else [])
     if adapter_file is not None:
         adapter_keys = read_keys(adapter_file)
         if not any(is_adapter_key(k) for k in adapter_keys):
             raise CheckpointError(f"{adapter_file} holds no MultiTalk adapter keys (audio_proj.*, *.audio_cross_attn.*)")
-    load_strict(model, files, rename=rename, device=device, dtype=dtype)
+    load_strict(model, files, rename=rename, device=device, dtype=dtype, source_name=source_name)
     model.eval().requires_grad_(False)
     params = sum(p.numel() for p in model.parameters())
     logger.info(
@@ -172,6 +185,23 @@ def load_dit(
         params / 1e9, dtype, device, time.perf_counter() - started,
     )
     return model
+
+
+def dit_files(base_dir: str | Path, layout: str, adapter_file: Optional[str | Path] = None) -> list[Path]:
+    """The files :func:`load_dit` reads: the base shards, then the adapter."""
+    base_dir = Path(base_dir)
+    if layout == "official":
+        shards = _official_shards(base_dir)
+    else:
+        shards = sorted(base_dir.glob("diffusion_pytorch_model*.safetensors"))
+    return list(shards) + ([Path(adapter_file)] if adapter_file is not None else [])
+
+
+def dit_parameter_count(base_dir: str | Path, layout: str, adapter_file: Optional[str | Path] = None) -> int:
+    """Parameters in the DiT files, from their headers (no tensor data is read)."""
+    import math
+
+    return sum(math.prod(shape) for f in dit_files(base_dir, layout, adapter_file) for shape in read_keys(f).values())
 
 
 def save_dit(

@@ -12,6 +12,8 @@ loaders read the real 14B set.
                            models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth, Wan2.1_VAE.pth
     MeiGen-MultiTalk/      multitalk.safetensors, diffusion_pytorch_model.safetensors.index.json
     chinese-wav2vec2-base/ config.json, preprocessor_config.json, model.safetensors
+    Kokoro-82M/            config.json, kokoro-v1_0.pth, voices/{af_heart,am_adam,af_bella}.pt
+                           (text to speech; only with ``speech=True``)
 
 ``diffusers``: ``Wan2.1-I2V-14B-480P-Diffusers/`` (model_index.json, transformer/, vae/,
 text_encoder/, tokenizer/, image_encoder/, image_processor/, scheduler/) plus the same
@@ -38,6 +40,7 @@ WAN_DIR = "Wan2.1-I2V-14B-480P"
 WAN_DIFFUSERS_DIR = "Wan2.1-I2V-14B-480P-Diffusers"
 MULTITALK_DIR = "MeiGen-MultiTalk"
 WAV2VEC_DIR = "chinese-wav2vec2-base"
+KOKORO_DIR = "Kokoro-82M"
 
 
 def tiny_dit_config() -> dict:
@@ -102,8 +105,13 @@ def tiny_dit_inputs(people: int, t_lat: int = 5, seed: int = 0, hw: tuple[int, i
     )
 
 
-def make_tiny_weights(root: str | os.PathLike, layout: str = "official", seed: int = 0) -> Path:
-    """Write a complete tiny MultiTalk set under ``root`` and return it."""
+def make_tiny_weights(root: str | os.PathLike, layout: str = "official", seed: int = 0,
+                      speech: bool = False) -> Path:
+    """Write a complete tiny MultiTalk set under ``root`` and return it.
+
+    ``speech``: also the text-to-speech folder ``Kokoro-82M/`` (:func:`save_tiny_kokoro`;
+    about 230 MB, as Kokoro's decoder widths are fixed).
+    """
     from ..modules import audio_encoder, image_encoder, text_encoder, vae
     from .dit import save_dit
 
@@ -142,24 +150,32 @@ def make_tiny_weights(root: str | os.PathLike, layout: str = "official", seed: i
             "vae": ["diffusers", "AutoencoderKLWan"],
         }, indent=2))
     audio_encoder.save_tiny(str(root / WAV2VEC_DIR), seed=seed)
+    if speech:
+        save_tiny_kokoro(root / KOKORO_DIR, seed=seed)
     (root / "TINY_RANDOM_WEIGHTS.txt").write_text(
         f"Random weights for tests and demos (layout {layout}, seed {seed}); they generate noise, not faces.\n"
     )
     return root
 
 
+# Bumped whenever the embedded default set gains a component, so that an older cache is
+# not taken for a complete one.
+EMBEDDED_SET_VERSION = 2  # 2: with the Kokoro-82M text-to-speech folder
+
+
 def ensure_tiny_weights(cache_dir: str | os.PathLike | None = None, layout: str = "official") -> str:
-    """The embedded default's weights: generated once into ``cache_dir`` (safe if two
-    processes race: each builds in a private temp folder and the first rename wins)."""
+    """The embedded default's weights, every optional component included (text to speech):
+    generated once into ``cache_dir`` (safe if two processes race: each builds in a private
+    temp folder and the first rename wins)."""
     cache_dir = Path(cache_dir or os.environ.get("MULTITALK_CACHE", Path.home() / ".cache" / "multitalk-serve"))
-    target = cache_dir / f"tiny-{layout}"
+    target = cache_dir / f"tiny-{layout}-v{EMBEDDED_SET_VERSION}"
     if (target / "TINY_RANDOM_WEIGHTS.txt").exists():
         return str(target)
     cache_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix=f".tiny-{layout}-", dir=cache_dir))
     try:
-        make_tiny_weights(tmp, layout)
+        make_tiny_weights(tmp, layout, speech=True)
         try:
             tmp.rename(target)
         except OSError:
@@ -193,3 +209,10 @@ def save_tiny_lora(path: str | os.PathLike, seed: int = 0, rank: int = 4) -> Pat
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(lora, str(path))
     return path
+
+
+def save_tiny_kokoro(folder: str | os.PathLike, seed: int = 0) -> Path:
+    """A tiny random Kokoro-82M folder (official layout; voices af_heart, am_adam, af_bella)."""
+    from ..modules.speech_kokoro import save_tiny
+
+    return save_tiny(folder, seed=seed)

@@ -118,6 +118,38 @@ def save_tiny(folder: str, seed: int = 0) -> str:
     return folder
 
 
+# Key names of the files (saved by transformers 4.x) vs ``Wav2Vec2Model``'s own: the
+# ``Wav2Vec2ForPreTraining`` prefix, and the positional conv's weight norm as
+# ``weight_g``/``weight_v`` rather than torch's ``parametrizations.weight.original0/1``.
+_PRETRAINING_PREFIX = "wav2vec2."
+_WEIGHT_NORM_NAMES = (("weight_g", "parametrizations.weight.original0"),
+                      ("weight_v", "parametrizations.weight.original1"))
+
+
+def _file_keys(path) -> list[str]:
+    from .loading import read_keys
+
+    return list(read_keys(path))
+
+
+def _wav2vec2_model_name(key: str, prefixed: bool) -> str:
+    if prefixed:
+        if not key.startswith(_PRETRAINING_PREFIX):
+            return "<not in Wav2Vec2Model> " + key  # left unmatched: reported as unexpected
+        key = key[len(_PRETRAINING_PREFIX):]
+    for file_name, model_name in _WEIGHT_NORM_NAMES:
+        if key.endswith("." + file_name):
+            key = key[: -len(file_name)] + model_name
+    return key
+
+
+def _wav2vec2_file_name(name: str, prefixed: bool) -> str:
+    for file_name, model_name in _WEIGHT_NORM_NAMES:
+        if name.endswith("." + model_name):
+            name = name[: -len(model_name)] + file_name
+    return (_PRETRAINING_PREFIX if prefixed else "") + name
+
+
 def _cnn_geometry(config: Wav2Vec2Config) -> tuple:
     """(receptive field, total stride) of the CNN feature encoder in samples (400, 320 for base)."""
     receptive_field, stride = 1, 1
@@ -164,14 +196,27 @@ class AudioEncoder:
     @classmethod
     def from_pretrained(cls, folder: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                         attn_implementation: str = "sdpa") -> "AudioEncoder":
-        """Load a ``chinese-wav2vec2-base``-style folder (local only).
+        """Load a ``chinese-wav2vec2-base``-style folder (local only), strictly.
 
-        Checkpoints saved from ``Wav2Vec2ForPreTraining`` (``wav2vec2.`` prefix, quantizer heads)
-        load too; transformers drops the unused heads. ``attn_implementation="sdpa"`` keeps the
-        attention memory linear in the number of frames (``"eager"`` materialises F x F scores).
+        Weights: ``model.safetensors`` if present, else ``pytorch_model.bin`` (the hub's main
+        branch has only the latter). Checkpoints saved from ``Wav2Vec2ForPreTraining``
+        (``wav2vec2.`` prefix) load too; their pretraining heads (``quantizer.*``,
+        ``project_q.*``, ``project_hid.*``) are the only keys skipped. A missing or unknown
+        tensor, or a wrong shape, is a :class:`~multitalk.modules.loading.CheckpointError`
+        naming the key (transformers' ``from_pretrained`` would log a warning and fill it
+        with random values). ``device="meta"`` checks the folder without reading tensor data.
+        ``attn_implementation="sdpa"`` keeps the attention memory linear in the number of
+        frames (``"eager"`` materialises F x F scores).
         """
-        model = Wav2Vec2Model.from_pretrained(
-            str(folder), dtype=dtype, attn_implementation=attn_implementation, local_files_only=True
+        from .loading import load_pretrained_strict, transformers_weight_files
+
+        config = Wav2Vec2Config.from_pretrained(str(folder), attn_implementation=attn_implementation)
+        files = transformers_weight_files(folder)
+        prefixed = any(k.startswith(_PRETRAINING_PREFIX) for f in files for k in _file_keys(f))
+        model = load_pretrained_strict(
+            Wav2Vec2Model, folder, dtype, device, config=config, files=files, allowed_extra="wav2vec2",
+            rename=lambda k: _wav2vec2_model_name(k, prefixed),
+            source_name=lambda n: _wav2vec2_file_name(n, prefixed),
         )
         feature_extractor = Wav2Vec2FeatureExtractor.from_pretrained(str(folder), local_files_only=True)
         return cls(model, feature_extractor, device=device, dtype=dtype)

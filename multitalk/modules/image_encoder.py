@@ -27,7 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .loading import CheckpointError, ConvertedTensor, load_state_dict_strict, require_tensor
+from .loading import (
+    CheckpointError, ConvertedTensor, is_allowed_extra, load_file_state_dict, load_pretrained_strict,
+    load_state_dict_strict, require_tensor,
+)
 
 __all__ = [
     "CLIP_MEAN",
@@ -52,7 +55,8 @@ INTENTIONALLY_SKIPPED = ("textual.*", "log_scale", "visual.head")
 
 
 def _is_intentionally_skipped(key: str) -> bool:
-    return key.startswith("textual.") or key in ("log_scale", "visual.head")
+    # The shared, commented allow-list of real extras (multitalk.modules.loading.ALLOWED_EXTRA_KEYS).
+    return is_allowed_extra("clip_original", key)
 
 
 # open-clip ViT-H/14 settings that the file's shapes do not reveal.
@@ -213,9 +217,11 @@ def _build_from_original(
     dtype: torch.dtype,
     num_heads: int | None = None,
     with_projection: bool = False,
+    device: str | torch.device | None = None,
 ) -> tuple[nn.Module, list[str]]:
     """Build a CLIPVisionModel (or ...WithProjection, then ``visual.head`` fills the projection)
-    from an original state dict, strictly. Returns (model on CPU, skipped keys)."""
+    from an original state dict, strictly. Returns (model on ``device``, default where the
+    tensors are, skipped keys)."""
     from transformers import CLIPVisionModel, CLIPVisionModelWithProjection
 
     config = infer_config_from_original(state_dict, num_heads)
@@ -228,6 +234,7 @@ def _build_from_original(
         tower,
         converted,
         dtype,
+        device=device,
         unexpected_source_keys=unexpected,
         missing_source_keys={n: o for n in tower.state_dict() if (o := _original_name(n))},
     )
@@ -241,6 +248,25 @@ def _build_from_original(
     embeddings.position_ids = torch.arange(embeddings.num_positions).expand((1, -1))
     model.config.dtype = dtype
     return model, skipped
+
+
+def _load_vision_folder(model_cls, config, folder, dtype: torch.dtype, device) -> nn.Module:
+    """``model_cls`` from a transformers folder through the strict loader. Files saved with
+    the tower nested as ``vision_model.`` load into transformers 5's ``CLIPVisionModel``
+    (the tower itself) with that prefix dropped."""
+    with torch.device("meta"):
+        names = set(model_cls(config).state_dict())
+    nested = any(n.startswith("vision_model.") for n in names)
+
+    def rename(key: str) -> str:
+        return key if nested or not key.startswith("vision_model.") else key[len("vision_model."):]
+
+    model = load_pretrained_strict(model_cls, folder, dtype, device, config=config, rename=rename,
+                                   source_name=lambda n: n if nested else "vision_model." + n)
+    embeddings = _vision_tower(model).embeddings  # the non-persistent buffer, rebuilt off meta
+    embeddings.position_ids = torch.arange(embeddings.num_positions, device=device).expand((1, -1))
+    model.config.dtype = dtype
+    return model.to(device)
 
 
 # --------------------------------------------------------------------------------------
@@ -313,8 +339,8 @@ class ImageEncoder:
         parameter and every parameter be filled, else :class:`CheckpointError`.
         The file is memory-mapped; tensors already in ``dtype`` are used without a copy.
         """
-        state_dict = torch.load(pth_path, map_location="cpu", mmap=True, weights_only=True)
-        model, skipped = _build_from_original(state_dict, dtype, num_heads)
+        state_dict = load_file_state_dict(pth_path, device)  # meta: no tensor data is read
+        model, skipped = _build_from_original(state_dict, dtype, num_heads, device=device)
         del state_dict
         model.to(device)
         return cls(model, skipped_keys=skipped)
@@ -328,9 +354,11 @@ class ImageEncoder:
         dtype: torch.dtype = torch.float32,
     ) -> "ImageEncoder":
         """Load a transformers CLIP vision folder (``CLIPVisionModel`` or ``...WithProjection``,
-        as named in its config's ``architectures``). The optional image processor folder
-        supplies mean/std; resizing always follows Wan (bicubic to the model's image size)."""
-        from transformers import CLIPVisionModel, CLIPVisionModelWithProjection
+        as named in its config's ``architectures``), strictly: a missing, unknown or misshapen
+        tensor is a :class:`CheckpointError` naming it (``device="meta"``: no data is read).
+        The optional image processor folder supplies mean/std; resizing always follows Wan
+        (bicubic to the model's image size)."""
+        from transformers import CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithProjection
 
         image_encoder_dir = Path(image_encoder_dir)
         config = json.loads((image_encoder_dir / "config.json").read_text())
@@ -340,7 +368,8 @@ class ImageEncoder:
             if "CLIPVisionModelWithProjection" in architectures
             else CLIPVisionModel
         )
-        model = model_cls.from_pretrained(os.fspath(image_encoder_dir), dtype=dtype).to(device)
+        model = _load_vision_folder(model_cls, CLIPVisionConfig.from_pretrained(os.fspath(image_encoder_dir)),
+                                    image_encoder_dir, dtype, device)
         mean, std = CLIP_MEAN, CLIP_STD
         if image_processor_dir is not None:
             processor_file = Path(image_processor_dir) / "preprocessor_config.json"

@@ -29,7 +29,9 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from .loading import CheckpointError, ConvertedTensor, load_state_dict_strict, require_tensor
+from .loading import (
+    CheckpointError, ConvertedTensor, load_file_state_dict, load_pretrained_strict, load_state_dict_strict, require_tensor,
+)
 
 try:  # transformers depends on `regex`; its `\s` is Unicode White_Space, which Wan's cleaning uses.
     import regex as _regex
@@ -59,11 +61,6 @@ _LAYER_NORM_EPS = 1e-6
 # the official encoder bit for bit on CPU, while SDPA drifts by ~1e-5 on long prompts. The score
 # matrix is small (heads x 512 x 512 per prompt), so nothing is gained from a fused kernel here.
 _ATTN_IMPLEMENTATION = "eager"
-
-
-def _load_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Memory-map a ``torch.save`` checkpoint (tensors are paged in lazily, never copied)."""
-    return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
 
 
 # --------------------------------------------------------------------------------------
@@ -245,11 +242,12 @@ class TextEncoder:
         The config (d_model, layers, heads, d_ff, vocab, buckets) is inferred from tensor shapes.
         Loading is strict: every file key must be used and every parameter filled, otherwise
         :class:`CheckpointError` names the offending keys (and both shapes).
+        ``device="meta"`` checks the file (and loads the tokenizer) without reading tensor data.
         ``kwargs`` go to the constructor (``text_len``, ``cache_size``, ``pad_to_text_len``).
         """
         from transformers import AutoTokenizer, UMT5EncoderModel
 
-        state_dict = _load_checkpoint(pth_path)
+        state_dict = load_file_state_dict(pth_path, device)
         config = infer_config_from_original(state_dict)
         converted, unexpected = convert_original_state_dict(state_dict)
         del state_dict  # the converted entries hold the only references to the mapped tensors
@@ -261,6 +259,7 @@ class TextEncoder:
             model,
             converted,
             dtype,
+            device=device,
             aliases=_TIED_ALIASES,
             unexpected_source_keys=unexpected,
             missing_source_keys={k: v for k, v in missing_names.items() if v},
@@ -282,12 +281,18 @@ class TextEncoder:
         dtype: torch.dtype = torch.float32,
         **kwargs,
     ) -> "TextEncoder":
-        """Load a transformers-format ``UMT5EncoderModel`` folder and a tokenizer folder."""
-        from transformers import AutoTokenizer, UMT5EncoderModel
+        """Load a transformers-format ``UMT5EncoderModel`` folder and a tokenizer folder, strictly
+        (a missing, unknown or misshapen tensor is a :class:`CheckpointError` naming it; the
+        tied ``encoder.embed_tokens.weight`` may be in the file or not). Every weight is cast
+        to ``dtype``, as Wan casts its T5 (transformers' ``from_pretrained`` would keep the
+        ``wo`` projections in fp32 under fp16). ``device="meta"``: no tensor data is read."""
+        from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
 
-        model = UMT5EncoderModel.from_pretrained(
-            os.fspath(text_encoder_dir), dtype=dtype, attn_implementation=_ATTN_IMPLEMENTATION
-        )
+        config = UMT5Config.from_pretrained(os.fspath(text_encoder_dir), attn_implementation=_ATTN_IMPLEMENTATION)
+        model = load_pretrained_strict(UMT5EncoderModel, text_encoder_dir, dtype, device, config=config,
+                                       aliases=_TIED_ALIASES)
+        model.set_input_embeddings(model.shared)
+        model.config.dtype = dtype
         model.to(device)
         tokenizer = AutoTokenizer.from_pretrained(os.fspath(tokenizer_dir))
         return cls(model, tokenizer, **kwargs)

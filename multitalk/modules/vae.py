@@ -27,7 +27,10 @@ import torch
 from diffusers import AutoencoderKLWan
 from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 
-from .loading import CheckpointError, ConvertedTensor, load_state_dict_strict, require_tensor
+from .loading import (
+    CheckpointError, ConvertedTensor, is_meta, load_file_state_dict, load_state_dict_strict, meta_leftovers,
+    open_tensors, require_tensor,
+)
 
 __all__ = [
     "WanVAE",
@@ -182,8 +185,8 @@ def _build_empty(config: dict) -> AutoencoderKLWan:
         return AutoencoderKLWan(**config)
 
 
-def _finish(model: AutoencoderKLWan) -> AutoencoderKLWan:
-    leftovers = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+def _finish(model: AutoencoderKLWan, device=None) -> AutoencoderKLWan:
+    leftovers = [] if is_meta(device) else meta_leftovers(model)
     if leftovers:
         raise CheckpointError(f"VAE tensors left unfilled after loading: {leftovers[:5]}")
     return model.eval().requires_grad_(False)
@@ -245,6 +248,21 @@ def save_tiny_diffusers(vae_dir: str, seed: int = 0) -> str:
     return vae_dir
 
 
+def _diffusers_weight_files(folder: str) -> list:
+    """``diffusion_pytorch_model.safetensors`` (or its sharded index, or the ``.bin``) of a diffusers folder."""
+    import json
+    from pathlib import Path
+
+    folder = Path(folder)
+    for single, index in (("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json"),
+                          ("diffusion_pytorch_model.bin", "diffusion_pytorch_model.bin.index.json")):
+        if (folder / single).exists():
+            return [folder / single]
+        if (folder / index).exists():
+            return [folder / n for n in sorted(set(json.loads((folder / index).read_text())["weight_map"].values()))]
+    raise CheckpointError(f"no VAE weights in {folder} (diffusion_pytorch_model.safetensors)")
+
+
 # ---------------------------------------------------------------------------------------------
 # The wrapper
 # ---------------------------------------------------------------------------------------------
@@ -297,13 +315,9 @@ class WanVAE:
         ``base_dim``/``z_dim`` are read off tensor shapes; the config is built locally (no hub).
         Loading is strict: every file key must map to a model parameter with the same shape and
         every parameter must be filled, otherwise a ``CheckpointError`` names the key(s).
+        ``device="meta"`` checks the file without reading tensor data.
         """
-        if str(pth_path).endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            state = load_file(str(pth_path), device="cpu")
-        else:
-            state = torch.load(str(pth_path), map_location="cpu", weights_only=True, mmap=True)
+        state = load_file_state_dict(pth_path, device)
         if not isinstance(state, dict):
             raise TypeError(f"{pth_path}: expected a plain state dict, got {type(state).__name__}")
         config = _infer_config_from_original(state)
@@ -318,14 +332,27 @@ class WanVAE:
             unexpected_source_keys=[k for k in state if k not in to_diffusers],
             missing_source_keys={new: orig for orig, new in to_diffusers.items()},
         )
-        return cls(_finish(model), device=device, dtype=dtype)
+        return cls(_finish(model, device), device=device, dtype=dtype)
 
     @classmethod
     def from_pretrained(cls, vae_dir: str, device: torch.device | str = "cpu",
                         dtype: torch.dtype = torch.float32) -> "WanVAE":
-        """Load a diffusers ``vae/`` folder (local path only; never touches a hub)."""
-        model = AutoencoderKLWan.from_pretrained(str(vae_dir), torch_dtype=dtype, local_files_only=True)
-        return cls(model, device=device, dtype=dtype)
+        """Load a diffusers ``vae/`` folder (local path only; never touches a hub), strictly:
+        built from its ``config.json`` on meta and filled tensor by tensor, a missing, unknown
+        or misshapen tensor is a :class:`CheckpointError` naming it (diffusers'
+        ``from_pretrained`` only warns about unexpected keys). ``device="meta"``: no data is read."""
+        config = AutoencoderKLWan.load_config(str(vae_dir), local_files_only=True)
+        with torch.device("meta"):
+            model = AutoencoderKLWan.from_config(config)
+        converted = {}
+        for path in _diffusers_weight_files(vae_dir):
+            with open_tensors(path, device=device) as items:
+                for key, load, shape in items:
+                    if key in converted:
+                        raise CheckpointError(f"key {key!r} appears twice (again in {path})")
+                    converted[key] = ConvertedTensor(key, shape, load())
+        load_state_dict_strict(model, converted, dtype, device=device)
+        return cls(_finish(model, device), device=device, dtype=dtype)
 
     # ---- encode / decode ---------------------------------------------------------------------
 
