@@ -53,8 +53,10 @@ class Admission:
                  max_queued_jobs: int = 16, max_queued_jobs_per_tenant: Optional[int] = None,
                  retry_after_s: int = 30, precheck_media: bool = True,
                  presets: Optional[dict] = None, request_defaults: Optional[dict] = None,
-                 voices: Optional[Callable[[], Optional[list[str]]]] = None):
+                 voices: Optional[Callable[[], Optional[list[str]]]] = None,
+                 lora_names: tuple[str, ...] = ()):
         self.store = store
+        self.lora_names = tuple(lora_names)  # the LoRAs the Diffusion replicas hold
         self.voices = voices  # text-to-speech voices of the models root (None: not known here)
         self.presets = dict(presets or {})
         self.request_defaults = dict(request_defaults or {})
@@ -161,7 +163,9 @@ class Admission:
 
     def _check_options(self, request: JobRequest) -> None:
         from multitalk.driver import validate, validate_speech
+        from multitalk.modules.lora_runtime import normalize_lora_set
 
+        normalize_lora_set(request.loras, known=self.lora_names)  # names and scales: 422 now
         gen = request.to_generation_request(b"", [b""] * len(request.audio))
         if gen.speech is not None:
             validate_speech(gen, self.limits)

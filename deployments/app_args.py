@@ -12,6 +12,7 @@ stage deployments receive is :class:`StageSettings`, whole; the ingress receives
       dtype: null                   # null: each stage's official dtype on its device (multitalk/precision.py);
                                     # a name: every stage; stage_options.<stage>.dtype overrides one
       stage_options: {diffusion: {batch_guidance: true, compile: true}, decode: {tiled: true}}
+      loras: {lightx2v: loras/lightx2v_i2v_480p.safetensors}   # LoRAs a request may pick by name
       parallel: {sp_degree: 4}      # Diffusion over several GPUs (deployments/diffusion_parallel.py)
       store: {bucket: my-bucket, region: eu-west-1}
       ingress: {max_concurrent_jobs: 4, limits: {max_steps: 60}}
@@ -86,19 +87,41 @@ class StageSettings(BaseModel):
 
 
 class AppArgs(StageSettings):
-    """The builder's ``args``: the stage settings plus the ingress's and the store's."""
+    """The builder's ``args``: the stage settings plus the ingress's and the store's, and
+    the LoRAs requests may pick by name (``loras: {name: file under the models root}``:
+    the Diffusion replicas load them once beside the base, applied per job without a
+    reload; the ingress refuses other names with a 422 at submit)."""
 
     store: StoreSettings = Field(default_factory=StoreSettings)
     ingress: ServiceSettings = Field(default_factory=ServiceSettings)
+    loras: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _presets_name_known_loras(self):
+        from multitalk.modules.lora_runtime import normalize_lora_set
+
+        for name, preset in self.ingress.presets.items():
+            try:
+                normalize_lora_set(preset.get("loras"), known=self.loras)
+            except ValueError as e:
+                raise ValueError(f"ingress.presets.{name}: {e}") from None
+        return self
 
     def stage_settings(self) -> StageSettings:
-        return StageSettings.model_validate(self.model_dump(include=set(StageSettings.model_fields)))
+        settings = StageSettings.model_validate(self.model_dump(include=set(StageSettings.model_fields)))
+        if self.loras:
+            options = dict(settings.stage_options)
+            options["diffusion"] = {**options.get("diffusion", {}), "lora_registry": dict(self.loras)}
+            settings = settings.model_copy(update={"stage_options": options})
+        return settings
 
     def ingress_settings(self) -> dict[str, Any]:
-        """The ingress deployment's settings: its own, the store, and the models root it reports on."""
+        """The ingress deployment's settings: its own, the store, the models root it reports
+        on and the LoRA names requests may pick."""
         return {
             **self.ingress.model_dump(exclude_unset=True),
             "store": self.store.model_dump(exclude_none=True),
             "models_root": self.models_root,
             "cache_dir": self.cache_dir,
+            "lora_names": sorted(self.loras),
         }

@@ -235,7 +235,7 @@ class JobRunner:
             video_url=f"/v1/jobs/{rec.id}/video", frames=result.num_frames,
             duration=round(result.num_frames / float(result.fps or 25), 3), fps=result.fps, width=result.width,
             height=result.height, chunks=result.chunks, lip_sync=result.lip_sync,
-            warnings=list(result.warnings or []),
+            warnings=list(result.warnings or []), loras=list(result.loras or []),
         )
 
     def _cancelled(self, rec: JobRecord, reason: Optional[CancelReason], log: logging.LoggerAdapter) -> None:

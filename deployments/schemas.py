@@ -76,6 +76,8 @@ OPTION_DOCS = {
     "color_correction": "Streaming: strength of the colour match to the reference image",
     "max_frames": "Streaming: cap on the video's frames",
     "sampling": "Sampler settings (steps, guidance scales, seed, TeaCache, APG, negative prompt)",
+    "loras": "LoRAs by the names the server's config gives them, e.g. [{name: lightx2v, scale: 1.0}]; applied "
+             "per job on the loaded base (no reload)",
     "speech": "Text to speak instead of audio (Kokoro-82M): {voices: [v1, v2?], texts: [t1, t2?] | script: "
               "'(s1) ... (s2) ...', speed}",
 }
@@ -215,6 +217,7 @@ class ResultInfo(BaseModel):
     chunks: int = 1
     lip_sync: bool = True
     warnings: list[str] = Field(default_factory=list)
+    loras: list[dict[str, Any]] = Field(default_factory=list, description="The LoRAs applied: [{name, scale}]")
     speech_key: Optional[str] = Field(None, description="Text-to-speech jobs: the synthesised speech (16 kHz wav)")
     speech_url: Optional[str] = Field(None, description="Text-to-speech jobs: presigned URL (s3) or file:// URL")
 

@@ -70,6 +70,7 @@ class ServiceSettings(BaseModel):
     presets: dict[str, dict[str, Any]] = Field(default_factory=dict)
     request_defaults: dict[str, Any] = Field(default_factory=dict)
     webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
+    lora_names: tuple[str, ...] = ()  # the app's `loras` (set by the builder): names a request may pick
     api_keys_file: Optional[str] = None  # else MULTITALK_API_KEYS_FILE; keys also from MULTITALK_API_KEYS
     auth_exempt_paths: tuple[str, ...] = ("/healthz", "/")
 
@@ -105,7 +106,7 @@ class JobService:
         self.local_store: LocalStore = local_store  # type: ignore[assignment]
         self.admission = Admission(store, s.limits, s.allowed_buckets, s.max_queued_jobs,
                                    s.max_queued_jobs_per_tenant, s.retry_after_s, s.precheck_inputs,
-                                   s.presets, s.request_defaults, self.speech_voices)
+                                   s.presets, s.request_defaults, self.speech_voices, s.lora_names)
         self.leases = Leases(self.jobs, s.replica_id, s.lease_s, s.persist_interval_s, job_log)
         self.webhooks = Webhooks(s.webhooks)
         self.runner = JobRunner(stages, self.admission, self.leases, store, self.local_store,

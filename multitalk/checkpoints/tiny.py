@@ -160,11 +160,13 @@ def make_tiny_weights(root: str | os.PathLike, layout: str = "official", seed: i
 
 # Bumped whenever the embedded default set gains a component, so that an older cache is
 # not taken for a complete one.
-EMBEDDED_SET_VERSION = 2  # 2: with the Kokoro-82M text-to-speech folder
+EMBEDDED_SET_VERSION = 3  # 2: with the Kokoro-82M text-to-speech folder; 3: a tiny distillation LoRA
+EMBEDDED_LORA = "loras/distill.safetensors"  # the embedded default's ``loras: {distill: ...}``
 
 
 def ensure_tiny_weights(cache_dir: str | os.PathLike | None = None, layout: str = "official") -> str:
-    """The embedded default's weights, every optional component included (text to speech):
+    """The embedded default's weights, every optional component included (text to speech, a
+    LoRA requests may pick, :data:`EMBEDDED_LORA`):
     generated once into ``cache_dir`` (safe if two processes race: each builds in a private
     temp folder and the first rename wins)."""
     cache_dir = Path(cache_dir or os.environ.get("MULTITALK_CACHE", Path.home() / ".cache" / "multitalk-serve"))
@@ -176,6 +178,7 @@ def ensure_tiny_weights(cache_dir: str | os.PathLike | None = None, layout: str 
     tmp = Path(tempfile.mkdtemp(prefix=f".tiny-{layout}-", dir=cache_dir))
     try:
         make_tiny_weights(tmp, layout, speech=True)
+        save_tiny_lora(tmp / EMBEDDED_LORA)
         try:
             tmp.rename(target)
         except OSError:
