@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Literal, Optional
 
-SizeBucket = Literal["multitalk-480", "multitalk-720"]
+SizeBucket = Literal["multitalk-480", "multitalk-720", "infinitetalk-480", "infinitetalk-720"]
 AudioType = Literal["add", "para"]
 Mode = Literal["clip", "streaming"]
 
@@ -49,7 +49,7 @@ class SamplingOptions:
     def resolved_shift(self, size: SizeBucket) -> float:
         if self.shift is not None:
             return float(self.shift)
-        return 11.0 if size == "multitalk-720" else 7.0
+        return 11.0 if size in ("multitalk-720", "infinitetalk-720") else 7.0
 
 
 @dataclass
@@ -61,9 +61,11 @@ class GenerationRequest:
     (the official examples' convention). ``None``: left/right halves for two speakers.
     ``frames``: frames per clip (4n+1). In ``streaming`` mode clips of ``frames`` frames
     are chained (25 motion frames carried over) until the audio ends.
+    ``video``: InfiniteTalk video-to-video: the source video's bytes (mp4/webm/mkv/mov...),
+    given instead of ``image`` (``image=None``); :mod:`multitalk.infinitetalk` runs it.
     """
 
-    image: bytes
+    image: Optional[bytes]
     audio: list[bytes]
     prompt: str = ""
     audio_type: AudioType = "add"
@@ -75,6 +77,7 @@ class GenerationRequest:
     color_correction: float = 1.0
     max_frames: int = 1000
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
+    video: Optional[bytes] = None
 
     def replace(self, **changes) -> "GenerationRequest":
         return dataclasses.replace(self, **changes)

@@ -54,6 +54,8 @@ class Stages(Protocol):
     def diffusion_sample(self, job: ChunkJob, audio: Any, image: Any, text: Any,
                          on_step: Optional[Callable[[int, int], None]]) -> Awaitable[torch.Tensor]: ...
     def vae_decode(self, latents: Any) -> Awaitable[torch.Tensor]: ...
+    # InfiniteTalk (multitalk.infinitetalk): ImageStage.encode_reference.
+    def reference_encode(self, reference: Any, motion_pixels: Any, frames: int) -> Awaitable[Any]: ...
 
 
 @dataclass
@@ -66,6 +68,10 @@ class Limits:
     min_frames: int = 5
     max_clip_frames: int = 201
     max_steps: int = 100
+    # Source videos (InfiniteTalk video-to-video), checked from the header before decoding.
+    max_video_bytes: int = 1 << 30
+    max_video_seconds: float = 600.0
+    max_video_pixels: int = 3840 * 2160
 
 
 @dataclass
@@ -137,8 +143,11 @@ class PreparedInputs:
     audio_frames: int
 
 
-def prepare_inputs(request: GenerationRequest, limits: Limits) -> PreparedInputs:
-    """Decode and check the inputs (CPU). Raises :class:`InputError` naming the bad field."""
+def prepare_inputs(request: GenerationRequest, limits: Limits, image: Any = None) -> PreparedInputs:
+    """Decode and check the inputs (CPU). Raises :class:`InputError` naming the bad field.
+
+    ``image``: the reference as an RGB PIL image already decoded (InfiniteTalk: the source
+    video's first frame) instead of ``request.image``."""
     from .utils.audio import combine_speakers, load_speech
     from .utils.image import bucket_size, load_image, masks_to_latent, resize_and_center_crop, speaker_masks
 
@@ -149,7 +158,7 @@ def prepare_inputs(request: GenerationRequest, limits: Limits) -> PreparedInputs
     if len(tracks) > 1 and len(mixed) / SPEECH_RATE > limits.max_audio_seconds:
         raise InputError("audio", f"both speakers together last {len(mixed) / SPEECH_RATE:.1f} s; "
                                   f"the limit is {limits.max_audio_seconds:.0f} s", status=413)
-    image = load_image(request.image, max_pixels=limits.max_image_pixels)
+    image = load_image(request.image, max_pixels=limits.max_image_pixels) if image is None else image
     target_hw = bucket_size(image.height, image.width, request.size)
     reference = resize_and_center_crop(image, target_hw)
     masks = speaker_masks(image.height, image.width, len(tracks), request.bbox)
@@ -312,3 +321,6 @@ class LocalStages:
 
     def vae_decode(self, latents):
         return self._spawn(self.decode.decode, latents)
+
+    def reference_encode(self, reference, motion_pixels, frames):
+        return self._spawn(self.image.encode_reference, reference, motion_pixels, frames)

@@ -94,6 +94,10 @@ class ChunkJob:
     teacache_thresh: float = 0.0
     size: str = "multitalk-480"
     audio_extend: int = 0  # last chunk of a stream: frames of time-reversed audio appended (official)
+    # InfiniteTalk: the motion latents are written back clean (not re-noised) at every step,
+    # and ``adapter`` ("single"/"multi") picks the stage's InfiniteTalk adapter (None: as loaded).
+    clean_motion: bool = False
+    adapter: Optional[str] = None
 
 
 def audio_windows(features: torch.Tensor, start: int, frames: int, window: int = AUDIO_WINDOW) -> torch.Tensor:
@@ -186,6 +190,33 @@ class ImageStage:
         return ImageConditioning(clip.cpu(), torch.cat([mask, latents], dim=0).cpu(), motion)
 
 
+    @torch.no_grad()
+    def encode_reference(self, reference: torch.Tensor, motion_pixels: torch.Tensor, frames: int) -> ImageConditioning:
+        """InfiniteTalk conditioning for one chunk.
+
+        Args:
+            reference: ``[3, 1, H, W]`` (or ``[3, H, W]``) in [-1, 1]: the chunk's reference
+                frame (the source video's frame at the chunk's audio start, or the image).
+            motion_pixels: ``[3, M, H, W]`` in [-1, 1]: the previous chunk's last M frames
+                (M = 4n+1), or the reference itself for the first chunk (M = 1).
+            frames: frames of the chunk (4n+1).
+        Returns:
+            CLIP of the reference; ``cond_latents`` = first-frame-only mask + VAE of the
+            reference followed by black frames; ``motion_latents`` ``[16, 1 + (M-1)/4, h, w]``
+            the VAE encoding of ``motion_pixels`` alone.
+        """
+        if reference.dim() == 3:
+            reference = reference[:, None]
+        c, _, h, w = reference.shape
+        pixels = reference[:, :1].to(self.device, torch.float32)
+        clip = self.clip.encode(pixels[:, -1][None]).to(self.dtype)
+        video = torch.cat([pixels, pixels.new_zeros(c, frames - 1, h, w)], dim=1)
+        latents = self.vae.encode(video[None])[0].to(self.dtype)
+        mask = frame_mask(frames, 1, (h // VAE_SPATIAL_STRIDE, w // VAE_SPATIAL_STRIDE)).to(latents)
+        motion = self.vae.encode(motion_pixels.to(self.device, torch.float32)[None])[0].float().cpu()
+        return ImageConditioning(clip.cpu(), torch.cat([mask, latents], dim=0).cpu(), motion)
+
+
 class TextStage:
     """UMT5 prompt embeddings with an in-memory cache (the negative prompt is the same for every job)."""
 
@@ -239,12 +270,15 @@ class DiffusionStage:
         # A rank of a guidance-parallel group (``multitalk.distributed.GuidanceParallel``):
         # it computes its share of each step's guidance passes and receives the others.
         self.guidance_parallel = None
+        # InfiniteTalk: the adapters this DiT holds (``multitalk.checkpoints.infinitetalk.AdapterBank``).
+        self.adapters = None
 
     @classmethod
     def from_pretrained(cls, models: "str | CheckpointSet", device: str = "cpu", dtype="float32",
                         attention_backend: Optional[str] = None, batch_guidance: bool = False,
                         low_vram: "bool | str" = False, quantize: Optional[str] = None,
-                        compile: "bool | dict" = False, loras: Sequence = ()) -> "DiffusionStage":
+                        compile: "bool | dict" = False, loras: Sequence = (), model: str = "multitalk",
+                        adapters: Optional[Sequence[str]] = None) -> "DiffusionStage":
         """``low_vram``: keep the DiT blocks in CPU memory and stream them to ``device`` one by
         one (official ``--num_persistent_param_in_dit 0``); slower, fits 24 GB cards.
         ``"prefetch"``: copy the next block on a side stream while one computes.
@@ -256,7 +290,16 @@ class DiffusionStage:
         of the first job pays the compile time.
         ``loras``: LoRA files merged into the DiT weights (official ``--lora_dir`` /
         ``--lora_scale``), each a path or ``{"path": ..., "scale": 1.0}``; relative paths are
-        under the models root. Distillation LoRAs want ``steps`` 4-8 and ``text_scale`` 1."""
+        under the models root. Distillation LoRAs want ``steps`` 4-8 and ``text_scale`` 1.
+        ``model``: ``"multitalk"`` or ``"infinitetalk"`` (the InfiniteTalk adapters on the same
+        base; ``adapters`` picks ``single``/``multi``, default every one found; see
+        :mod:`multitalk.checkpoints.infinitetalk`)."""
+        if model == "infinitetalk":
+            return cls._from_pretrained_infinitetalk(
+                models, adapters, device=device, dtype=dtype, attention_backend=attention_backend,
+                batch_guidance=batch_guidance, low_vram=low_vram, quantize=quantize, compile=compile, loras=loras)
+        if model != "multitalk":
+            raise ValueError(f"model must be 'multitalk' or 'infinitetalk', got {model!r}")
         compile_kwargs = _compile_kwargs(compile)
         if compile_kwargs is not None and low_vram:
             raise ValueError("compile and low_vram cannot be combined: the block streamer swaps weights "
@@ -294,6 +337,22 @@ class DiffusionStage:
         if compile_kwargs is not None:
             model.compile_repeated_blocks(**compile_kwargs)
         return cls(model, device, _dtype(dtype), batch_guidance=batch_guidance)
+
+    @classmethod
+    def _from_pretrained_infinitetalk(cls, models: "str | CheckpointSet", adapters: Optional[Sequence[str]],
+                                      **options) -> "DiffusionStage":
+        """The base with the first InfiniteTalk adapter, loaded as MultiTalk is, then the others."""
+        from .checkpoints.infinitetalk import AdapterBank, infinitetalk_adapter_files, with_adapter
+
+        ckpt = _as_checkpoints(models)
+        files = infinitetalk_adapter_files(ckpt, adapters)
+        first, *others = files
+        stage = cls.from_pretrained(with_adapter(ckpt, files[first]), **options)
+        stage.adapters = AdapterBank.attach(
+            stage.model, first, {name: files[name] for name in others}, options.get("device", "cpu"),
+            _dtype(options.get("dtype", "float32")), loras=options.get("loras", ()), models_root=ckpt.root,
+            quantize=options.get("quantize"), low_vram=options.get("low_vram", False))
+        return stage
 
     @property
     def lip_sync(self) -> bool:
@@ -362,7 +421,10 @@ class DiffusionStage:
         denoise = self.denoiser(job, audio, image, text, teacache)
         timesteps = flow_timesteps(job.steps, job.shift)
         with self._lock:
+            if self.adapters is not None:
+                self.adapters.select(job.adapter)
             latent = sample(denoise, noise.to(self.device), timesteps, guidance,
+                            motion_noised=not job.clean_motion,
                             motion_latents=None if image.motion_latents is None else image.motion_latents.to(self.device),
                             generator=generator, on_step=on_step, teacache=teacache,
                             denoise_many=denoise.many if self._many_passes(teacache) else None)
