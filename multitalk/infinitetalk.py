@@ -67,7 +67,7 @@ def bucket_name(size: str) -> str:
 
 def check_condition(request: GenerationRequest) -> None:
     """Exactly one of ``image`` and ``video``."""
-    if request.video is not None and request.image is not None:
+    if request.video is not None and request.image:
         raise InputError(VIDEO_FIELD, "give condition_image or condition_video, not both")
     if request.video is None and not request.image:
         raise InputError("condition_image", "a condition image (image-to-video) or video (video-to-video) is required")

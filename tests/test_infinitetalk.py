@@ -350,3 +350,22 @@ def test_cli_dubs_the_sample_video(tiny_official, fixtures_dir, tmp_path):
     assert info["fps"] == 25 and info["video_codec"] == "h264" and info["audio_codec"] == "aac"
     assert info["audio_duration"] == pytest.approx(frames / 25, abs=0.05)
     assert (info["width"], info["height"]) == (report["width"], report["height"]) == (64, 64)
+
+
+@torch.no_grad()
+def test_quantisation_reaches_the_held_adapter(tiny_official):
+    """int8 weight-only DiT blocks: the adapter swapped in is quantised too (as the one loaded first)."""
+    pytest.importorskip("torchao")
+    from multitalk.checkpoints.dit import load_dit
+    from multitalk.modules.quantize import quantize_dit_blocks
+    from multitalk.stages import DiffusionStage
+
+    stage = DiffusionStage.from_pretrained(str(tiny_official), model="infinitetalk", quantize="int8")
+    inputs = tiny_dit_inputs(people=2)
+    stage.adapters.select("multi")
+    full = load_dit(tiny_official / WAN, "official", _adapter(tiny_official, "multi"))
+    unquantised = full(**inputs)
+    reference = quantize_dit_blocks(full, "int8")(**inputs)
+    out = stage.model(**inputs)
+    torch.testing.assert_close(out, reference, rtol=0, atol=1e-6)
+    assert (out - unquantised).abs().max() > 1e-4  # the comparison can tell quantised from not
