@@ -26,15 +26,17 @@ Settings (app arg ``parallel``, passed to every stage; only Diffusion reads it):
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
-import queue
 import socket
 import threading
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
+
+from pydantic import BaseModel, ConfigDict, model_validator
+
+from multitalk.utils.step_stream import StepStream
+
+from .retry import TransientStageError
 
 logger = logging.getLogger("multitalk.serve")
 
@@ -42,42 +44,19 @@ logger = logging.getLogger("multitalk.serve")
 DEFAULT_LATENT_FRAMES = 21
 
 
-class DiffusionRanksFailed(RuntimeError):
+class DiffusionRanksFailed(TransientStageError):
     """A sequence-parallel rank died (or the group broke) during or before a call.
 
-    Retryable: the replica is unhealthy and will be replaced; the same chunk, re-sent,
-    runs on the replacement. The ingress recognises it with :func:`is_retryable`.
+    Transient (``deployments.retry``): the replica is unhealthy and will be replaced; the
+    same chunk, re-sent, runs on the replacement.
     """
 
-    retryable = True
 
-    def __reduce__(self):  # keep the message through Ray's pickling
-        return (type(self), (str(self),))
+class ParallelSettings(BaseModel):
+    """App arg ``parallel`` (see the module docstring); unknown keys are refused."""
 
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
-def is_retryable(exc: BaseException) -> bool:
-    """Whether a failed Diffusion call may be re-sent: a broken rank group, or the replica
-    actor itself gone (Ray wraps remote errors, so the cause chain is walked)."""
-    seen = 0
-    while exc is not None and seen < 5:
-        if isinstance(exc, DiffusionRanksFailed) or getattr(exc, "retryable", False) is True:
-            return True
-        try:
-            from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
-
-            if isinstance(exc, (ActorDiedError, ActorUnavailableError, RayActorError)):
-                return True
-        except ImportError:  # pragma: no cover
-            pass
-        if type(exc).__name__.startswith("DiffusionRanksFailed") or "DiffusionRanksFailed" in str(exc)[:300]:
-            return True
-        exc = getattr(exc, "cause", None) or exc.__cause__
-        seen += 1
-    return False
-
-
-@dataclass(frozen=True)
-class ParallelSettings:
     sp_degree: int = 1
     cfg_degree: int = 1  # rank groups that split each step's guidance passes (1, 2 or 3)
     ulysses_degree: Optional[int] = None  # default: sp_degree // ring_degree
@@ -89,18 +68,28 @@ class ParallelSettings:
     health_check_period_s: float = 2.0
     latent_frames: int = DEFAULT_LATENT_FRAMES
 
+    @model_validator(mode="before")
     @classmethod
-    def from_settings(cls, settings: Optional[dict]) -> "ParallelSettings":
-        raw = dict((settings or {}).get("parallel") or {})
-        unknown = set(raw) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown parallel settings {sorted(unknown)}; expected some of "
-                             f"{sorted(cls.__dataclass_fields__)}")
-        out = cls(**raw)
-        if out.sp_degree < 1 or out.ring_degree < 1 or out.cfg_degree < 1:
-            raise ValueError(f"sp_degree ({out.sp_degree}), ring_degree ({out.ring_degree}) and cfg_degree "
-                             f"({out.cfg_degree}) must be >= 1")
-        return out
+    def _known_keys(cls, raw):
+        if isinstance(raw, dict):
+            unknown = set(raw) - set(cls.model_fields)
+            if unknown:
+                raise ValueError(f"unknown parallel settings {sorted(unknown)}; expected some of "
+                                 f"{sorted(cls.model_fields)}")
+        return raw
+
+    @model_validator(mode="after")
+    def _positive(self):
+        if self.sp_degree < 1 or self.ring_degree < 1 or self.cfg_degree < 1:
+            raise ValueError(f"sp_degree ({self.sp_degree}), ring_degree ({self.ring_degree}) and cfg_degree "
+                             f"({self.cfg_degree}) must be >= 1")
+        return self
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> "ParallelSettings":
+        """From stage settings (a :class:`~deployments.app_args.StageSettings` or a dict)."""
+        raw = settings.get("parallel") if isinstance(settings, dict) else getattr(settings, "parallel", None)
+        return raw if isinstance(raw, cls) else cls.model_validate(dict(raw or {}))
 
     @property
     def ranks(self) -> int:
@@ -117,8 +106,8 @@ class ParallelSettings:
         return 1.0 if device.startswith("cuda") else 0.0
 
 
-def _wants_gpu(settings: dict) -> bool:
-    dev = str((settings or {}).get("device") or "auto")
+def _wants_gpu(settings) -> bool:
+    dev = str(settings.device or "auto")
     if dev == "auto":  # GPUs when the cluster has any (where the app is built)
         try:
             import ray
@@ -129,13 +118,17 @@ def _wants_gpu(settings: dict) -> bool:
     return dev.startswith("cuda")
 
 
-def deployment_options(settings: dict) -> dict:
+def deployment_options(settings) -> dict:
     """Serve deployment options for the Diffusion deployment (empty for a single rank).
 
+    ``settings``: the app's :class:`~deployments.app_args.StageSettings` (or its dict).
     ``placement_group_bundles``: one bundle of ``{CPU: cpus_per_rank, GPU: g}`` per rank;
     bundle 0 also holds the replica actor, so it gets ``replica_cpus`` more CPU.
     """
-    par = ParallelSettings.from_settings(settings)
+    from .app_args import StageSettings
+
+    settings = StageSettings.model_validate(settings)
+    par = settings.parallel
     if par.ranks <= 1:
         return {}
     g = par.gpus("cuda" if _wants_gpu(settings) else "cpu")
@@ -154,14 +147,11 @@ def deployment_options(settings: dict) -> dict:
 # --------------------------------------------------------------------------- guards
 def dit_num_heads(models_root: str) -> int:
     """The DiT's attention head count, read from its config.json without loading weights."""
-    from multitalk.checkpoints.dit import config_from_diffusers
+    from multitalk.checkpoints.dit import read_dit_config
     from multitalk.checkpoints.discovery import find_checkpoints
 
     ckpt = find_checkpoints(models_root)
-    base = Path(ckpt.path("dit"))
-    raw = json.loads((base / "config.json").read_text())
-    cfg = raw if ckpt.layout("dit") == "official" else config_from_diffusers(raw)
-    return int(cfg["num_heads"])
+    return int(read_dit_config(ckpt.path("dit"), ckpt.layout("dit"))["num_heads"])
 
 
 def validate_parallel(par: ParallelSettings, num_heads: int) -> None:
@@ -219,7 +209,9 @@ class RankActor:
         return {"rank": self.rank, "node_id": ctx.get_node_id(), "ip": ray.util.get_node_ip_address(),
                 "pid": os.getpid(), "port": free_port_on_this_node() if self.rank == 0 else None}
 
-    def setup(self, master_addr: str, port: int, settings: dict, par_raw: dict) -> dict:
+    def setup(self, master_addr: str, port: int, settings) -> dict:
+        """Join the process group and load this rank's DiT (``settings``: the app's
+        :class:`~deployments.app_args.StageSettings`)."""
         from datetime import timedelta
         import functools
 
@@ -228,12 +220,10 @@ class RankActor:
 
         from multitalk.distributed import GuidanceParallel, SequenceParallel, sp_forward
 
-        from .service import import_attr
-        from .replica import DEFAULT_STAGE_CLASSES, resolve_device, resolve_dtype
-        from .volume import resolve_models_root
+        from .replica import load_replica_stage, resolve_device
 
-        par = ParallelSettings(**par_raw)
-        device = resolve_device(settings.get("device"))
+        par = settings.parallel
+        device = resolve_device(settings.device)
         backend = "nccl" if device.startswith("cuda") else "gloo"
         if backend == "gloo":
             if master_addr in ("127.0.0.1", "localhost"):
@@ -243,15 +233,7 @@ class RankActor:
             torch.cuda.set_device(0)  # Ray exposes this rank's GPU as device 0
         dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{port}", rank=self.rank,
                                 world_size=self.world_size, timeout=timedelta(seconds=300))
-        root = resolve_models_root(settings)
-        cls_path = {**DEFAULT_STAGE_CLASSES, **(settings.get("stage_classes") or {})}["diffusion"]
-        options = {k: v for k, v in ((settings.get("stage_options") or {}).get("diffusion", {})).items()
-                   if k != "batch_guidance"}  # batched guidance is not combined with multi-rank sampling
-        if options.get("compile"):  # the all-to-all inside each block's attention is a graph break
-            options["compile"] = {**(options["compile"] if isinstance(options["compile"], dict) else {}),
-                                  "fullgraph": False}
-        stage = import_attr(cls_path).from_pretrained(
-            root, device=device, dtype=resolve_dtype(settings.get("dtype", "float32")), **options)
+        stage = load_replica_stage("diffusion", settings, rank_options)
         sp_group, sp_backend = None, None
         if par.cfg_degree > 1:
             gp = GuidanceParallel(par.cfg_degree, par.sp_degree)
@@ -273,63 +255,52 @@ class RankActor:
     def cancel(self) -> None:
         self._cancel.set()
 
-    def _on_step_factory(self, events: Optional[queue.Queue]):
-        torch, dist = self._torch, self._dist
+    def _all_ranks_cancel(self) -> bool:
+        """Every rank must stop at the same step (else the others hang in a collective):
+        agree on the cancel flag with one tiny all-reduce per step."""
         dev = self._device if self._device.startswith("cuda") else "cpu"
+        flag = self._torch.tensor([1 if self._cancel.is_set() else 0], device=dev)
+        self._dist.all_reduce(flag, op=self._dist.ReduceOp.MAX)
+        return bool(int(flag.item()))
 
-        def on_step(step: int, total: int) -> None:
-            # Every rank must stop at the same step (else the others hang in a collective):
-            # agree on the cancel flag with one tiny all-reduce per step.
-            flag = torch.tensor([1 if self._cancel.is_set() else 0], device=dev)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            if int(flag.item()):
-                from .replica import StageCancelled
-
-                raise StageCancelled()
-            if events is not None:
-                events.put({"event": "step", "step": int(step), "total": int(total)})
-
-        return on_step
+    def _stream(self, job, audio, image, text) -> StepStream:
+        self._cancel.clear()
+        return StepStream(lambda on_step: self.stage.sample(job, audio, image, text, on_step),
+                          should_stop=self._all_ranks_cancel)
 
     def sample(self, job, audio, image, text):
         """Ranks > 0: run the sampler in lockstep; returns nothing (rank 0 has the result)."""
-        self._cancel.clear()
-        self.stage.sample(job, audio, image, text, self._on_step_factory(None))
+        for _ in self._stream(job, audio, image, text):
+            pass
         return None
 
     def sample_stream(self, job, audio, image, text):
         """Rank 0 (a streaming generator): step events, then ``{"event": "result", ...}``."""
-        self._cancel.clear()
-        events: queue.Queue = queue.Queue()
-        box: dict = {}
+        stream = self._stream(job, audio, image, text)
+        for event in stream:
+            yield {"event": "step", "step": event.step, "total": event.total}
+        yield {"event": "result", "latents": stream.result.float().cpu()}
 
-        def work():
-            try:
-                box["latents"] = self.stage.sample(job, audio, image, text, self._on_step_factory(events))
-            except BaseException as e:  # noqa: BLE001 - re-raised in the generator
-                box["error"] = e
-            finally:
-                events.put(None)
 
-        thread = threading.Thread(target=work, name="sp-rank0-sampler", daemon=True)
-        thread.start()
-        while True:
-            item = events.get()
-            if item is None:
-                break
-            yield item
-        thread.join()
-        if "error" in box:
-            raise box["error"]
-        yield {"event": "result", "latents": box["latents"].float().cpu()}
+def rank_options(options: dict) -> dict:
+    """A rank's Diffusion options: batched guidance is not combined with multi-rank
+    sampling, and compile runs with graph breaks (the all-to-all inside each block's
+    attention is one)."""
+    options = {k: v for k, v in options.items() if k != "batch_guidance"}
+    if options.get("compile"):
+        options["compile"] = {**(options["compile"] if isinstance(options["compile"], dict) else {}),
+                              "fullgraph": False}
+    return options
 
 
 # --------------------------------------------------------------------------- the group
 class RankGroup:
     """The replica's ranks: start, health, lockstep sampling. All methods are async."""
 
-    def __init__(self, settings: dict, par: ParallelSettings):
-        self.settings, self.par = dict(settings), par
+    def __init__(self, settings, par: ParallelSettings):
+        from .app_args import StageSettings
+
+        self.settings, self.par = StageSettings.model_validate(settings), par
         self.ranks: list = []
         self.broken: Optional[str] = None
         self.info: list[dict] = []
@@ -363,7 +334,7 @@ class RankGroup:
         logger.info("Diffusion: %d ranks, rendezvous %s:%d (rank 0 on %s)", par.ranks, master,
                     head["port"], head["ip"])
         self.info = await asyncio.gather(*[
-            r.setup.remote(master, head["port"], self.settings, par.__dict__) for r in self.ranks])
+            r.setup.remote(master, head["port"], self.settings) for r in self.ranks])
         return self
 
     @property

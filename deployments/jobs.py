@@ -32,6 +32,7 @@ from multitalk.api import InputError
 
 from .schemas import ErrorInfo, JobRequest, JobState, JobStatus, ProgressInfo, ResultInfo
 from .storage import NotFound, Store
+from .webhooks import WebhookInfo
 
 JOBS_PREFIX = "jobs/"
 IDEMPOTENCY_PREFIX = "jobs/idempotency/"
@@ -83,6 +84,8 @@ class JobRecord(BaseModel):
     result: Optional[ResultInfo] = None
     output: Optional[dict[str, Any]] = None
     error: Optional[ErrorInfo] = None
+    options_applied: dict[str, Any] = Field(default_factory=dict)  # {field: {value, source}} (request_options)
+    webhook: Optional[WebhookInfo] = None  # delivery of the final status (deployments/webhooks.py)
     owner: Optional[str] = None  # ingress replica running it
     heartbeat_at: Optional[float] = None
     lease: int = 0  # how many times an ingress replica took the job over (claims/{id}/{lease})

@@ -1,28 +1,16 @@
-"""Helpers every model replica uses (stage and rank actors alike): which stage class to
-load, device/dtype from config, torch threads pinned to the replica's CPU share, and
-moving results to CPU before they leave the replica.
+"""Helpers every model replica uses (stage and rank actors alike): building its stage from
+the app's stage settings, device/dtype from config, torch threads pinned to the replica's
+CPU share, and moving results to CPU before they leave the replica.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
 import sys
-from typing import Any, Optional
+import logging
+from typing import Any, Callable, Optional
 
-# Default implementation of each stage; ``settings["stage_classes"]`` may name others
-# ("module:Class" with the same interface, e.g. a quantised DiT).
-DEFAULT_STAGE_CLASSES = {
-    "audio": "multitalk.stages:AudioStage",
-    "image": "multitalk.stages:ImageStage",
-    "text": "multitalk.stages:TextStage",
-    "diffusion": "multitalk.stages:DiffusionStage",
-    "decode": "multitalk.stages:DecodeStage",
-}
-
-
-class StageCancelled(Exception):
-    """Raised inside the sampler thread when the request that started it was cancelled."""
-
+logger = logging.getLogger("multitalk.serve")
 
 def to_cpu(obj: Any) -> Any:
     """Recursively move tensors to CPU (tensors, dataclasses, lists/tuples/dicts)."""
@@ -61,14 +49,14 @@ def resolve_device(setting: Optional[str]) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def pin_torch_threads(settings: dict) -> None:
-    """torch threads = this replica's CPU share, rounded up (``settings["torch_threads"]`` or
+def pin_torch_threads(settings) -> None:
+    """torch threads = this replica's CPU share, rounded up (``settings.torch_threads`` or
     ``OMP_NUM_THREADS`` override): replicas sharing a node must not each start one thread
     per core, or a few concurrent jobs oversubscribe the CPUs and every stage slows down."""
     torch = sys.modules.get("torch")
     if torch is None:
         return
-    threads = settings.get("torch_threads")
+    threads = settings.torch_threads
     if not threads and "OMP_NUM_THREADS" not in os.environ:
         import math
 
@@ -78,3 +66,26 @@ def pin_torch_threads(settings: dict) -> None:
         threads = max(1, math.ceil(cpus))
     if threads:
         torch.set_num_threads(int(threads))
+
+
+def load_replica_stage(name: str, settings, adjust: Optional[Callable[[dict], dict]] = None):
+    """Build stage ``name`` from the app's :class:`~deployments.app_args.StageSettings`:
+    the models root resolved on this node (an ``s3://`` root is mirrored here once), the
+    device, that stage's dtype and options (``adjust`` may rewrite the options, e.g. a
+    sequence-parallel rank's), through the library's one construction path
+    (:func:`multitalk.stage_factory.load_stage`)."""
+    from multitalk.stage_factory import load_stage, stage_class
+
+    from .volume import resolve_models_root
+
+    root = resolve_models_root({"models_root": settings.models_root, "cache_dir": settings.cache_dir})
+    cls = stage_class(name, settings.stage_classes)  # imports torch for the real stages
+    pin_torch_threads(settings)  # before loading: the load itself runs on these threads
+    device = resolve_device(settings.device)
+    dtype, options = settings.options_for(name)
+    if adjust is not None:
+        options = adjust(options)
+    logger.info("%s stage: loading %s from %s on %s (%s), options %s", name, cls.__name__, root, device, dtype,
+                options)
+    return load_stage(name, root, device=device, dtype=resolve_dtype(dtype), options=options,
+                      stage_classes=settings.stage_classes)

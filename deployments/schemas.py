@@ -1,23 +1,32 @@
-"""Typed requests and responses, shared by the HTTP routes and the Python handle.
+"""Typed requests and responses of the native API, shared by the HTTP routes, the Python
+handle and the persisted job records.
 
-Two front doors lead to the same job:
+:class:`JobRequest` is *derived* from the library's request type,
+:class:`multitalk.api.GenerationRequest`: every option field (name, type, default) is the
+library's own, so a new option appears here by itself and the two can never disagree.
+Only the media differ: the library takes bytes, a job takes *references* (store keys,
+simple file names, ``s3://`` URLs), so job records stay small and a restarted ingress can
+run a job again from its record. The numeric caps (steps, frames, prompt length, audio
+length, image size) are the service's configured :class:`multitalk.api.Limits`, applied
+at submit by the library's own ``validate`` (see ``deployments/admission.py``); the
+schema itself checks only what holds for every deployment (types, ``frames`` = 4n+1,
+ranges such as ``color_correction`` in [0, 1]).
 
-* the native API: :class:`JobRequest` in, :class:`JobStatus` out (``/v1/jobs``);
-* the predecessor's RunPod contract: :class:`RunPodRequest` (``{"input": {"action": ...}}``)
-  in, :class:`RunPodStatus` (``{"id", "status", "output" | "error"}``) out. A RunPod
-  ``generate`` input is converted into a :class:`JobRequest`.
-
-Inputs are *references* (store keys, simple file names, ``s3://`` URLs), never bytes, so
-job records stay small and a restarted ingress can run a job again from its record.
+The RunPod contract's request and status shapes are mapped onto these in
+``deployments/runpod.py``.
 """
 from __future__ import annotations
 
+import dataclasses
+import typing
 from enum import Enum
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
-from multitalk.api import GenerationRequest, InputError, SamplingOptions
+from multitalk.api import GenerationRequest, InputError
+
+from .webhooks import WebhookInfo
 
 
 class JobState(str, Enum):
@@ -30,26 +39,6 @@ class JobState(str, Enum):
     @property
     def terminal(self) -> bool:
         return self in (JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED)
-
-
-class Sampling(BaseModel):
-    """Mirror of :class:`multitalk.api.SamplingOptions` (same names, same defaults)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    steps: int = Field(40, ge=1, le=200)
-    shift: Optional[float] = Field(None, gt=0)
-    text_scale: float = Field(5.0, ge=0)
-    audio_scale: float = Field(4.0, ge=0)
-    seed: int = 42
-    use_apg: bool = False
-    apg_momentum: float = -0.75
-    apg_norm_threshold: float = 55.0
-    teacache_thresh: float = Field(0.0, ge=0)
-    negative_prompt: Optional[str] = None
-
-    def to_options(self) -> SamplingOptions:
-        return SamplingOptions(**self.model_dump())
 
 
 class OutputSpec(BaseModel):
@@ -72,43 +61,88 @@ class OutputSpec(BaseModel):
         return v
 
 
-class JobRequest(BaseModel):
-    """One talking-video job. ``image``/``audio`` are references into the store."""
+# The library request's byte inputs: a job names them by reference instead (fields below).
+MEDIA_FIELDS = ("image", "audio")
+
+# What the OpenAPI page says about the derived option fields.
+OPTION_DOCS = {
+    "prompt": "What the video shows (UMT5 text conditioning)",
+    "audio_type": "Two speakers: 'add' (one after the other) or 'para' (at the same time)",
+    "bbox": "Per speaker [r0, c0, r1, c1] in image pixels, rows first",
+    "mode": "'clip': one clip; 'streaming': clips chained until the audio ends",
+    "frames": "Frames per clip, 4n+1 (81 at 25 fps = 3.24 s); left out: 81, a clip shortened to fit shorter speech",
+    "size": "multitalk-480, multitalk-720, or a scaled multitalk-N (32 <= N <= 2048; small N for CPU)",
+    "motion_frames": "Streaming: frames of the previous clip each clip continues from (4n+1)",
+    "color_correction": "Streaming: strength of the colour match to the reference image",
+    "max_frames": "Streaming: cap on the video's frames",
+    "sampling": "Sampler settings (steps, guidance scales, seed, TeaCache, APG, negative prompt)",
+}
+# Checks that hold for every deployment; the configured caps are Limits (module docstring).
+OPTION_BOUNDS = {
+    "frames": {"ge": 1},
+    "motion_frames": {"ge": 1},
+    "max_frames": {"ge": 1},
+    "color_correction": {"ge": 0, "le": 1},
+    "size": {"pattern": r"^multitalk-\d{2,4}$"},
+}
+
+
+def option_fields(request_type: type = GenerationRequest) -> dict[str, tuple[Any, Any]]:
+    """``create_model`` field definitions for every non-media field of the library's
+    request dataclass: its own type and default, plus :data:`OPTION_DOCS` and
+    :data:`OPTION_BOUNDS`."""
+    hints = typing.get_type_hints(request_type)
+    fields = {}
+    for f in dataclasses.fields(request_type):
+        if f.name in MEDIA_FIELDS:
+            continue
+        extra = {"description": OPTION_DOCS.get(f.name), **OPTION_BOUNDS.get(f.name, {})}
+        if f.default_factory is not dataclasses.MISSING:
+            fields[f.name] = (hints[f.name], Field(default_factory=f.default_factory, **extra))
+        else:
+            fields[f.name] = (hints[f.name], Field(f.default, **extra))
+    return fields
+
+
+OPTION_NAMES = tuple(option_fields())
+
+
+class _JobInputs(BaseModel):
+    """The parts of a job that are not the library's options: media references and where
+    the result goes. :class:`JobRequest` adds the options."""
 
     model_config = ConfigDict(extra="forbid")
 
     image: str = Field(..., description="Reference image: store key, file name or s3://bucket/key")
     audio: list[str] = Field(..., min_length=1, max_length=2, description="One or two speakers' audio")
-    prompt: str = Field("", max_length=4000)
-    audio_type: Literal["add", "para"] = "add"
-    bbox: Optional[list[list[float]]] = Field(
-        None, description="Per speaker [r0, c0, r1, c1] in image pixels, rows first"
-    )
-    mode: Literal["clip", "streaming"] = "clip"
-    frames: int = Field(81, ge=5, le=1001, description="Frames per clip, 4n+1")
-    size: str = Field(
-        "multitalk-480", pattern=r"^multitalk-\d{2,4}$",
-        description="multitalk-480, multitalk-720, or a scaled multitalk-N (32 <= N <= 2048; small N for CPU)",
-    )
-    motion_frames: int = Field(25, ge=1)
-    color_correction: float = Field(1.0, ge=0, le=1)
-    max_frames: int = Field(1000, ge=5)
-    sampling: Sampling = Field(default_factory=Sampling)
     output: OutputSpec = Field(default_factory=OutputSpec)
+    preset: Optional[str] = Field(None, description="A named set of options from the server's config (e.g. "
+                                                    "quality, fast); fields the request sets win")
+    webhook: Optional[str] = Field(None, description="URL the final status is POSTed to once, signed "
+                                                     "(docs/API.md, Webhooks); allow-listed hosts only")
 
-    @field_validator("frames")
+    @field_validator("frames", check_fields=False)
     @classmethod
     def _four_n_plus_one(cls, v):
-        if (v - 1) % 4:
+        if v is not None and (v - 1) % 4:
             raise ValueError("frames must be 4n+1 (e.g. 81)")
+        return v
+
+    @field_validator("sampling", check_fields=False)
+    @classmethod
+    def _runnable_sampling(cls, v):
+        from multitalk.driver import validate_sampling
+
+        validate_sampling(v)  # the configured step cap is checked at submit (Limits)
         return v
 
     @model_validator(mode="after")
     def _bbox_per_speaker(self):
-        if self.bbox is not None:
-            if len(self.bbox) != len(self.audio):
+        bbox = getattr(self, "bbox", None)
+        if bbox is not None:
+            if len(bbox) != len(self.audio):
                 raise InputError("bbox", "bbox needs one box per audio track")
-            for box in self.bbox:
+            for box in bbox:
                 if len(box) != 4 or box[0] >= box[2] or box[1] >= box[3]:
                     raise InputError("bbox", "each bbox is [r0, c0, r1, c1] with r0 < r1 and c0 < c1")
         return self
@@ -118,21 +152,24 @@ class JobRequest(BaseModel):
         ``condition_image``, ``audio_1``, ``audio_2``; see :data:`NATIVE_FIELD_NAMES`."""
         return [("condition_image", self.image)] + [(f"audio_{i + 1}", a) for i, a in enumerate(self.audio)]
 
+    def options(self) -> dict[str, Any]:
+        """The library options of this job (deep copies: the record's own stay untouched)."""
+        import copy
+
+        return {name: copy.deepcopy(getattr(self, name)) for name in OPTION_NAMES}
+
     def to_generation_request(self, image: bytes, audio: list[bytes]) -> GenerationRequest:
-        return GenerationRequest(
-            image=image,
-            audio=audio,
-            prompt=self.prompt,
-            audio_type=self.audio_type,
-            bbox=self.bbox,
-            mode=self.mode,
-            frames=self.frames,
-            size=self.size,
-            motion_frames=self.motion_frames,
-            color_correction=self.color_correction,
-            max_frames=self.max_frames,
-            sampling=self.sampling.to_options(),
-        )
+        return GenerationRequest(image=image, audio=audio, **self.options())
+
+
+JobRequest = create_model(
+    "JobRequest",
+    __base__=_JobInputs,
+    __module__=__name__,
+    __doc__="One talking-video job: media references (``image``, ``audio``), where the result goes "
+            "(``output``) and the library's generation options (multitalk.api.GenerationRequest).",
+    **option_fields(),
+)
 
 
 class ProgressInfo(BaseModel):
@@ -181,6 +218,10 @@ class JobStatus(BaseModel):
     output: Optional[dict[str, Any]] = Field(None, description="Output of non-video RunPod actions")
     error: Optional[ErrorInfo] = None
     request: Optional[JobRequest] = None
+    options_applied: dict[str, Any] = Field(
+        default_factory=dict, description="Fields the request left out, filled in from its preset or the server's "
+                                          "defaults: {field: {value, source}}")
+    webhook: Optional[WebhookInfo] = Field(None, description="Delivery of the final status to the request's webhook")
 
 
 class SubmitResponse(BaseModel):
@@ -189,99 +230,54 @@ class SubmitResponse(BaseModel):
     status_url: str
 
 
-# --- the RunPod contract --------------------------------------------------------------
-
-
-class ModelCheckInput(BaseModel):
-    action: Literal["model_check"]
-
-
-class VolumeExploreInput(BaseModel):
-    action: Literal["volume_explore"]
-    path: str = Field("", description="Folder under the models root")
-    max_depth: int = Field(3, ge=0, le=8)
-
-
-class GenerateInput(BaseModel):
-    """The predecessor's ``generate`` input plus the native options under their own names."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    action: Literal["generate"]
-    audio_1: str
-    audio_2: Optional[str] = None
-    condition_image: str
-    prompt: str = ""
-    output_format: Literal["s3", "local"] = "s3"
-    output_key: Optional[str] = None
-    audio_type: Literal["add", "para"] = "add"
-    bbox: Optional[list[list[float]]] = None
-    mode: Literal["clip", "streaming"] = "clip"
-    frames: int = 81
-    size: str = Field("multitalk-480", pattern=r"^multitalk-\d{2,4}$")
-    motion_frames: int = 25
-    sampling: Sampling = Field(default_factory=Sampling)
-    # Convenience aliases used by the official CLI.
-    sample_steps: Optional[int] = None
-    seed: Optional[int] = None
-
-    def to_job_request(self) -> JobRequest:
-        sampling = self.sampling.model_copy()
-        if self.sample_steps is not None:
-            sampling.steps = self.sample_steps
-        if self.seed is not None:
-            sampling.seed = self.seed
-        return JobRequest(
-            image=self.condition_image,
-            audio=[self.audio_1] + ([self.audio_2] if self.audio_2 else []),
-            prompt=self.prompt,
-            audio_type=self.audio_type,
-            bbox=self.bbox,
-            mode=self.mode,
-            frames=self.frames,
-            size=self.size,
-            motion_frames=self.motion_frames,
-            sampling=sampling,
-            output=OutputSpec(format=self.output_format, key=self.output_key),
-        )
-
-
 # Errors carry the library's field names (the RunPod contract's too); native API callers
 # get them renamed to the fields of their JobRequest.
-NATIVE_FIELD_NAMES = {
-    "condition_image": "image", "audio_1": "audio[0]", "audio_2": "audio[1]",
-    "steps": "sampling.steps", "seed": "sampling.seed",
-}
-RUNPOD_FIELD_NAMES = {"image": "condition_image", "audio[0]": "audio_1", "audio[1]": "audio_2",
-                      "output.key": "output_key", "sampling.steps": "sample_steps"}
-
-RunPodInput = Union[ModelCheckInput, VolumeExploreInput, GenerateInput]
-
-
-class RunPodRequest(BaseModel):
-    input: RunPodInput = Field(..., discriminator="action")
-    webhook: Optional[str] = None  # accepted for compatibility, not called
-
-    @model_validator(mode="before")
-    @classmethod
-    def _default_action(cls, data):
-        # The predecessor's clients always sent an action; a bare generate input is
-        # unambiguous enough to accept too.
-        if isinstance(data, dict) and isinstance(data.get("input"), dict):
-            inp = data["input"]
-            if "action" not in inp and "audio_1" in inp:
-                data = {**data, "input": {**inp, "action": "generate"}}
-        return data
-
-
-class RunPodStatus(BaseModel):
-    id: str
-    status: str
-    output: Optional[Any] = None
-    error: Optional[str] = None
-    delayTime: Optional[int] = Field(None, description="ms from submit to start")
-    executionTime: Optional[int] = Field(None, description="ms of execution")
+NATIVE_FIELD_NAMES = {"condition_image": "image", "audio_1": "audio[0]", "audio_2": "audio[1]"}
 
 
 class ErrorBody(BaseModel):
     error: ErrorInfo
+
+
+# Discriminated unions insert the tag into the location ("input.generate.audio_1").
+_UNION_TAGS = ("generate", "model_check", "volume_explore")
+
+
+def validation_field(err: dict) -> str:
+    """The dotted field name of one pydantic error (``sampling.steps``, ``audio[1]``)."""
+    cause = (err.get("ctx") or {}).get("error")
+    if isinstance(cause, InputError):  # a check that names its field (bbox, sampling.steps)
+        return cause.field
+    loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path", "header")]
+    loc = [p for p in loc if p not in _UNION_TAGS]
+    out = ""
+    for p in loc:
+        out += f"[{p}]" if p.isdigit() else (("." if out else "") + p)
+    return out or "body"
+
+
+def as_input_error(exc: Any, prefix: str = "") -> InputError:
+    """The first problem of a pydantic validation error as a 422 :class:`InputError`
+    (``prefix``: the part of the body that was validated, e.g. ``input``)."""
+    errors = exc.errors()
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    field = validation_field(first)
+    if prefix and not field.startswith(prefix):
+        field = f"{prefix}.{field}" if field != "body" else prefix
+    msg = str(first.get("msg", "invalid"))
+    if len(errors) > 1:
+        msg += f" (and {len(errors) - 1} more problem(s))"
+    return InputError(field, msg, 422)
+
+
+def parse_job_request(body: Any) -> "JobRequest":
+    """A :class:`JobRequest` from a raw request object; a 422 :class:`InputError` naming
+    the first bad field otherwise."""
+    from pydantic import ValidationError
+
+    if isinstance(body, JobRequest):
+        return body
+    try:
+        return JobRequest.model_validate(body)
+    except ValidationError as e:
+        raise as_input_error(e) from None

@@ -5,6 +5,11 @@ in-process stages, Ray Serve deployments and Python handles.
 
 Inputs are already *resolved* to bytes here: fetching from S3 or a local store is
 the serving layer's job (see ``deployments/``), never the model library's.
+
+The serving layer derives its request schema from these dataclasses (field names, types
+and defaults; ``deployments/schemas.py``). ``__pydantic_config__`` is a plain dict that
+pydantic reads when it validates one of them (unknown keys are refused); nothing here
+imports pydantic.
 """
 from __future__ import annotations
 
@@ -12,9 +17,17 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Literal, Optional
 
-SizeBucket = Literal["multitalk-480", "multitalk-720", "infinitetalk-480", "infinitetalk-720"]
+# "multitalk-480" / "multitalk-720" (the official buckets) or a scaled "multitalk-N"
+# (multitalk.utils.image.bucket_table): a name, checked where the size is resolved.
+# InfiniteTalk: "infinitetalk-480" / "infinitetalk-720" / "infinitetalk-N" (the same tables).
+SizeBucket = str
 AudioType = Literal["add", "para"]
 Mode = Literal["clip", "streaming"]
+
+
+class StageCancelled(Exception):
+    """Raised inside a stage's computation (the sampler's step callback) when the job it
+    serves was cancelled: a Python thread cannot be killed, so it stops at its next step."""
 
 
 class InputError(ValueError):
@@ -32,8 +45,34 @@ class InputError(ValueError):
 
 
 @dataclass
+class Limits:
+    """Request bounds: the one set of caps every front door applies (the library's
+    :func:`multitalk.driver.validate`, the service's admission, the CLI). The service
+    configures them (``ingress.limits`` in the serve config); the defaults suit a GPU
+    deployment of the 14B model."""
+
+    __pydantic_config__ = {"extra": "forbid"}
+
+    max_audio_seconds: float = 300.0
+    max_image_pixels: int = 40_000_000
+    max_prompt_chars: int = 2000
+    min_frames: int = 5
+    max_clip_frames: int = 201
+    max_steps: int = 100
+    # A clip fitted to short speech (frames left out) is never shorter than this: below it,
+    # the request is refused naming the audio.
+    min_fit_frames: int = 5
+    # Source videos (InfiniteTalk video-to-video), checked from the header before decoding.
+    max_video_bytes: int = 1 << 30
+    max_video_seconds: float = 600.0
+    max_video_pixels: int = 3840 * 2160
+
+
+@dataclass
 class SamplingOptions:
     """Sampler settings; defaults are the official ``generate_multitalk.py`` ones."""
+
+    __pydantic_config__ = {"extra": "forbid"}
 
     steps: int = 40
     shift: Optional[float] = None  # None: 7 for multitalk-480, 11 for multitalk-720
@@ -60,7 +99,9 @@ class GenerationRequest:
     ``bbox``: per speaker ``[r0, c0, r1, c1]`` in source-image pixels, rows first
     (the official examples' convention). ``None``: left/right halves for two speakers.
     ``frames``: frames per clip (4n+1). In ``streaming`` mode clips of ``frames`` frames
-    are chained (25 motion frames carried over) until the audio ends.
+    are chained (25 motion frames carried over) until the audio ends. ``None``: the
+    official 81, except that a clip is shortened to the longest one the speech allows
+    (:func:`multitalk.driver.fit_frames`).
     ``video``: InfiniteTalk video-to-video: the source video's bytes (mp4/webm/mkv/mov...),
     given instead of ``image`` (``image=None``); :mod:`multitalk.infinitetalk` runs it.
     """
@@ -71,7 +112,7 @@ class GenerationRequest:
     audio_type: AudioType = "add"
     bbox: Optional[list[list[float]]] = None
     mode: Mode = "clip"
-    frames: int = 81
+    frames: Optional[int] = None
     size: SizeBucket = "multitalk-480"
     motion_frames: int = 25
     color_correction: float = 1.0

@@ -1,13 +1,14 @@
-"""``multitalk`` command line.
+"""The model library's command line (``python -m multitalk.cli``).
 
     multitalk make-tiny-weights DIR [--layout official|diffusers]
     multitalk check DIR                      # JSON report: which components are where
     multitalk explore DIR                    # what a models volume holds
     multitalk generate --models DIR --image IMG --audio WAV [--audio2 WAV] --prompt TEXT --out OUT.mp4
     multitalk generate --models DIR --video SRC.mp4 --audio WAV --out OUT.mp4   # InfiniteTalk dubbing
-    multitalk serve [--config FILE]          # Ray Serve, embedded CPU default with no arguments
     multitalk submit --url URL --image IMG --audio WAV [--wait] [--out OUT.mp4]
-    multitalk demo [--out OUT.mp4]           # serve locally on tiny weights, submit the sample job, write an mp4
+
+The installed ``multitalk`` command is this parser plus the serving layer's ``serve`` and
+``demo`` (``deployments/cli.py``): the library itself imports nothing from ``deployments``.
 """
 from __future__ import annotations
 
@@ -114,13 +115,6 @@ def _model_defaults(args) -> tuple[str, dict]:
     return model, {k: defaults[k] if v is None else v for k, v in chosen.items()}
 
 
-def cmd_serve(args) -> int:
-    from deployments.launcher import serve_main
-
-    serve_main(args.config, host=args.host, port=args.port)
-    return 0
-
-
 def cmd_submit(args) -> int:
     from .client import submit
 
@@ -128,12 +122,6 @@ def cmd_submit(args) -> int:
                     out=args.out, options=json.loads(args.options) if args.options else None)
     print(json.dumps(status, indent=2, default=str))
     return 0 if status.get("state", status.get("status")) not in ("FAILED", "CANCELLED") else 1
-
-
-def cmd_demo(args) -> int:
-    from deployments.launcher import demo_main
-
-    return demo_main(out=args.out, fixtures=args.fixtures)
 
 
 def _lora_spec(text: str) -> dict:
@@ -151,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="multitalk", description="MultiTalk Serve: audio-driven talking video")
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True)
+    p.commands = sub  # where the serving layer adds its own commands (deployments/cli.py)
 
     s = sub.add_parser("make-tiny-weights", help="write a tiny random-weight checkpoint set (official layouts)")
     s.add_argument("dir")
@@ -209,12 +198,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.set_defaults(fn=cmd_generate)
 
-    s = sub.add_parser("serve", help="start the Ray Serve application")
-    s.add_argument("--config", help="serve config YAML (default: the embedded CPU config)")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
-    s.set_defaults(fn=cmd_serve)
-
     s = sub.add_parser("submit", help="submit a job to a running server")
     s.add_argument("--url", default="http://127.0.0.1:8000")
     s.add_argument("--image", required=True)
@@ -226,15 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out")
     s.set_defaults(fn=cmd_submit)
 
-    s = sub.add_parser("demo", help="serve locally on tiny weights, submit the sample job, write an mp4")
-    s.add_argument("--out", default="outputs/demo.mp4")
-    s.add_argument("--fixtures", default=None, help="folder with multi1/1.wav and multi1/multi1.png")
-    s.set_defaults(fn=cmd_demo)
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
+    args = (parser or build_parser()).parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return args.fn(args)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Optional, Protocol
@@ -24,9 +23,10 @@ from typing import Any, Awaitable, Callable, Optional, Protocol
 import numpy as np
 import torch
 
-from .api import GenerationRequest, GenerationResult, InputError, Progress, ProgressCallback
+from .api import GenerationRequest, GenerationResult, InputError, Limits, Progress, ProgressCallback, SamplingOptions
 from .stages import VAE_SPATIAL_STRIDE, ChunkJob
 from .utils.sampler import GuidanceConfig
+from .utils.step_stream import StepStream
 
 logger = logging.getLogger(__name__)
 
@@ -41,12 +41,31 @@ FPS = 25
 SPEECH_RATE = 16000
 
 
-class Cancelled(Exception):
-    """Raised inside a stage when its job was cancelled."""
-
-
 class Stages(Protocol):
-    lip_sync: bool
+    """What :func:`generate` needs from the model stages, in-process or served.
+
+    Each encode/sample/decode method returns a *handle*: an awaitable that may be awaited
+    more than once and may be passed, un-awaited, into later stage calls.
+    """
+
+    @property
+    def lip_sync(self) -> bool:
+        """Whether the DiT has the audio adapter (read after :meth:`prepare`)."""
+        ...
+
+    def for_job(self, job_id: Optional[str] = None, retries: Any = None) -> "Stages":
+        """A view for one job: its calls are tracked (and tagged with ``job_id``) so that
+        :meth:`cancel` stops exactly them. ``retries``: the job's retry budget, spent by
+        stages that re-send failed calls (the served ones, ``deployments/retry.py``)."""
+        ...
+
+    async def prepare(self) -> None:
+        """Fetch what the driver reads synchronously (:attr:`lip_sync`); cheap after the first call."""
+        ...
+
+    def cancel(self) -> None:
+        """Stop every call this view started that is still running (best effort)."""
+        ...
 
     def audio_encode(self, speeches: list[np.ndarray]) -> Awaitable[torch.Tensor]: ...
     def image_encode(self, cond_pixels: Any, frames: int) -> Awaitable[Any]: ...
@@ -58,20 +77,33 @@ class Stages(Protocol):
     def reference_encode(self, reference: Any, motion_pixels: Any, frames: int) -> Awaitable[Any]: ...
 
 
-@dataclass
-class Limits:
-    """Request bounds (the service's configurable caps)."""
+DEFAULT_FRAMES = 81  # the official clip length (3.24 s at 25 fps), what the model was trained on
 
-    max_audio_seconds: float = 300.0
-    max_image_pixels: int = 40_000_000
-    max_prompt_chars: int = 2000
-    min_frames: int = 5
-    max_clip_frames: int = 201
-    max_steps: int = 100
-    # Source videos (InfiniteTalk video-to-video), checked from the header before decoding.
-    max_video_bytes: int = 1 << 30
-    max_video_seconds: float = 600.0
-    max_video_pixels: int = 3840 * 2160
+
+def fit_frames(request: GenerationRequest, audio_frames: int, limits: Limits) -> int:
+    """Frames per clip: the request's; left out, the official 81, except that a clip is
+    shortened to the longest 4n+1 clip the speech allows (the official CLI refuses speech
+    shorter than its clip; a service should make the clip fit). Fitted clips shorter than
+    ``limits.min_fit_frames`` are refused, naming the audio."""
+    if request.frames is not None:
+        return request.frames
+    if request.mode != "clip":
+        return DEFAULT_FRAMES
+    longest = (audio_frames - 2) // 4 * 4 + 1  # the largest 4n+1 below the audio's frame count
+    frames = min(DEFAULT_FRAMES, longest)
+    if frames < max(limits.min_fit_frames, limits.min_frames):
+        raise InputError("audio", f"the speech lasts {audio_frames / FPS:.2f} s ({audio_frames} frames at {FPS} fps): "
+                                  f"too short for a clip of at least {max(limits.min_fit_frames, limits.min_frames)} "
+                                  f"frames; send longer audio")
+    return frames
+
+
+def plan_request(request: GenerationRequest, audio_frames: int, limits: Limits) -> tuple[GenerationRequest, "ChunkPlan"]:
+    """The request with its clip length settled (:func:`fit_frames`) and its chunk plan."""
+    request = request.replace(frames=fit_frames(request, audio_frames, limits))
+    plan = plan_chunks(audio_frames, request.frames, request.mode, request.motion_frames,
+                       request.frames if request.mode == "clip" else request.max_frames)
+    return request, plan
 
 
 @dataclass
@@ -110,6 +142,18 @@ def plan_chunks(audio_frames: int, frames: int, mode: str, motion: int, max_fram
     return ChunkPlan(starts, extend, total)
 
 
+def validate_sampling(s: SamplingOptions, max_steps: Optional[int] = None) -> None:
+    """Sampler settings that can be run (``max_steps``: the configured cap, if any)."""
+    if s.steps < 1 or (max_steps is not None and s.steps > max_steps):
+        bound = f"between 1 and {max_steps}" if max_steps is not None else "at least 1"
+        raise InputError("sampling.steps", f"must be {bound}, got {s.steps}")
+    if s.shift is not None and not s.shift > 0:
+        raise InputError("sampling.shift", f"must be > 0, got {s.shift}")
+    for name in ("text_scale", "audio_scale", "teacache_thresh"):
+        if not getattr(s, name) >= 0:
+            raise InputError(f"sampling.{name}", f"must be >= 0, got {getattr(s, name)}")
+
+
 def validate(request: GenerationRequest, limits: Limits) -> None:
     if not request.audio:
         raise InputError("audio_1", "at least one speaker's audio is required")
@@ -118,19 +162,19 @@ def validate(request: GenerationRequest, limits: Limits) -> None:
     if request.mode not in ("clip", "streaming"):
         raise InputError("mode", f"must be 'clip' or 'streaming', got {request.mode!r}")
     f = request.frames
-    if not isinstance(f, int) or f % 4 != 1 or not (limits.min_frames <= f <= limits.max_clip_frames):
+    if f is not None and (not isinstance(f, int) or f % 4 != 1
+                          or not (limits.min_frames <= f <= limits.max_clip_frames)):
         raise InputError("frames", f"must be 4n+1 between {limits.min_frames} and {limits.max_clip_frames}, got {f!r}")
+    f = DEFAULT_FRAMES if f is None else f
     if request.mode == "streaming" and not (1 <= request.motion_frames < f and request.motion_frames % 4 == 1):
         raise InputError("motion_frames", f"must be 4n+1 and below frames ({f}), got {request.motion_frames}")
     if len(request.prompt) > limits.max_prompt_chars:
         raise InputError("prompt", f"is {len(request.prompt)} characters; the limit is {limits.max_prompt_chars}")
-    s = request.sampling
-    if not (1 <= s.steps <= limits.max_steps):
-        raise InputError("steps", f"must be between 1 and {limits.max_steps}, got {s.steps}")
+    validate_sampling(request.sampling, limits.max_steps)
     if not (0.0 <= request.color_correction <= 1.0):
         raise InputError("color_correction", f"must be in [0, 1], got {request.color_correction}")
-    if request.max_frames < request.frames:
-        raise InputError("max_frames", f"must be at least frames ({request.frames})")
+    if request.max_frames < f:
+        raise InputError("max_frames", f"must be at least frames ({f})")
 
 
 @dataclass
@@ -189,10 +233,9 @@ async def generate(
     emit = progress or (lambda p: None)
     started = time.perf_counter()
     emit(Progress("prepare", message="decoding inputs"))
-    prep = await asyncio.to_thread(prepare_inputs, request, limits)
+    prep, _ = await asyncio.gather(asyncio.to_thread(prepare_inputs, request, limits), stages.prepare())
     timer.add("prepare", time.perf_counter() - started)
-    plan = plan_chunks(prep.audio_frames, request.frames, request.mode,
-                       request.motion_frames, request.frames if request.mode == "clip" else request.max_frames)
+    request, plan = plan_request(request, prep.audio_frames, limits)
     warnings = []
     if not stages.lip_sync:
         warnings.append("no MultiTalk audio adapter found: the video is generated without lip sync")
@@ -274,22 +317,46 @@ async def _await(handle: Any) -> Any:
 
 # --------------------------------------------------------------------------- in-process
 class LocalStages:
-    """:class:`Stages` over in-process stage objects; each call runs in a worker thread."""
+    """:class:`Stages` over in-process stage objects; each call runs in a worker thread.
+
+    Handles are asyncio tasks. :meth:`for_job` gives a view that tracks its own tasks, so
+    cancelling one job (:meth:`cancel`) stops its sampler at the next step and leaves the
+    other jobs sharing these stages alone.
+    """
 
     def __init__(self, audio, image, text, diffusion, decode):
         self.audio, self.image, self.text, self.diffusion, self.decode = audio, image, text, diffusion, decode
-        self.lip_sync = diffusion.lip_sync
+        self._tasks: list[asyncio.Task] = []
+
+    @property
+    def lip_sync(self) -> bool:
+        return bool(self.diffusion.lip_sync)
+
+    def for_job(self, job_id: Optional[str] = None, retries: Any = None) -> "LocalStages":
+        return LocalStages(self.audio, self.image, self.text, self.diffusion, self.decode)
+
+    async def prepare(self) -> None:
+        return None  # everything is in this process already
+
+    def cancel(self) -> None:
+        for task in self._tasks:
+            task.cancel()
 
     @staticmethod
     async def _resolve(*values):
         return [await _await(v) for v in values]
+
+    def _track(self, coro) -> "asyncio.Task":
+        task = asyncio.ensure_future(coro)
+        self._tasks = [t for t in self._tasks if not t.done()] + [task]
+        return task
 
     def _spawn(self, fn, *args) -> "asyncio.Task":
         async def run():
             resolved = await self._resolve(*args)
             return await asyncio.to_thread(fn, *resolved)
 
-        return asyncio.ensure_future(run())
+        return self._track(run())
 
     def audio_encode(self, speeches):
         return self._spawn(self.audio.encode, speeches)
@@ -301,23 +368,16 @@ class LocalStages:
         return self._spawn(self.text.encode, prompt, negative_prompt)
 
     def diffusion_sample(self, job, audio, image, text, on_step=None):
-        cancelled = threading.Event()
-
-        def step(done: int, total: int) -> None:
-            if cancelled.is_set():
-                raise Cancelled()
-            if on_step is not None:
-                on_step(done, total)
-
         async def run():
             resolved = await self._resolve(audio, image, text)
-            try:
-                return await asyncio.to_thread(self.diffusion.sample, job, *resolved, step)
-            except asyncio.CancelledError:
-                cancelled.set()  # the worker thread stops at its next step
-                raise
+            # Cancelling this task stops the sampler thread at its next step (StepStream).
+            stream = StepStream(lambda step: self.diffusion.sample(job, *resolved, step))
+            async for event in stream:
+                if on_step is not None:
+                    on_step(event.step, event.total)
+            return stream.result
 
-        return asyncio.ensure_future(run())
+        return self._track(run())
 
     def vae_decode(self, latents):
         return self._spawn(self.decode.decode, latents)

@@ -32,10 +32,10 @@ from typing import Optional
 
 import torch
 
-from .api import GenerationRequest, GenerationResult, InputError, Progress, ProgressCallback
+from .api import GenerationRequest, GenerationResult, InputError, Limits, Progress, ProgressCallback
 from .checkpoints.infinitetalk import adapter_for_speakers
 from .driver import (
-    DEFAULT_NEGATIVE_PROMPT, FPS, SPEECH_RATE, Limits, PreparedInputs, Stages, _await, _Timer, plan_chunks,
+    DEFAULT_NEGATIVE_PROMPT, FPS, SPEECH_RATE, PreparedInputs, Stages, _await, _Timer, fit_frames, plan_chunks,
     prepare_inputs,
 )
 from .stages import ChunkJob
@@ -137,9 +137,17 @@ async def generate(
     emit = progress or (lambda p: None)
     started = time.perf_counter()
     emit(Progress("prepare", message="decoding inputs"))
-    prep, source = await asyncio.to_thread(prepare, request, limits)
+    prepared, ready = await asyncio.gather(asyncio.to_thread(prepare, request, limits), stages.prepare(),
+                                           return_exceptions=True)
+    for failed in (prepared, ready):
+        if isinstance(failed, BaseException):
+            if not isinstance(prepared, BaseException) and prepared[1] is not None:
+                prepared[1].close()
+            raise failed
+    prep, source = prepared
     try:
         timer.add("prepare", time.perf_counter() - started)
+        request = request.replace(frames=fit_frames(request, prep.audio_frames, limits))
         return await _run(request, stages, prep, source, emit, timer, started)
     finally:
         if source is not None:

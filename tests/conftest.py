@@ -72,12 +72,30 @@ def source_pythonpath() -> str:
                            + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
 
 
+@pytest.fixture(scope="module")
+def moto_endpoint():
+    """A moto S3 server over real HTTP on loopback for one test module, with fake AWS
+    credentials in the environment; yields its endpoint URL."""
+    from moto.server import ThreadedMotoServer
+
+    session = os.environ.pop("AWS_SESSION_TOKEN", None)
+    with patched_environ({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}):
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        server.start()
+        host, port = server.get_host_and_port()
+        try:
+            yield f"http://{host}:{port}"
+        finally:
+            server.stop()
+    if session is not None:
+        os.environ["AWS_SESSION_TOKEN"] = session
+
+
 @contextlib.contextmanager
 def moto_bucket(bucket: str, fixtures_dir: Path):
     """A moto S3 server over real HTTP with ``bucket`` holding the two-speaker sample
     inputs (``1.wav``, ``multi1.png``); yields ``(endpoint_url, boto3 client)``. Set fake
     AWS credentials first (:func:`patched_environ`)."""
-    pytest.importorskip("moto.server")
     import boto3
     from moto.server import ThreadedMotoServer
 
@@ -102,7 +120,7 @@ def local_serve(tmp_dir: Path, num_cpus: int, namespace: str):
     The repository and tests folder go on PYTHONPATH first so Ray workers import
     ``pipeline_graph``/``deployments`` and test helper modules by name.
     """
-    ray = pytest.importorskip("ray")
+    import ray
     from ray import serve
 
     with patched_environ({"PYTHONPATH": source_pythonpath()}):

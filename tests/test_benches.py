@@ -1,9 +1,13 @@
 """The GPU benches also run at tiny size on a CPU, and their quality guard holds there."""
 from __future__ import annotations
 
+import pytest
+
 import subprocess
 import sys
 from pathlib import Path
+
+pytestmark = pytest.mark.subprocess  # starts other processes
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -221,6 +221,7 @@ def _hadolint() -> str | None:
     return exe if os.path.isfile(exe) else None
 
 
+@pytest.mark.subprocess
 def test_dockerfile_hadolint():
     exe = _hadolint()
     if exe is None:

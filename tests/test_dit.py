@@ -203,7 +203,6 @@ def test_teacache_in_the_dit_reuses_the_branch_residual():
 
 
 def test_int8_weight_only_dit_stays_close_to_the_full_precision_one():
-    pytest.importorskip("torchao")
     from multitalk.modules.quantize import quantize_dit_blocks
 
     model = tiny_dit(0)

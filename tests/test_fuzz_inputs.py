@@ -112,15 +112,16 @@ def client(tmp_path_factory):
     from fastapi.testclient import TestClient
 
     from deployments.auth import KeyRing
-    from deployments.ingress import create_app
+    from fakes import FakeStages, fake_generate
+
+    from deployments.routes import create_app
     from deployments.service import JobService, ServiceSettings
     from deployments.storage import LocalStore
-    from test_ingress import FakeStages, fake_generate
 
     tmp = tmp_path_factory.mktemp("fuzz")
     service = JobService(store=LocalStore(tmp / "store"), stages=FakeStages(), generate_fn=fake_generate,
-                         settings=ServiceSettings(precheck_inputs=True, max_queued_jobs=10_000, max_image_pixels=4_000_000,
-                                                  max_audio_seconds=30, persist_interval_s=0.5))
+                         settings=ServiceSettings(precheck_inputs=True, max_queued_jobs=10_000, persist_interval_s=0.5,
+                                                  limits={"max_image_pixels": 4_000_000, "max_audio_seconds": 30}))
     with TestClient(create_app(service, keyring=KeyRing()), raise_server_exceptions=True) as c:
         yield c
 

@@ -14,6 +14,8 @@ import torch
 from multitalk.checkpoints.tiny import tiny_dit_config, tiny_dit_inputs
 from multitalk.distributed.launch import spawn_ranks
 
+pytestmark = pytest.mark.subprocess  # starts other processes
+
 TOLERANCE = 1e-4
 
 

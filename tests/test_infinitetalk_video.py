@@ -149,10 +149,13 @@ def test_the_pipeline_refuses_bad_videos_before_the_models_run(fixtures_dir, tmp
     import asyncio
 
     from multitalk import infinitetalk
-    from multitalk.driver import Limits
+    from multitalk.api import Limits
 
-    class NoStages:  # any stage call would fail the test
+    class NoStages:  # any model call would fail the test
         lip_sync = True
+
+        async def prepare(self):
+            return None
 
         def __getattr__(self, name):
             raise AssertionError(f"stage {name} called")

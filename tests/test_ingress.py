@@ -1,138 +1,21 @@
 """Ingress routes over an in-process JobService with fake stages (no Ray, no model).
 
-The fake driver below stands in for ``multitalk.driver.generate``: it calls the stages
-the way the real driver does and reports progress, so routing, persistence, progress,
-cancellation and error mapping are tested without any model.
+The fake driver (tests/fakes.py) stands in for ``multitalk.driver.generate``: it calls the
+stages the way the real driver does and reports progress, so routing, persistence,
+progress, cancellation and error mapping are tested without any model.
 """
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 
 import pytest
+from fakes import VIDEO, FakeStages, job_body, make_client, wait_state
 
-pytest.importorskip("fastapi")
-pytest.importorskip("httpx")
-
-from fastapi.testclient import TestClient  # noqa: E402
-
-from deployments.ingress import create_app  # noqa: E402
-from deployments.jobs import JobStore  # noqa: E402
-from deployments.schemas import JobRequest, JobState  # noqa: E402
-from deployments.service import JobService, ServiceSettings  # noqa: E402
-from deployments.storage import LocalStore  # noqa: E402
-from multitalk.api import GenerationResult, InputError, Progress  # noqa: E402
-
-VIDEO = b"\x00\x00\x00\x18ftypmp42fake-video"
-
-
-class FakeStages:
-    """The driver's ``Stages`` protocol: methods return awaitables (tasks) that may be
-    passed un-awaited into later calls. Records calls; the DiT can be slowed down."""
-
-    lip_sync = True
-
-    def __init__(self):
-        self.calls: list[str] = []
-        self.cancelled: list[str] = []
-        self.step_delay = 0.0
-
-    @staticmethod
-    async def _value(v):
-        return await v if hasattr(v, "__await__") else v
-
-    def _task(self, name, fn):
-        self.calls.append(name)
-        return asyncio.ensure_future(fn())
-
-    def audio_encode(self, speeches):
-        async def run():
-            return [len(s) for s in speeches]
-        return self._task("audio", run)
-
-    def image_encode(self, cond_pixels, frames):
-        async def run():
-            return len(cond_pixels)
-        return self._task("image", run)
-
-    def text_encode(self, prompt, negative_prompt):
-        async def run():
-            return prompt
-        return self._task("text", run)
-
-    def diffusion_sample(self, job, audio, image, text, on_step=None):
-        async def run():
-            await self._value(audio), await self._value(image), await self._value(text)
-            try:
-                for i in range(job["steps"]):
-                    await asyncio.sleep(self.step_delay)
-                    if on_step:
-                        on_step(i + 1, job["steps"])
-            except asyncio.CancelledError:
-                self.cancelled.append("diffusion")
-                raise
-            return "latents"
-        return self._task("diffusion", run)
-
-    def vae_decode(self, latents):
-        async def run():
-            assert await self._value(latents) == "latents"
-            return "frames"
-        return self._task("decode", run)
-
-
-async def fake_generate(request, stages, progress=None):
-    """Shaped like multitalk.driver.generate (same stage calls, same progress events)."""
-    if request.prompt == "bad-audio":
-        raise InputError("audio_1", "could not decode audio")
-    if request.prompt == "boom":
-        raise RuntimeError("kaboom")
-    emit = progress or (lambda p: None)
-    emit(Progress(stage="encode"))
-    audio = stages.audio_encode([b"x"] * len(request.audio))
-    text = stages.text_encode(request.prompt, "")
-    image = stages.image_encode(request.image, request.frames)
-    steps = request.sampling.steps
-    latents = stages.diffusion_sample(
-        {"steps": steps}, audio, image, text,
-        lambda i, n: emit(Progress(stage="diffusion", step=i, total_steps=n)),
-    )
-    await asyncio.gather(audio, text, image)
-    await latents
-    emit(Progress(stage="decode", step=steps, total_steps=steps))
-    await stages.vae_decode(latents)
-    return GenerationResult(video=VIDEO, num_frames=request.frames, fps=25, width=64, height=48,
-                            chunks=1, lip_sync=stages.lip_sync, timings={"diffusion": 0.01})
-
-
-def make_client(tmp_path, stages=None, **settings):
-    store = LocalStore(tmp_path / "store")
-    for name, data in {"1.wav": b"RIFFone", "2.wav": b"RIFFtwo", "multi1.png": b"\x89PNG"}.items():
-        if not store.exists(name):
-            store.put(name, data)
-    models = tmp_path / "models"
-    (models / "chinese-wav2vec2-base").mkdir(parents=True, exist_ok=True)
-    (models / "chinese-wav2vec2-base" / "config.json").write_text('{"model_type": "wav2vec2"}')
-    settings = {"persist_interval_s": 0.05, "models_root": str(models), **settings}
-    service = JobService(store=store, stages=stages or FakeStages(), settings=ServiceSettings(**settings),
-                         generate_fn=fake_generate)
-    return TestClient(create_app(service)), service, store
-
-
-def wait_state(client, job_id, states=("COMPLETED", "FAILED", "CANCELLED"), timeout=20.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        body = client.get(f"/v1/jobs/{job_id}").json()
-        if body["state"] in states:
-            return body
-        time.sleep(0.02)
-    raise AssertionError(f"job {job_id} stuck in {body['state']}")
-
-
-def job_body(**kw):
-    return {"image": "multi1.png", "audio": ["1.wav"], "prompt": "hi", "frames": 9,
-            "sampling": {"steps": 3}, **kw}
+from deployments.jobs import JobStore
+from deployments.schemas import JobRequest, JobState
+from deployments.service import ServiceSettings
+from deployments.storage import LocalStore
 
 
 def test_submit_json_and_follow(tmp_path):

@@ -7,14 +7,8 @@ import pytest
 from pydantic import ValidationError
 
 from deployments.jobs import JobRecord, JobStore, output_key, valid_job_id
-from deployments.schemas import (
-    GenerateInput,
-    JobRequest,
-    JobState,
-    ProgressInfo,
-    ResultInfo,
-    RunPodRequest,
-)
+from deployments.runpod import GenerateInput, RunPodRequest
+from deployments.schemas import JobRequest, JobState, ProgressInfo, ResultInfo
 from deployments.storage import LocalStore
 from multitalk.api import InputError
 

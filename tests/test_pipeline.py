@@ -108,6 +108,7 @@ def test_bad_inputs_are_input_errors(tiny_pipeline, fixtures_dir):
     assert e.value.field == "audio_1"
 
 
+@pytest.mark.subprocess
 def test_cli_make_tiny_weights_and_check(tmp_path):
     for layout in ("official", "diffusers"):
         root = tmp_path / layout
@@ -171,6 +172,7 @@ def test_official_and_diffusers_layouts_make_the_same_video(tiny_pipeline, tiny_
 
 
 @pytest.mark.slow
+@pytest.mark.subprocess
 def test_cli_generate_two_speakers_with_bboxes(tiny_official, fixtures_dir, tmp_path):
     out = tmp_path / "multi1.mp4"
     m = fixtures_dir / "multi1"
@@ -232,6 +234,7 @@ def test_decode_of_one_job_overlaps_the_next_jobs_diffusion(tiny_official, fixtu
     assert probe_mp4(a.video)["num_frames"] == probe_mp4(b.video)["num_frames"] == 9
 
 
+@pytest.mark.subprocess
 def test_cli_generate_with_a_distillation_lora(tiny_official, fixtures_dir, tmp_path):
     """``--lora PATH:SCALE`` with the distilled settings (few steps, text scale 1: two DiT
     passes per step) runs end to end and changes the video."""

@@ -12,14 +12,12 @@ import threading
 from pathlib import Path
 
 import pytest
+from conftest import patched_environ
 
-pytest.importorskip("boto3")
-pytest.importorskip("moto")
+from multitalk.checkpoints import remote
+from multitalk.checkpoints.discovery import find_checkpoints
 
-from multitalk.checkpoints import remote  # noqa: E402
-from multitalk.checkpoints.discovery import find_checkpoints  # noqa: E402
-
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.subprocess, pytest.mark.timeout(180)]  # two mirroring processes
 ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "mt-weights"
 PREFIX = "models/v1"
@@ -27,28 +25,14 @@ PART = 64 << 10  # 64 KiB ranges: every shard above that size comes down in seve
 
 
 @pytest.fixture(scope="module")
-def moto_endpoint():
-    from moto.server import ThreadedMotoServer
-
-    keys = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_ENDPOINT_URL")
-    saved = {k: os.environ.get(k) for k in keys}
-    os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "eu-west-1"})
-    os.environ.pop("AWS_SESSION_TOKEN", None)
+def moto_endpoint(moto_endpoint):
+    """conftest's moto server, with the region and endpoint in the environment: what
+    ``remote.s3_client`` reads (and the subprocesses inherit)."""
     import logging
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per ranged GET otherwise
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    os.environ["AWS_ENDPOINT_URL"] = endpoint  # what remote.s3_client reads (and the subprocesses inherit)
-    yield endpoint
-    server.stop()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with patched_environ({"AWS_REGION": "eu-west-1", "AWS_ENDPOINT_URL": moto_endpoint}):
+        yield moto_endpoint
 
 
 @pytest.fixture(scope="module")

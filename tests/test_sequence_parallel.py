@@ -15,6 +15,8 @@ from multitalk.distributed import FrameSplit, SequenceParallel, sp_forward, vali
 from multitalk.distributed.launch import spawn_ranks
 from multitalk.modules.transformer_multitalk import MultiTalkTransformer3DModel
 
+pytestmark = pytest.mark.subprocess  # starts other processes
+
 TOLERANCE = 1e-4
 BACKENDS = ("yunchang", "torch")
 
@@ -165,7 +167,6 @@ def test_ring_attention_matches_the_serial_model(tmp_path, world_size):
     """ring_degree=2 (with ulysses 1, then 2 over 4 ranks): keys and values travel around
     the ring over gloo and the blocks are merged by log-sum-exp; the output equals the
     serial model's."""
-    pytest.importorskip("yunchang")
     path = tmp_path / "ring.pt"
     spawn_ranks(_ring_worker, world_size, str(path))
     results = torch.load(path)

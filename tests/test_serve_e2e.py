@@ -74,12 +74,13 @@ class FakeDecodeStage(_FakeStage):
         return {"frames": latents}
 
 
-async def fake_driver(request, stages, progress=None):
+async def fake_driver(request, stages, progress=None, limits=None):
     """Calls the stages like multitalk.driver.generate: the encoders' handles go
     un-awaited into the DiT call (chained by Serve), the DiT result into the decoder."""
     from multitalk.api import GenerationResult, Progress
 
     emit = progress or (lambda p: None)
+    await stages.prepare()
     emit(Progress(stage="encode"))
     audio = stages.audio_encode([request.audio[0]])
     text = stages.text_encode(request.prompt, "")
@@ -94,7 +95,7 @@ async def fake_driver(request, stages, progress=None):
     emit(Progress(stage="decode", step=steps, total_steps=steps))
     frames = await stages.vae_decode(latents)
     assert frames == {"frames": {"latents": steps}}, frames
-    return GenerationResult(video=VIDEO, num_frames=request.frames, fps=25, width=32, height=32,
+    return GenerationResult(video=VIDEO, num_frames=request.frames or 81, fps=25, width=32, height=32,
                             chunks=1, lip_sync=stages.lip_sync, timings={"diffusion": 0.1})
 
 
@@ -144,7 +145,8 @@ def test_graph_with_fake_stages(serve_env):
             "diffusion": f"{mod}:FakeDiffusionStage", "decode": f"{mod}:FakeDecodeStage",
         },
         "store": {"local_root": str(store_dir)},
-        "ingress": {"driver": f"{mod}:fake_driver", "persist_interval_s": 0.1},
+        "ingress": {"driver": f"{mod}:fake_driver", "persist_interval_s": 0.1, "precheck_inputs": False,
+                    "limits": {"max_steps": 200}},
     })
     serve.run(app, name="multitalk", route_prefix="/")
     try:
@@ -208,9 +210,6 @@ def test_graph_with_fake_stages(serve_env):
 
 def test_tiny_model(serve_env, fixtures_dir):
     """The real library on tiny random weights (skipped until it lands)."""
-    pytest.importorskip("multitalk.stages", reason="multitalk.stages (the lead's stage library) not there yet")
-    pytest.importorskip("multitalk.driver", reason="multitalk.driver not there yet")
-    pytest.importorskip("multitalk.checkpoints.tiny", reason="multitalk.checkpoints.tiny not there yet")
     import requests
     from ray import serve
 
@@ -239,5 +238,9 @@ def test_tiny_model(serve_env, fixtures_dir):
         assert {"encode", "diffusion", "decode", "mux"} <= set(status["timings"]), status["timings"]
         models = requests.get(f"{url}/v1/models", timeout=60).json()
         assert models["kind"] == "multitalk" and models["ready"], models
+        # What the running Diffusion replica was built with: the config's lever reached it.
+        loaded = serve.get_deployment_handle("Diffusion", app_name="multitalk-tiny").loaded_with.remote().result()
+        assert loaded["options"] == {"batch_guidance": True} and loaded["stage"] == "diffusion", loaded
+        assert loaded["class"] == "multitalk.stages:DiffusionStage"
     finally:
         serve.delete("multitalk-tiny")

@@ -32,7 +32,7 @@ def _ingress_actors(ray) -> dict[str, tuple[str, str]]:
 
 @pytest.fixture(scope="module")
 def ha_serve(tmp_path_factory, fixtures_dir):
-    ray = pytest.importorskip("ray")
+    import ray
     from ray.serve._private import api as serve_api
     from ray.serve.schema import ServeDeploySchema
 

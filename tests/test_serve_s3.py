@@ -14,9 +14,12 @@ from __future__ import annotations
 import time
 
 import pytest
+import yaml
 from ray import serve
 
 from conftest import free_port, moto_bucket, patched_environ, source_pythonpath
+
+from deployments.launcher import default_config_path
 
 pytestmark = [pytest.mark.serve, pytest.mark.slow, pytest.mark.fixtures, pytest.mark.timeout(600)]
 
@@ -47,7 +50,7 @@ class OtherApp:
 
 @pytest.fixture(scope="module")
 def s3_serve(tmp_path_factory, fixtures_dir):
-    ray = pytest.importorskip("ray")
+    import ray
     from pipeline_graph import build_app
 
     tmp = tmp_path_factory.mktemp("serve-s3")
@@ -58,11 +61,14 @@ def s3_serve(tmp_path_factory, fixtures_dir):
         port = free_port()
         ray.init(num_cpus=4, include_dashboard=False, namespace="serve-s3", log_to_driver=False)
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        app = build_app({
-            "device": "cpu", "dtype": "float32", "cache_dir": str(tmp / "cache"),
-            "store": {"bucket": BUCKET, "region": "us-east-1", "endpoint_url": endpoint},
-            "ingress": {"persist_interval_s": 0.2, "max_concurrent_jobs": 1, "local_output_dir": str(tmp / "out")},
-        })
+        # The embedded CPU default's own args (its request defaults included), with this
+        # test's store, cache and a faster progress interval.
+        args = yaml.safe_load(default_config_path().read_text())["applications"][0]["args"]
+        args.update({"cache_dir": str(tmp / "cache"),
+                     "store": {"bucket": BUCKET, "region": "us-east-1", "endpoint_url": endpoint}})
+        args["ingress"].update({"persist_interval_s": 0.2, "max_concurrent_jobs": 1,
+                                "local_output_dir": str(tmp / "out")})
+        app = build_app(args)
         serve.run(app, name="multitalk", route_prefix="/")
         try:
             yield {"url": f"http://127.0.0.1:{port}", "s3": s3, "tmp": tmp, "jobs": []}
@@ -130,6 +136,32 @@ def test_runpod_contract_s3(s3_serve):
     r = requests.post(f"{url}/runsync", json={"input": {"action": "volume_explore", "max_depth": 2}}, timeout=120)
     assert r.status_code == 200 and r.json()["status"] == "COMPLETED", r.text
     assert r.json()["output"], r.json()
+
+
+def test_predecessor_sample_body_on_the_embedded_default(s3_serve):
+    """The predecessor's own sample job, exactly: no frames, no size, no steps. The speech
+    (multi1/1.wav, 1.76 s) is shorter than the official 81 frames: the clip is fitted to it
+    and the embedded default's request defaults keep it to seconds on a CPU."""
+    import requests
+
+    url = s3_serve["url"]
+    body = {"input": {"action": "generate", "audio_1": "1.wav", "condition_image": "multi1.png",
+                      "output_format": "s3"}}
+    started = time.monotonic()
+    r = requests.post(f"{url}/run", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    status = _poll(url, f"/status/{r.json()['id']}", "status")
+    elapsed = time.monotonic() - started
+    print(f"predecessor sample body on the embedded default: {elapsed:.1f} s submit to COMPLETED")
+    assert status["status"] == "COMPLETED", status
+    out = status["output"]
+    assert out["frames"] == 41 and out["options_applied"]["frames"]["source"] == "fitted to the audio"
+    assert out["options_applied"]["size"]["source"] == "server default"
+    data = s3_serve["s3"].get_object(Bucket=BUCKET, Key=out["s3_key"])["Body"].read()
+    from multitalk.utils.video import probe_mp4
+
+    info = probe_mp4(data)
+    assert info["num_frames"] == 41 and info["audio_codec"] == "aac", info
 
 
 def test_native_api_s3(s3_serve):

@@ -94,12 +94,13 @@ def test_rank_group_matches_serial(ray_env, tiny_official, degrees):
             assert reference.abs().max().item() > 0.1
             assert diff <= TOLERANCE
         # a dead rank: check() fails and the group refuses further work with a retryable error
-        from deployments.diffusion_parallel import DiffusionRanksFailed, is_retryable
+        from deployments.diffusion_parallel import DiffusionRanksFailed
+        from deployments.retry import is_transient
 
         ray.kill(group.ranks[1], no_restart=True)
         with pytest.raises(DiffusionRanksFailed) as info:
             asyncio.run(group.check(timeout=30))
-        assert is_retryable(info.value) and group.broken
+        assert is_transient(info.value) and group.broken
     finally:
         for r in group.ranks:
             ray.kill(r, no_restart=True)

@@ -5,10 +5,9 @@ import os
 import urllib.request
 
 import pytest
+from fakes import make_bucket
 
-pytest.importorskip("boto3")
-
-from deployments.storage import (  # noqa: E402
+from deployments.storage import (
     LocalStore,
     NotFound,
     S3Store,
@@ -17,7 +16,7 @@ from deployments.storage import (  # noqa: E402
     store_from_env,
     validate_key,
 )
-from multitalk.api import InputError  # noqa: E402
+from multitalk.api import InputError
 
 BAD_KEYS = [
     "",
@@ -134,35 +133,8 @@ def test_store_from_env(tmp_path):
 # --- S3 against a moto server over real HTTP -----------------------------------------
 
 
-@pytest.fixture(scope="module")
-def moto_endpoint():
-    from moto.server import ThreadedMotoServer
-
-    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")}
-    os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"})
-    os.environ.pop("AWS_SESSION_TOKEN", None)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-
-
-def _make_bucket(endpoint, name):
-    import boto3
-
-    boto3.client("s3", region_name="eu-west-1", endpoint_url=endpoint).create_bucket(
-        Bucket=name, CreateBucketConfiguration={"LocationConstraint": "eu-west-1"}
-    )
-
-
 def test_s3_store_roundtrip(moto_endpoint):
-    _make_bucket(moto_endpoint, "mt-store")
+    make_bucket(moto_endpoint, "mt-store")
     store = S3Store("mt-store", endpoint_url=moto_endpoint, prefix="svc")
     store.put("inputs/1.wav", b"RIFF", "audio/wav")
     store.put("jobs/a.json", b"{}", "application/json")
@@ -186,9 +158,9 @@ def test_s3_store_roundtrip(moto_endpoint):
 
 
 def test_s3_resolve_input(moto_endpoint):
-    _make_bucket(moto_endpoint, "mt-inputs")
-    _make_bucket(moto_endpoint, "mt-other")
-    _make_bucket(moto_endpoint, "mt-forbidden")
+    make_bucket(moto_endpoint, "mt-inputs")
+    make_bucket(moto_endpoint, "mt-other")
+    make_bucket(moto_endpoint, "mt-forbidden")
     store = S3Store("mt-inputs", endpoint_url=moto_endpoint)
     store.put("1.wav", b"one")
     store.put("inputs/multi1.png", b"png")

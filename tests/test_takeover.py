@@ -17,20 +17,18 @@ from deployments.schemas import JobRequest, JobState
 from deployments.service import JobService, ServiceSettings
 from deployments.storage import LocalStore
 
-from test_ingress import FakeStages, fake_generate  # noqa: E402
-from test_storage import _make_bucket, moto_endpoint  # noqa: E402,F401 - the module-scoped moto server
+from fakes import FakeStages, fake_generate, make_bucket
 
 
 @pytest.fixture(params=["local", "s3"])
 def store(request, tmp_path):
     if request.param == "local":
         return LocalStore(tmp_path / "store")
-    pytest.importorskip("boto3")
     from deployments.storage import S3Store
 
     endpoint = request.getfixturevalue("moto_endpoint")
     bucket = f"takeover-{time.monotonic_ns()}"
-    _make_bucket(endpoint, bucket)
+    make_bucket(endpoint, bucket)
     return S3Store(bucket, endpoint_url=endpoint, region="eu-west-1")
 
 
@@ -68,15 +66,16 @@ class CountingGenerate:
         self.runs: list[str] = []
 
     def __call__(self, name):
-        async def generate(request, stages, progress=None):
+        async def generate(request, stages, progress=None, limits=None):
             self.runs.append(name)
-            return await fake_generate(request, stages, progress)
+            return await fake_generate(request, stages, progress, limits)
         return generate
 
 
 def _replica(store, name, counter, stages=None, **settings):
     # lease_s well above any stall of a loaded test machine: a live owner must never look dead here.
-    settings = {"exclusive": False, "lease_s": 10.0, "persist_interval_s": 0.05, "replica_id": name, **settings}
+    settings = {"exclusive": False, "lease_s": 10.0, "persist_interval_s": 0.05, "replica_id": name,
+                "precheck_inputs": False, **settings}
     return JobService(store=store, stages=stages or FakeStages(), settings=ServiceSettings(**settings),
                       generate_fn=counter(name))
 
@@ -89,8 +88,8 @@ def test_two_replicas_recovering_at_once_run_an_orphan_once(store):
     async def scenario():
         await asyncio.gather(a.start(), b.start())  # both find the orphan in their first sweep
         for _ in range(3):  # later sweeps: the job is owned and fresh, or finished
-            await asyncio.gather(a._recover(10.0), b._recover(10.0))
-        owner = a if job_id in a.tasks or job_id in a.records else b
+            await asyncio.gather(a.recover(10.0), b.recover(10.0))
+        owner = a if job_id in a.runner.tasks or job_id in a.runner.records else b
         rec = await owner.wait(job_id, timeout=20)
         await asyncio.gather(a.stop(), b.stop())
         return rec
@@ -117,14 +116,14 @@ def test_a_slow_owner_stops_when_another_replica_takes_its_job_over(store):
         await asyncio.sleep(0.5)  # a is sampling
         assert JobStore(store).get(rec.id).state == JobState.IN_PROGRESS
         await b.start()
-        await b._recover(0.0)  # as if a's heartbeat had gone stale: b claims the job
-        assert rec.id in b.tasks
+        await b.recover(0.0)  # as if a's heartbeat had gone stale: b claims the job
+        assert rec.id in b.runner.tasks
         done_b = await b.wait(rec.id, timeout=20)
         for _ in range(50):  # a notices at its next heartbeat and lets go
-            if rec.id not in a.tasks:
+            if rec.id not in a.runner.tasks:
                 break
             await asyncio.sleep(0.1)
-        stopped = rec.id not in a.tasks
+        stopped = rec.id not in a.runner.tasks
         await asyncio.gather(a.stop(), b.stop())
         return rec.id, done_b, stopped
 

@@ -30,7 +30,7 @@ SCREENSHOT = ROOT / "docs" / "screenshot.png"
 def browser():
     if not (os.path.isfile(CHROMIUM) and os.access(CHROMIUM, os.X_OK)):
         pytest.skip(f"no Chromium at {CHROMIUM} (Debian: apt-get install -y chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+    from playwright import sync_api
     with sync_api.sync_playwright() as pw:
         b = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
         try:
@@ -41,8 +41,6 @@ def browser():
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    pytest.importorskip("ray")
-    pytest.importorskip("multitalk.checkpoints.tiny")
     from ray import serve
 
     from pipeline_graph import build_app
@@ -57,7 +55,6 @@ def served(tmp_path_factory):
 
 def test_page_and_job_list_routes(tmp_path):
     """Without Ray or a browser: ``/`` serves the page, ``GET /v1/jobs`` lists jobs newest first."""
-    pytest.importorskip("httpx")
     from fastapi.testclient import TestClient
 
     from deployments.ingress import create_app

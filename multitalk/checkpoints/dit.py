@@ -107,6 +107,17 @@ def _official_shards(wan_dir: Path) -> list[Path]:
     return shards
 
 
+def read_dit_config(base_dir: str | Path, layout: str) -> dict:
+    """The DiT's ``config.json`` under the official parameter names (both layouts), read
+    without touching the weights: what the loader builds and the deploy-time guards check."""
+    raw_cfg = json.loads((Path(base_dir) / "config.json").read_text())
+    if layout == "official":
+        return {k: v for k, v in raw_cfg.items() if not k.startswith("_")}
+    if layout == "diffusers":
+        return config_from_diffusers(raw_cfg)
+    raise ValueError(f"unknown DiT layout {layout!r}")
+
+
 def load_dit(
     base_dir: str | Path,
     layout: str,
@@ -123,19 +134,15 @@ def load_dit(
     """
     started = time.perf_counter()
     base_dir = Path(base_dir)
-    raw_cfg = json.loads((base_dir / "config.json").read_text())
+    cfg = read_dit_config(base_dir, layout)
     if layout == "official":
-        cfg = {k: v for k, v in raw_cfg.items() if not k.startswith("_")}
         shards = _official_shards(base_dir)
         rename = lambda k: k  # noqa: E731 - the official names are ours
-    elif layout == "diffusers":
-        cfg = config_from_diffusers(raw_cfg)
+    else:
         shards = sorted(base_dir.glob("diffusion_pytorch_model*.safetensors"))
         if not shards:
             raise CheckpointError(f"no transformer weights in {base_dir}")
         rename = None  # set below, once the model's keys are known
-    else:
-        raise ValueError(f"unknown DiT layout {layout!r}")
 
     adapter_cfg = {}
     if adapter_file is not None:

@@ -56,7 +56,6 @@ import torch.distributed as dist
 
 from ..modules.attention import AttentionKernel
 from ..modules.audio_adapter import reference_attention_map
-from ..modules.rope import video_rope_grid
 from ..modules.transformer_multitalk import MultiTalkTransformer3DModel, TokenLayout
 
 logger = logging.getLogger(__name__)
@@ -403,25 +402,19 @@ class SequenceParallel:
         ``[16, N_t, h, w]`` float32 velocity back."""
         if getattr(model, "sequence_parallel", None) is not self:
             raise ValueError("call SequenceParallel.parallelize(model) before the parallel forward")
-        dtype = model.patch_embedding.weight.dtype
-        grid = model.token_grid(tuple(x.shape))
+        inp = model.embed_inputs(x, t, [context], clip_fea, y, [audio], ref_target_masks)
+        grid = inp.grid
         split = FrameSplit.even_as_possible(grid[0], self.world_size, grid[1] * grid[2])
         start, stop = split.token_range(self.rank)
         frame_start, frame_stop = split.frame_range(self.rank)
-
-        # Patchify / embed on every rank: cheap next to the blocks, and it saves a scatter.
-        tokens = model.patchify(x, y, dtype)[:, start:stop]
-        e, e0, ctx = model.embed_conditions(t, context, clip_fea, dtype)
-        audio_tokens, people = model.embed_audio(audio, dtype) if model.has_audio else (None, 0)
+        # Embedding runs on every rank: cheap next to the blocks, and it saves a scatter.
+        tokens = inp.tokens[:, start:stop]
+        audio_tokens = inp.audio_tokens[0]
         if audio_tokens is not None:
             audio_tokens = audio_tokens[frame_start:frame_stop]  # the rank's latent frames only
-        masks = None
-        if people == 2:
-            if ref_target_masks is None:
-                raise ValueError("two people need ref_target_masks [3, h, w]")
-            masks = model.token_masks(ref_target_masks, grid, dtype)
         layout = TokenLayout(grid, start, stop - start)
-        rotations = video_rope_grid(model.rope_freqs, grid)[start:stop]
+        rotations = inp.rotations[start:stop]
+        e, e0, ctx, people, masks = inp.e, inp.e0, inp.context, inp.people[0], inp.masks
 
         self.token_lengths = split.token_lengths
         try:

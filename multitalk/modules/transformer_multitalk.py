@@ -247,6 +247,28 @@ class MLPProj(nn.Module):
         return self.proj(x)
 
 
+@dataclass
+class DiTInputs:
+    """A step's embedded DiT inputs (:meth:`MultiTalkTransformer3DModel.embed_inputs`).
+
+    ``tokens`` ``[1, S, dim]``; ``e`` ``[1, dim]`` and ``e0`` ``[1, 6, dim]`` float32;
+    ``context`` ``[B, 257 + text_len, dim]`` (one row per guidance pass); per pass
+    ``audio_tokens`` ``[N_t, P * context_tokens, output_dim]`` (``None`` without the
+    adapter) and ``people`` ``P``; ``masks`` ``[3, h_tok * w_tok]`` or ``None``;
+    ``rotations`` the 3-axis RoPE of every token.
+    """
+
+    grid: tuple[int, int, int]
+    tokens: torch.Tensor
+    e: torch.Tensor
+    e0: torch.Tensor
+    context: torch.Tensor
+    audio_tokens: list[Optional[torch.Tensor]]
+    people: list[int]
+    masks: Optional[torch.Tensor]
+    rotations: torch.Tensor
+
+
 class MultiTalkTransformer3DModel(ModelMixin, ConfigMixin):
     """The MultiTalk DiT. Config keys are the official ``config.json`` ones, plus
     ``image_dim`` / ``audio_blocks`` / ``audio_channels`` (fixed at 1280 / 12 / 768 in the
@@ -405,6 +427,46 @@ class MultiTalkTransformer3DModel(ModelMixin, ConfigMixin):
         return u.reshape(c, *[g * p for g, p in zip(grid, self.patch_size)])
 
     # ------------------------------------------------------------------ forward
+    def embed_inputs(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        contexts: Sequence[torch.Tensor],
+        clip_fea: torch.Tensor,
+        y: torch.Tensor,
+        audios: Sequence[torch.Tensor],
+        ref_target_masks: Optional[torch.Tensor] = None,
+    ) -> "DiTInputs":
+        """Everything the blocks need, for one or several guidance passes of one step.
+
+        The passes share the latent, the timestep, the image conditioning and the masks
+        and differ only in text context and audio, so the patch and timestep embeddings
+        are computed once. The one preparation of :meth:`forward`, :meth:`forward_branches`
+        and the sequence-parallel forward (``multitalk.distributed``), which slices the
+        result to its rank's tokens.
+        """
+        if len(contexts) != len(audios):
+            raise ValueError("one audio tensor per context")
+        dtype = self.patch_embedding.weight.dtype
+        grid = self.token_grid(tuple(x.shape))
+        tokens = self.patchify(x, y, dtype)
+        embedded = [self.embed_conditions(t, c, clip_fea, dtype) for c in contexts]
+        audio_tokens, people = [], []
+        for a in audios:
+            tok, n = self.embed_audio(a, dtype) if self.has_audio else (None, 0)
+            audio_tokens.append(tok)
+            people.append(n)
+        masks = None
+        if 2 in people:
+            if ref_target_masks is None:
+                raise ValueError("two people need ref_target_masks [3, h, w]")
+            masks = self.token_masks(ref_target_masks, grid, dtype)
+        return DiTInputs(
+            grid=grid, tokens=tokens, e=embedded[0][0], e0=embedded[0][1],
+            context=torch.cat([c for _, _, c in embedded], dim=0), audio_tokens=audio_tokens, people=people,
+            masks=masks, rotations=video_rope_grid(self.rope_freqs, grid),
+        )
+
     def forward(
         self,
         x: torch.Tensor,
@@ -422,22 +484,11 @@ class MultiTalkTransformer3DModel(ModelMixin, ConfigMixin):
         ``teacache`` (a :class:`multitalk.utils.sampler.TeaCache`) may skip the blocks for
         this guidance ``branch`` and reuse the branch's cached residual instead.
         """
-        dtype = self.patch_embedding.weight.dtype
-        grid = self.token_grid(tuple(x.shape))
-        tokens = self.patchify(x, y, dtype)
-        e, e0, ctx = self.embed_conditions(t, context, clip_fea, dtype)
-        audio_tokens, people = self.embed_audio(audio, dtype) if self.has_audio else (None, 0)
-        masks = None
-        if people == 2:
-            if ref_target_masks is None:
-                raise ValueError("two people need ref_target_masks [3, h, w]")
-            masks = self.token_masks(ref_target_masks, grid, dtype)
-        layout = TokenLayout(grid)
-        rotations = video_rope_grid(self.rope_freqs, grid)
-        tokens = self.run_blocks_cached(tokens, e, e0, rotations, ctx, audio_tokens, people, masks, layout,
-                                        teacache, branch)
-        out = self.head(tokens, e)
-        return self.unpatchify(out[0], grid)
+        inp = self.embed_inputs(x, t, [context], clip_fea, y, [audio], ref_target_masks)
+        tokens = self.run_blocks_cached(inp.tokens, inp.e, inp.e0, inp.rotations, inp.context, inp.audio_tokens[0],
+                                        inp.people[0], inp.masks, TokenLayout(inp.grid), teacache, branch)
+        out = self.head(tokens, inp.e)
+        return self.unpatchify(out[0], inp.grid)
 
     def forward_branches(
         self,
@@ -451,38 +502,17 @@ class MultiTalkTransformer3DModel(ModelMixin, ConfigMixin):
     ) -> list[torch.Tensor]:
         """Several guidance passes of one step as one batch.
 
-        The passes share the latent, the timestep, the image conditioning and the masks and
-        differ only in text context and audio, so the patch embedding and timestep embedding
-        are computed once and the transformer runs with batch ``len(contexts)``; only the
-        audio cross-attention runs per sample (its speaker count may differ: the no-audio
-        pass has one silent speaker). Each output equals :meth:`forward` on that pass's
-        inputs. Returns ``[16, N_t, h, w]`` float32 per pass, in order.
+        The transformer runs with batch ``len(contexts)``; only the audio cross-attention
+        runs per sample (its speaker count may differ: the no-audio pass has one silent
+        speaker). Each output equals :meth:`forward` on that pass's inputs. Returns
+        ``[16, N_t, h, w]`` float32 per pass, in order.
         """
-        if len(contexts) != len(audios):
-            raise ValueError("one audio tensor per context")
-        dtype = self.patch_embedding.weight.dtype
-        grid = self.token_grid(tuple(x.shape))
-        tokens = self.patchify(x, y, dtype)
-        batch = len(contexts)
-        embedded = [self.embed_conditions(t, c, clip_fea, dtype) for c in contexts]
-        e, e0 = embedded[0][0], embedded[0][1]
-        ctx = torch.cat([c for _, _, c in embedded], dim=0)
-        audio_tokens, people = [], []
-        for a in audios:
-            tok, n = self.embed_audio(a, dtype) if self.has_audio else (None, 0)
-            audio_tokens.append(tok)
-            people.append(n)
-        masks = None
-        if 2 in people:
-            if ref_target_masks is None:
-                raise ValueError("two people need ref_target_masks [3, h, w]")
-            masks = self.token_masks(ref_target_masks, grid, dtype)
-        layout = TokenLayout(grid)
-        rotations = video_rope_grid(self.rope_freqs, grid)
-        tokens = tokens.expand(batch, -1, -1).contiguous()
-        tokens = self.run_blocks(tokens, e0, rotations, ctx, audio_tokens, people, masks, layout)
-        out = self.head(tokens, e)
-        return [self.unpatchify(out[i], grid) for i in range(batch)]
+        inp = self.embed_inputs(x, t, contexts, clip_fea, y, audios, ref_target_masks)
+        tokens = inp.tokens.expand(len(contexts), -1, -1).contiguous()
+        tokens = self.run_blocks(tokens, inp.e0, inp.rotations, inp.context, inp.audio_tokens, inp.people,
+                                 inp.masks, TokenLayout(inp.grid))
+        out = self.head(tokens, inp.e)
+        return [self.unpatchify(out[i], inp.grid) for i in range(len(contexts))]
 
     def run_blocks_cached(self, tokens, e, e0, rotations, ctx, audio_tokens, people, masks, layout,
                           teacache=None, branch: str = "cond") -> torch.Tensor:

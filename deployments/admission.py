@@ -1,0 +1,191 @@
+"""Admission and input policy: what a job may read, how much of it, and where its video goes.
+
+Everything a job is checked against before it is accepted lives here, so that a bad
+request is a 4xx naming the field *at submit*, never a FAILED job later:
+
+* capacity: the replica's queue and the per-tenant queue (:class:`Overloaded`, 429);
+* references: every input exists and is readable, inside this service's bucket/prefix or
+  an allow-listed one, never job records or another tenant's uploads or outputs
+  (confinement); uploads are stored content-addressed;
+* options against the configured :class:`~multitalk.api.Limits` (the library's own
+  ``validate``), and, where configured, the media themselves decoded and checked
+  (``precheck_inputs``);
+* error field names as the caller sent them (native ``JobRequest`` or RunPod input);
+* the output key of a finished job (under ``outputs/``, per tenant).
+
+Blocking store calls: the async callers run these methods in a worker thread.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import Callable, Optional
+
+from multitalk.api import InputError, Limits
+
+from .jobs import JobRecord, output_key
+from .request_options import apply_layers
+from .runpod import RUNPOD_FIELD_NAMES
+from .schemas import NATIVE_FIELD_NAMES, JobRequest, parse_job_request
+from .storage import S3Store, Store, check_input, parse_s3_url, resolve_input
+
+
+class Overloaded(Exception):
+    """Too many unfinished jobs in this ingress replica (HTTP 429)."""
+
+    def __init__(self, retry_after: int, what: str = "too many jobs queued"):
+        super().__init__(f"{what}; retry after {retry_after}s")
+        self.retry_after = retry_after
+
+
+def rename_field(e: InputError, source: str) -> InputError:
+    """``e`` with its field named as the caller's request names it (RunPod input vs JobRequest)."""
+    names = RUNPOD_FIELD_NAMES if source == "runpod" else NATIVE_FIELD_NAMES
+    if e.field in names:
+        return InputError(names[e.field], e.message, e.status)
+    return e
+
+
+class Admission:
+    """The input policy of one ingress replica (see the module docstring)."""
+
+    def __init__(self, store: Store, limits: Limits, allowed_buckets: tuple[str, ...] = (),
+                 max_queued_jobs: int = 16, max_queued_jobs_per_tenant: Optional[int] = None,
+                 retry_after_s: int = 30, precheck_media: bool = True,
+                 presets: Optional[dict] = None, request_defaults: Optional[dict] = None):
+        self.store = store
+        self.presets = dict(presets or {})
+        self.request_defaults = dict(request_defaults or {})
+        self.limits = limits
+        self.allowed_buckets = tuple(allowed_buckets)
+        self.max_queued_jobs = max_queued_jobs
+        self.max_queued_jobs_per_tenant = max_queued_jobs_per_tenant
+        self.retry_after_s = retry_after_s
+        self.precheck_media = precheck_media
+
+    # --- capacity ----------------------------------------------------------------------
+    def check_capacity(self, unfinished: Callable[[Optional[str]], int], tenant: Optional[str]) -> None:
+        """429 when this replica's queue, or ``tenant``'s share of it, is full.
+        ``unfinished(tenant)``: jobs this replica runs or queues (``None``: all of them)."""
+        if unfinished(None) >= self.max_queued_jobs:
+            raise Overloaded(self.retry_after_s)
+        quota = self.max_queued_jobs_per_tenant
+        if tenant is not None and quota is not None and unfinished(tenant) >= quota:
+            raise Overloaded(self.retry_after_s, f"tenant {tenant!r} has {quota} unfinished jobs, its limit")
+
+    # --- options -------------------------------------------------------------------------
+    def resolve_options(self, request: "JobRequest | dict", source: str) -> tuple[JobRequest, dict]:
+        """The job with the fields it leaves out filled in from its preset and the server's
+        defaults (``deployments/request_options.py``), and what was filled in. A
+        ``JobRequest`` object counts each field it was built with as set (a ``sampling``
+        object as a whole); a raw dict merges field by field."""
+        raw = request if isinstance(request, dict) else request.model_dump(exclude_unset=True)
+        try:
+            body, applied = apply_layers(raw, self.presets, self.request_defaults)
+            return parse_job_request(body), applied
+        except InputError as e:
+            raise rename_field(e, source) from None
+
+    # --- uploads -------------------------------------------------------------------------
+    def save_upload(self, field_name: str, filename: Optional[str], data: bytes,
+                    tenant: Optional[str] = None) -> str:
+        """Store an uploaded input; returns its key. Content-addressed, so a retried
+        upload (same Idempotency-Key) yields the same request and the same job."""
+        if not data:
+            raise InputError(field_name, "empty upload")
+        ext = ""
+        if filename and "." in filename:
+            ext = "." + filename.rsplit(".", 1)[1].lower()
+            if not re.fullmatch(r"\.[a-z0-9]{1,8}", ext):
+                ext = ""
+        folder = f"inputs/uploads/{tenant}/" if tenant else "inputs/uploads/"
+        key = f"{folder}{hashlib.sha256(data).hexdigest()[:32]}{ext}"
+        if not self.store.exists(key):
+            self.store.put(key, data, None)
+        return key
+
+    # --- references --------------------------------------------------------------------
+    def allowed_for(self, ref: str, name: str, tenant: Optional[str]) -> tuple[str, ...]:
+        """Buckets ``ref`` may be read from. ``allowed_buckets`` entries are ``bucket`` or
+        ``bucket/prefix``; the store's own bucket only under its prefix (and, like the
+        local store, never job records, other tenants' uploads or outputs)."""
+        if not ref.strip().lower().startswith("s3://"):
+            return self.allowed_buckets
+        bucket, key = parse_s3_url(ref.strip(), name)
+        if isinstance(self.store, S3Store) and bucket == self.store.bucket:
+            if not key.startswith(self.store.prefix):
+                raise InputError(name, f"'{ref}' is outside this service's prefix", 403)
+            self.confine(key[len(self.store.prefix):], name, tenant)
+        allowed = []
+        for entry in self.allowed_buckets:
+            b, _, prefix = entry.partition("/")
+            if b == bucket and key.startswith(prefix):
+                allowed.append(b)
+        return tuple(allowed)
+
+    @staticmethod
+    def confine(key: str, name: str, tenant: Optional[str]) -> None:
+        if key.startswith("jobs/"):
+            raise InputError(name, "job records cannot be used as inputs", 403)
+        if tenant is not None:
+            for area in ("outputs/", "inputs/uploads/"):
+                if key.startswith(area) and not key.startswith(f"{area}{tenant}/"):
+                    raise InputError(name, f"'{key}' belongs to another tenant", 403)
+
+    def _canonical_references(self, request: JobRequest, tenant: Optional[str]) -> JobRequest:
+        canon = {}
+        for name, ref in request.input_fields():
+            canon[name] = check_input(ref, self.store, name, self.allowed_for(ref, name, tenant))
+            if not canon[name].startswith("s3://"):
+                self.confine(canon[name], name, tenant)
+        return request.model_copy(update={
+            "image": canon["condition_image"],
+            "audio": [canon[f"audio_{i + 1}"] for i in range(len(request.audio))],
+        })
+
+    # --- the whole check -----------------------------------------------------------------
+    def admit(self, request: JobRequest, source: str, tenant: Optional[str]) -> JobRequest:
+        """The request with canonical references, once every check passed; raises
+        :class:`InputError` named for ``source`` otherwise."""
+        from multitalk.driver import validate
+
+        try:
+            # Options first: no store call for a request that is wrong on its face.
+            validate(request.to_generation_request(b"", [b""] * len(request.audio)), self.limits)
+            request = self._canonical_references(request, tenant)
+            if self.precheck_media:
+                self._precheck(request)
+        except InputError as e:
+            raise rename_field(e, source) from None
+        return request
+
+    def _precheck(self, request: JobRequest) -> None:
+        """Decode and check the media now (the library's own checks)."""
+        from multitalk.driver import plan_request, prepare_inputs
+
+        gen = request.to_generation_request(*self.fetch_inputs(request))
+        plan_request(gen, prepare_inputs(gen, self.limits).audio_frames, self.limits)
+
+    def fetch_inputs(self, request: JobRequest, source: Optional[str] = None) -> tuple[bytes, list[bytes]]:
+        """The media bytes of a job: ``(image, [audio, ...])``."""
+        out = []
+        for name, ref in request.input_fields():
+            try:
+                out.append(resolve_input(ref, self.store, name, self.allowed_buckets))
+            except InputError as e:
+                raise (rename_field(e, source) if source else e) from None
+        return out[0], out[1:]
+
+    # --- results -------------------------------------------------------------------------
+    @staticmethod
+    def output_key_for(rec: JobRecord) -> str:
+        """Where a job's mp4 goes: the requested key or ``outputs/{id}.mp4``, always under
+        ``outputs/`` (never over inputs or job records) and under the tenant's own prefix."""
+        key = rec.request.output.key or output_key(rec.id, rec.tenant)
+        if rec.tenant and not key.startswith(f"outputs/{rec.tenant}/"):
+            key = f"outputs/{rec.tenant}/" + (key[len("outputs/"):] if key.startswith("outputs/") else key)
+        if not key.startswith("outputs/"):
+            key = "outputs/" + key
+        if not key.endswith(".mp4"):
+            key += ".mp4"
+        return key

@@ -1,0 +1,110 @@
+"""The one error and retry policy of the serving layer.
+
+Which failures are worth another attempt, and how many attempts a job gets, are decided
+here and nowhere else:
+
+* :func:`is_transient`: the failure came from infrastructure that Serve replaces by
+  itself: a replica or rank actor that died or could not be reached, or a broken
+  sequence-parallel group (:class:`TransientStageError`). A bad input, a bug or an
+  out-of-memory error is not transient: it would fail the same way again.
+* :class:`RetryBudget`: the attempts one job may spend, shared by both places that
+  retry, so that they never multiply: a failed Diffusion or VaeDecoder call is re-sent
+  in place (chunk level, ``deployments.serve_stages``), and a job whose failure cannot be
+  retried in place (an encoder replica died: its response travels un-awaited into the
+  DiT call) is re-run from the start (job level, ``deployments.runner``). Both draw from
+  the same budget: ``max_stage_retries`` retries per job in all (default 6), waiting 1,
+  2, 4, 8, 15, 15 s before them (about 45 s, the time Serve needs to replace a replica).
+
+Ray wraps an exception raised in another process (``RayTaskError`` with ``.cause``), so
+every check walks the cause chain (:func:`cause_chain`).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, Iterator, Optional
+
+from multitalk.api import InputError
+
+logger = logging.getLogger("multitalk.serve")
+
+# Ray's errors for a dead or unreachable actor / replica / node (matched by class name:
+# the ingress must not need Ray's exception classes to classify a failure).
+DEAD_REPLICA_ERRORS = frozenset({
+    "RayActorError", "ActorDiedError", "ActorUnavailableError", "ReplicaUnavailableError",
+    "DeploymentUnavailableError", "NodeDiedError", "WorkerCrashedError", "OwnerDiedError",
+})
+
+
+class TransientStageError(RuntimeError):
+    """A stage failure that another attempt can fix (e.g. a sequence-parallel rank died:
+    the replica is unhealthy and Serve replaces it)."""
+
+    def __reduce__(self):  # keep the type and message through Ray's pickling
+        return (type(self), (str(self),))
+
+
+def cause_chain(exc: Optional[BaseException], limit: int = 8) -> Iterator[BaseException]:
+    """``exc`` and what it wraps: Ray's ``.cause``, then ``__cause__``/``__context__``."""
+    seen = 0
+    while exc is not None and seen < limit:
+        yield exc
+        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
+        seen += 1
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether retrying can fix ``exc``: a dead/unreachable replica or a broken rank group."""
+    for e in cause_chain(exc):
+        names = {c.__name__ for c in type(e).__mro__}
+        if names & DEAD_REPLICA_ERRORS or "TransientStageError" in names:
+            return True
+        if isinstance(e, InputError):
+            return False
+    return False
+
+
+def input_error_in(exc: BaseException) -> Optional[InputError]:
+    """The :class:`InputError` inside ``exc`` (raised in a stage replica), if any."""
+    for e in cause_chain(exc):
+        if isinstance(e, InputError):
+            return e
+    return None
+
+
+@dataclass
+class RetryBudget:
+    """The retries one job may spend (see the module docstring); not thread-safe (one job's
+    calls run on one event loop)."""
+
+    retries: int = 6
+    backoff_s: float = 1.0
+    max_backoff_s: float = 15.0
+    used: int = 0
+
+    def next_delay(self, exc: BaseException) -> Optional[float]:
+        """Seconds to wait before retrying after ``exc``, or ``None``: do not retry
+        (not transient, or the budget is spent). Spends one retry when it answers."""
+        if self.used >= self.retries or not is_transient(exc):
+            return None
+        self.used += 1
+        return min(self.backoff_s * 2 ** (self.used - 1), self.max_backoff_s)
+
+    async def run(self, what: str, call: Callable[[], Awaitable[Any]],
+                  on_retry: Optional[Callable[[BaseException, float], None]] = None) -> Any:
+        """``await call()``, called again after each transient failure while retries remain."""
+        while True:
+            try:
+                return await call()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - only transient failures are retried
+                delay = self.next_delay(e)
+                if delay is None:
+                    raise
+                logger.warning("%s failed (%s: %s); retry %d/%d in %.0f s", what, type(e).__name__,
+                               str(e)[:200], self.used, self.retries, delay)
+                if on_retry is not None:
+                    on_retry(e, delay)
+                await asyncio.sleep(delay)

@@ -1,0 +1,163 @@
+"""The predecessor's RunPod contract, mapped onto the native job API.
+
+Requests are ``{"input": {"action": ...}, "webhook": ...}``:
+
+* ``model_check`` / ``volume_explore``: answered at once from the models volume, kept as
+  finished job records (:data:`ACTIONS`);
+* ``generate``: the predecessor's fields (``audio_1``, ``audio_2``, ``condition_image``,
+  ``output_format``, ``output_key``) plus every native option under its own name
+  (:class:`GenerateInput`, derived like :class:`~deployments.schemas.JobRequest` from the
+  library's request type), mapped onto a ``JobRequest`` by :meth:`GenerateInput.to_job_request`.
+
+Answers have RunPod's ``/status`` shape (:func:`runpod_status`). The HTTP routes are in
+``deployments/routes/runpod.py``.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+
+from . import volume
+from .jobs import JobRecord
+from .schemas import OPTION_NAMES, JobRequest, JobState, option_fields
+
+# Errors carry the library's field names; RunPod callers get them in their input's names.
+RUNPOD_FIELD_NAMES = {"image": "condition_image", "audio[0]": "audio_1", "audio[1]": "audio_2",
+                      "output.key": "output_key", "sampling.steps": "sample_steps"}
+
+
+class ModelCheckInput(BaseModel):
+    action: Literal["model_check"]
+
+
+class VolumeExploreInput(BaseModel):
+    action: Literal["volume_explore"]
+    path: str = Field("", description="Folder under the models root")
+    max_depth: int = Field(3, ge=0, le=8)
+
+
+class _GenerateFields(BaseModel):
+    """The predecessor's ``generate`` fields; :class:`GenerateInput` adds the native options."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    action: Literal["generate"]
+    audio_1: str
+    audio_2: Optional[str] = None
+    condition_image: str
+    output_format: Literal["s3", "local"] = "s3"
+    output_key: Optional[str] = None
+    # Convenience aliases of the official CLI.
+    sample_steps: Optional[int] = None
+    seed: Optional[int] = None
+
+    preset: Optional[str] = None
+
+    def to_job_body(self) -> dict:
+        """The native job this input asks for, as a raw JobRequest object (the one mapping
+        between the two contracts; options the input leaves out stay out, so presets and
+        server defaults still apply to them)."""
+        body = {name: getattr(self, name) for name in OPTION_NAMES if name in self.model_fields_set}
+        sampling = body.pop("sampling", None)
+        sampling = {} if sampling is None else dict(vars(sampling))
+        if self.sample_steps is not None:
+            sampling["steps"] = self.sample_steps
+        if self.seed is not None:
+            sampling["seed"] = self.seed
+        if sampling:
+            body["sampling"] = sampling
+        if self.preset is not None:
+            body["preset"] = self.preset
+        return {
+            **body,
+            "image": self.condition_image,
+            "audio": [self.audio_1] + ([self.audio_2] if self.audio_2 else []),
+            "output": {"format": self.output_format, "key": self.output_key},
+        }
+
+    def to_job_request(self) -> JobRequest:
+        return JobRequest.model_validate(self.to_job_body())
+
+
+GenerateInput = create_model(
+    "GenerateInput", __base__=_GenerateFields, __module__=__name__,
+    __doc__="The predecessor's generate input plus the native options under their own names.",
+    **option_fields(),
+)
+
+RunPodInput = Union[ModelCheckInput, VolumeExploreInput, GenerateInput]
+
+
+class RunPodRequest(BaseModel):
+    input: RunPodInput = Field(..., discriminator="action")
+    webhook: Optional[str] = None  # the final status is POSTed there once (deployments/webhooks.py)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_action(cls, data):
+        # The predecessor's clients always sent an action; a bare generate input is
+        # unambiguous enough to accept too.
+        if isinstance(data, dict) and isinstance(data.get("input"), dict):
+            inp = data["input"]
+            if "action" not in inp and "audio_1" in inp:
+                data = {**data, "input": {**inp, "action": "generate"}}
+        return data
+
+
+class RunPodStatus(BaseModel):
+    id: str
+    status: str
+    output: Optional[Any] = None
+    error: Optional[str] = None
+    delayTime: Optional[int] = Field(None, description="ms from submit to start")
+    executionTime: Optional[int] = Field(None, description="ms of execution")
+
+
+def _volume_explore(models_root: str, params: dict) -> dict:
+    return volume.volume_explore(models_root, params.get("path", ""), params.get("max_depth", 3))
+
+
+# The actions answered at once: name -> fn(models_root, params) -> output (blocking).
+ACTIONS: dict[str, Callable[[str, dict], dict]] = {
+    "model_check": lambda root, params: volume.model_check(root),
+    "volume_explore": _volume_explore,
+}
+
+
+def _generate_output(rec: JobRecord) -> dict:
+    r = rec.result
+    output = {
+        "status": "success",
+        "output_format": r.store,
+        "video_key": r.key,
+        "video_url": r.url,
+        "frames": r.frames,
+        "duration": r.duration,
+        "fps": r.fps,
+        "width": r.width,
+        "height": r.height,
+        "timings": rec.timings,
+        "options_applied": rec.options_applied,
+    }
+    if r.store == "s3":
+        output["s3_key"] = r.key
+    if r.path:
+        output["local_path"] = r.path
+    return output
+
+
+def runpod_status(rec: JobRecord) -> RunPodStatus:
+    """A job record in the predecessor's ``/status`` shape."""
+    output = None
+    error = None
+    if rec.state == JobState.COMPLETED:
+        output = _generate_output(rec) if rec.action == "generate" and rec.result is not None else rec.output
+    elif rec.state == JobState.FAILED and rec.error is not None:
+        error = f"{rec.error.field}: {rec.error.message}" if rec.error.field else rec.error.message
+    elif rec.state in (JobState.IN_QUEUE, JobState.IN_PROGRESS):
+        output = {"progress": rec.progress.model_dump()}
+    delay = int((rec.started_at - rec.created_at) * 1000) if rec.started_at else None
+    exe = int((rec.finished_at - rec.started_at) * 1000) if rec.started_at and rec.finished_at else None
+    return RunPodStatus(id=rec.id, status=rec.state.value, output=output, error=error,
+                        delayTime=delay, executionTime=exe)

@@ -1,0 +1,253 @@
+"""Hardening, faults: S3 retries with backoff, stage retries within the job's budget,
+deadlines, cancel, graceful shutdown, the served decode call re-sent in place, and the
+transient-error classification (deployments/retry.py).
+"""
+from __future__ import annotations
+
+import asyncio
+import http.server
+import threading
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+from fakes import FakeStages, fake_generate, wait_state
+from inputs import body, make
+
+from deployments.routes import create_app
+from deployments.auth import KeyRing
+from deployments.jobs import JobStore
+from deployments.retry import is_transient
+from deployments.schemas import JobState
+from deployments.service import JobService, ServiceSettings
+from deployments.storage import LocalStore
+
+
+# --- 4. faults ---------------------------------------------------------------------------
+
+
+class _FlakyS3(http.server.BaseHTTPRequestHandler):
+    """Minimal S3 endpoint: answers 500 to the first ``fail`` GETs, then the object;
+    403 AccessDenied for keys containing 'denied'."""
+
+    fail = 2
+    requests: list = []
+
+    def log_message(self, *a):
+        pass
+
+    def do_GET(self):
+        type(self).requests.append(self.path)
+        if "denied" in self.path:
+            payload = b"<Error><Code>AccessDenied</Code><Message>Access Denied</Message></Error>"
+            self.send_response(403)
+        elif type(self).fail > 0:
+            type(self).fail -= 1
+            payload = b"<Error><Code>InternalError</Code><Message>try again</Message></Error>"
+            self.send_response(500)
+        else:
+            payload = b"object-bytes"
+            self.send_response(200)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+
+@pytest.fixture
+def flaky_s3(monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    _FlakyS3.fail, _FlakyS3.requests = 2, []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FlakyS3)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_s3_transient_errors_retried_with_backoff(flaky_s3):
+    from deployments.storage import S3Store
+
+    store = S3Store("bucket", endpoint_url=flaky_s3)
+    assert store.client.meta.config.retries["mode"] == "standard"
+    t0 = time.monotonic()
+    assert store.get("inputs/a.wav") == b"object-bytes"
+    assert len(_FlakyS3.requests) == 3  # failed twice, then succeeded
+    assert time.monotonic() - t0 > 0.0
+
+
+def test_s3_permanent_error_fails_fast_and_fails_the_job(flaky_s3, tmp_path):
+    from botocore.exceptions import ClientError
+
+    from deployments.storage import S3Store
+
+    store = S3Store("bucket", endpoint_url=flaky_s3)
+    with pytest.raises(ClientError):
+        store.get("inputs/denied.wav")
+    assert len(_FlakyS3.requests) == 1  # not retried
+
+    class DeniedStore(LocalStore):
+        def get(self, key):
+            if key.endswith(".wav"):
+                store.get("inputs/denied.wav")
+            return super().get(key)
+
+    local = DeniedStore(tmp_path / "s")
+    local.put("1.wav", b"x")
+    local.put("face.png", b"x")
+    service = JobService(store=local, stages=FakeStages(), generate_fn=fake_generate,
+                         settings=ServiceSettings(persist_interval_s=0.05, precheck_inputs=False))
+    client = TestClient(create_app(service, keyring=KeyRing()))
+    with client:
+        st = wait_state(client, client.post("/v1/jobs", json=body()).json()["id"])
+    assert st["state"] == "FAILED" and "AccessDenied" in st["error"]["message"], st
+
+
+class FlakyStages(FakeStages):
+    """Diffusion replica 'dies' on the first ``failures`` calls."""
+
+    def __init__(self, failures=1):
+        super().__init__()
+        self.failures = failures
+        self.cancel_calls = 0
+
+    def cancel(self):
+        self.cancel_calls += 1
+
+    def diffusion_sample(self, job, audio, image, text, on_step=None):
+        if self.failures > 0:
+            self.failures -= 1
+            from ray.exceptions import ActorDiedError
+
+            async def die():
+                raise ActorDiedError()
+            self.calls.append("diffusion-died")
+            return asyncio.ensure_future(die())
+        return super().diffusion_sample(job, audio, image, text, on_step)
+
+
+def test_stage_retry_then_success(tmp_path):
+    stages = FlakyStages(failures=1)
+    client, *_ = make(tmp_path, stages=stages, stage_retry_backoff_s=0.01)
+    with client:
+        st = wait_state(client, client.post("/v1/jobs", json=body()).json()["id"])
+    assert st["state"] == "COMPLETED", st
+    assert st["timings"]["stage_retries"] == 1 and stages.calls.count("diffusion-died") == 1
+
+
+def test_stage_retries_exhausted_fail_with_reason(tmp_path):
+    stages = FlakyStages(failures=10)
+    client, *_ = make(tmp_path, stages=stages, stage_retry_backoff_s=0.01, max_stage_retries=2)
+    with client:
+        st = wait_state(client, client.post("/v1/jobs", json=body()).json()["id"])
+    assert st["state"] == "FAILED" and "ActorDiedError" in st["error"]["message"], st
+    assert stages.calls.count("diffusion-died") == 3  # 1 + 2 retries
+
+
+def test_retryable_classification():
+    from ray.exceptions import ActorDiedError, RayActorError
+    from ray.serve.exceptions import BackPressureError
+
+    assert is_transient(ActorDiedError()) and is_transient(RayActorError())
+    wrapped = RuntimeError("x")
+    wrapped.__cause__ = ActorDiedError()
+    assert is_transient(wrapped)
+    assert not is_transient(RuntimeError("kaboom")) and not is_transient(ValueError())
+    assert not is_transient(BackPressureError(num_queued_requests=1, max_queued_requests=1))
+
+
+def test_job_deadline(tmp_path):
+    stages = FlakyStages(failures=0)
+    stages.step_delay = 0.2
+    client, service, store = make(tmp_path, stages=stages, job_timeout_s=0.5)
+    with client:
+        st = wait_state(client, client.post("/v1/jobs", json=body(sampling={"steps": 100})).json()["id"])
+    assert st["state"] == "FAILED" and "deadline exceeded" in st["error"]["message"] and st["error"]["status"] == 504
+    assert stages.cancelled == ["diffusion"] and stages.cancel_calls >= 1  # the stages were freed
+
+
+def test_cancel_frees_the_stages(tmp_path):
+    stages = FlakyStages(failures=0)
+    stages.step_delay = 0.1
+    client, *_ = make(tmp_path, stages=stages)
+    with client:
+        job_id = client.post("/v1/jobs", json=body(sampling={"steps": 100})).json()["id"]
+        deadline = time.monotonic() + 10
+        while "diffusion" not in stages.calls:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert client.delete(f"/v1/jobs/{job_id}").json()["state"] == "CANCELLED"
+    assert stages.cancelled == ["diffusion"] and stages.cancel_calls == 1
+
+
+def test_graceful_shutdown_requeues_running_jobs(tmp_path):
+    stages = FlakyStages(failures=0)
+    stages.step_delay = 0.2
+    client, service, store = make(tmp_path, stages=stages)
+    with client:
+        job_id = client.post("/v1/jobs", json=body(sampling={"steps": 100})).json()["id"]
+        wait_state(client, job_id, states=("IN_PROGRESS",))
+    # The ingress stopped (lifespan shutdown): the job is queued again, unowned, nothing lost.
+    rec = JobStore(store).get(job_id)
+    assert rec.state == JobState.IN_QUEUE and rec.owner is None, rec
+    assert job_id in [k.rsplit("/", 1)[1] for k in store.list("jobs/active/")]
+    assert stages.cancel_calls == 1
+    # A restarted ingress runs it.
+    client2, *_ = make(tmp_path)
+    with client2:
+        st = wait_state(client2, job_id)
+    assert st["state"] == "COMPLETED" and JobStore(store).get(job_id).attempts == 2
+
+
+
+def test_served_decode_call_is_resent_when_its_replica_died():
+    """ServeStages re-sends only the failed chunk's decode call (not the whole job) when the
+    VaeDecoder replica died; other errors propagate at once."""
+    from ray.exceptions import ActorDiedError
+
+    from deployments.serve_stages import ServeStages
+
+    class Response:
+        def __init__(self, outcome):
+            self.outcome = outcome
+
+        def __await__(self):
+            async def run():
+                if isinstance(self.outcome, BaseException):
+                    raise self.outcome
+                return self.outcome
+            return run().__await__()
+
+        def cancel(self):
+            pass
+
+    class Method:
+        def __init__(self, outcomes):
+            self.outcomes, self.calls = list(outcomes), []
+
+        def remote(self, latents, **kw):
+            self.calls.append(latents)
+            return Response(self.outcomes.pop(0))
+
+    class Decoder:
+        def __init__(self, outcomes):
+            self.decode = Method(outcomes)
+
+    async def run(outcomes, latents):
+        decoder = Decoder(outcomes)
+        stages = ServeStages(None, None, None, None, decoder).for_job("job-1")
+        try:
+            return await stages.vae_decode(latents), decoder.decode.calls
+        except Exception as e:  # noqa: BLE001
+            return e, decoder.decode.calls
+
+    async def streamed_latents():
+        return "latents"
+
+    async def scenario():
+        died = await run([ActorDiedError(), "frames"], asyncio.ensure_future(streamed_latents()))
+        bad = await run([ValueError("bad latents"), "frames"], "latents")
+        return died, bad
+
+    (frames, calls), (error, bad_calls) = asyncio.run(scenario())
+    assert frames == "frames" and calls == ["latents", "latents"]  # re-sent once, same latents
+    assert isinstance(error, ValueError) and bad_calls == ["latents"]  # not retryable: not re-sent

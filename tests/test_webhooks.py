@@ -1,0 +1,130 @@
+"""Webhooks: the final status POSTed once to a local receiver, signed, retried after an
+error, and refused at submit for a host the server does not allow."""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import http.server
+import json
+import threading
+import time
+
+import pytest
+from fakes import make_client, wait_state
+
+from deployments.webhooks import DELIVERY_HEADER, SIGNATURE_HEADER, Webhooks, WebhookSettings, sign
+
+SECRET = "s3cret-for-open-service"
+
+
+class Receiver(http.server.BaseHTTPRequestHandler):
+    """Records every POST; answers 500 to the first ``fail`` of them."""
+
+    fail = 0
+    received: list = []
+
+    def do_POST(self):  # noqa: N802 - http.server's name
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        type(self).received.append({"headers": dict(self.headers), "body": body})
+        status = 500 if len(type(self).received) <= type(self).fail else 200
+        self.send_response(status)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def receiver():
+    Receiver.received, Receiver.fail = [], 0
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/hook", Receiver
+    server.shutdown()
+
+
+@pytest.fixture
+def client(tmp_path, monkeypatch):
+    monkeypatch.setenv("MULTITALK_WEBHOOK_SECRETS", f"*:{SECRET}")
+    hooks = {"allowed_hosts": ["127.0.0.1"], "allow_private": True, "backoff_s": 0.05}
+    client, service, store = make_client(tmp_path, webhooks=hooks)
+    with client:
+        yield client, service
+
+
+def _verify(delivery: dict) -> dict:
+    t, mac = (part.split("=", 1)[1] for part in delivery["headers"][SIGNATURE_HEADER].split(","))
+    expected = hmac.new(SECRET.encode(), f"{t}.".encode() + delivery["body"], hashlib.sha256).hexdigest()
+    assert hmac.compare_digest(mac, expected), "bad signature"
+    return json.loads(delivery["body"])
+
+
+def _wait_delivered(client, job_id, timeout=20.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        st = client.get(f"/v1/jobs/{job_id}").json()
+        if st.get("webhook") and (st["webhook"]["delivered_at"] or st["webhook"]["attempts"] >= 5):
+            return st
+        time.sleep(0.05)
+    raise AssertionError(f"webhook of {job_id} not settled: {st.get('webhook')}")
+
+
+def test_delivered_once_with_a_valid_signature(client, receiver):
+    client, service = client
+    url, rx = receiver
+    job = {"image": "multi1.png", "audio": ["1.wav"], "frames": 9, "sampling": {"steps": 2}, "webhook": url}
+    job_id = client.post("/v1/jobs", json=job).json()["id"]
+    assert wait_state(client, job_id)["state"] == "COMPLETED"
+    st = _wait_delivered(client, job_id)
+    assert st["webhook"]["status_code"] == 200 and st["webhook"]["attempts"] == 1
+    time.sleep(0.3)  # nothing more arrives
+    assert len(rx.received) == 1
+    payload = _verify(rx.received[0])
+    assert payload["id"] == job_id and payload["state"] == "COMPLETED" and payload["result"]["frames"] == 9
+    assert rx.received[0]["headers"][DELIVERY_HEADER] == job_id
+
+
+def test_retried_after_a_receiver_error_and_runpod_shape(client, receiver):
+    client, service = client
+    url, rx = receiver
+    rx.fail = 2
+    body = {"input": {"action": "generate", "audio_1": "1.wav", "condition_image": "multi1.png", "frames": 5,
+                      "sample_steps": 1}, "webhook": url}
+    job_id = client.post("/run", json=body).json()["id"]
+    st = _wait_delivered(client, job_id)
+    assert st["webhook"]["delivered_at"] and st["webhook"]["attempts"] == 3, st["webhook"]
+    assert len(rx.received) == 3
+    payload = _verify(rx.received[-1])  # RunPod jobs get the /status shape
+    assert payload["id"] == job_id and payload["status"] == "COMPLETED" and payload["output"]["frames"] == 5
+
+
+def test_refused_at_submit_for_disallowed_hosts(tmp_path, monkeypatch):
+    monkeypatch.setenv("MULTITALK_WEBHOOK_SECRETS", f"*:{SECRET}")
+    client, service, _ = make_client(tmp_path, webhooks={"allowed_hosts": ["hooks.example.com", "127.0.0.1"]})
+    job = {"image": "multi1.png", "audio": ["1.wav"], "frames": 9}
+    with client:
+        for url, status, text in [
+            ("http://evil.example.org/x", 403, "allow-list"),
+            ("http://127.0.0.1:9/x", 403, "private or loopback"),  # allow-listed, but loopback is not allowed
+            ("file:///etc/passwd", 422, "http(s)"),
+            ("http://user:pw@hooks.example.com/x", 422, "credentials"),
+        ]:
+            r = client.post("/v1/jobs", json={**job, "webhook": url})
+            assert r.status_code == status and r.json()["error"]["field"] == "webhook", (url, r.text)
+            assert text in r.json()["error"]["message"], r.json()
+        r = client.post("/run", json={"input": {"action": "generate", "audio_1": "1.wav",
+                                                "condition_image": "multi1.png"}, "webhook": "http://evil.example.org/"})
+        assert r.status_code == 403 and r.json()["error"]["field"] == "webhook"
+    # Without an allow-list no webhook is accepted; without a secret for the tenant neither.
+    hooks = Webhooks(WebhookSettings(), env={})
+    with pytest.raises(Exception, match="not enabled"):
+        hooks.check("https://hooks.example.com/x", None)
+    hooks = Webhooks(WebhookSettings(allowed_hosts=("hooks.example.com",)), env={},
+                     resolve=lambda host: ["93.184.216.34"])
+    with pytest.raises(Exception, match="signing secret"):
+        hooks.check("https://hooks.example.com/x", "acme")
+
+
+def test_signature_is_hmac_of_timestamp_and_body():
+    value = sign("k", b'{"a":1}', timestamp=1700000000)
+    assert value == "t=1700000000,v1=" + hmac.new(b"k", b'1700000000.{"a":1}', hashlib.sha256).hexdigest()
