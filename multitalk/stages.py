@@ -189,7 +189,6 @@ class ImageStage:
             motion = latents[:, : 1 + (m - 1) // VAE_TEMPORAL_STRIDE].float().cpu()
         return ImageConditioning(clip.cpu(), torch.cat([mask, latents], dim=0).cpu(), motion)
 
-
     @torch.no_grad()
     def encode_reference(self, reference: torch.Tensor, motion_pixels: torch.Tensor, frames: int) -> ImageConditioning:
         """InfiniteTalk conditioning for one chunk.
