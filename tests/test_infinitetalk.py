@@ -301,6 +301,36 @@ def test_video_to_video_follows_the_source_and_the_audio(it_pipeline, fixtures_d
     assert steps == [1, 2, 3, 4, 5] and {e.total_steps for e in events if e.stage == "diffusion"} == {5}
 
 
+def test_a_source_shorter_than_the_audio_holds_its_last_frame(it_pipeline, fixtures_dir, tmp_path):
+    """0.4 s of source, 0.9 s of speech: the chunks past the source's end use its last frame
+    (the official reader's behaviour) and the video still lasts as long as the audio."""
+    import imageio_ffmpeg
+
+    from multitalk.infinitetalk import infinitetalk_request
+    from multitalk.utils import video_source
+
+    src = tmp_path / "short.mp4"
+    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-loglevel", "error", "-f", "lavfi", "-i",
+                    "testsrc=size=64x64:rate=25:duration=0.4", "-pix_fmt", "yuv420p", str(src)], check=True)
+    asked = []
+    frame = video_source.VideoSource.frame
+
+    def spy(self, index):
+        asked.append((index, self.frames_read))
+        return frame(self, index)
+
+    video_source.VideoSource.frame = spy
+    try:
+        result = it_pipeline.generate(infinitetalk_request(
+            [_short_wav(fixtures_dir, 0.9)], video=src.read_bytes(), size="infinitetalk-32", frames=9,
+            motion_frames=5, sampling=SamplingOptions(steps=1)))
+    finally:
+        video_source.VideoSource.frame = frame
+    assert result.num_frames == 22 and result.chunks == 5
+    assert [index for index, _ in asked] == [0, 0, 4, 8, 12, 16]  # frame 0 at prepare, then each chunk's start
+    assert max(read for _, read in asked) == 10  # the source has 10 frames; 12 and 16 are past its end
+
+
 def test_a_video_needs_the_infinitetalk_model(tiny_pipeline, fixtures_dir):
     from multitalk.infinitetalk import infinitetalk_request
 
