@@ -19,6 +19,7 @@ from typing import Callable, Literal, Optional
 
 # "multitalk-480" / "multitalk-720" (the official buckets) or a scaled "multitalk-N"
 # (multitalk.utils.image.bucket_table): a name, checked where the size is resolved.
+# InfiniteTalk: "infinitetalk-480" / "infinitetalk-720" / "infinitetalk-N" (the same tables).
 SizeBucket = str
 AudioType = Literal["add", "para"]
 Mode = Literal["clip", "streaming"]
@@ -67,6 +68,10 @@ class Limits:
     # A clip fitted to short speech (frames left out) is never shorter than this: below it,
     # the request is refused naming the audio.
     min_fit_frames: int = 5
+    # Source videos (InfiniteTalk video-to-video), checked from the header before decoding.
+    max_video_bytes: int = 1 << 30
+    max_video_seconds: float = 600.0
+    max_video_pixels: int = 3840 * 2160
 
 
 @dataclass
@@ -100,7 +105,7 @@ class SamplingOptions:
     def resolved_shift(self, size: SizeBucket) -> float:
         if self.shift is not None:
             return float(self.shift)
-        return 11.0 if size == "multitalk-720" else 7.0
+        return 11.0 if size in ("multitalk-720", "infinitetalk-720") else 7.0
 
 
 @dataclass
@@ -183,9 +188,11 @@ class GenerationRequest:
     are chained (25 motion frames carried over) until the audio ends. ``None``: the
     official 81, except that a clip is shortened to the longest one the speech allows
     (:func:`multitalk.driver.fit_frames`).
+    ``video``: InfiniteTalk video-to-video: the source video's bytes (mp4/webm/mkv/mov...),
+    given instead of ``image`` (``image=None``); :mod:`multitalk.infinitetalk` runs it.
     """
 
-    image: bytes
+    image: Optional[bytes]
     audio: list[bytes]
     prompt: str = ""
     audio_type: AudioType = "add"
@@ -202,6 +209,8 @@ class GenerationRequest:
     # LoRAs for this job by registered name (dicts {"name", "scale"} and (name, scale) pairs
     # are accepted too); the Diffusion stage applies them on top of the loaded base, no reload.
     loras: list[LoraChoice] = field(default_factory=list)
+    # InfiniteTalk video-to-video: the source video to dub, instead of ``image``.
+    video: Optional[bytes] = None
 
     def replace(self, **changes) -> "GenerationRequest":
         return dataclasses.replace(self, **changes)

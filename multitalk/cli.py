@@ -7,6 +7,7 @@
     multitalk generate --models DIR --image IMG --audio WAV [--audio2 WAV] --prompt TEXT --out OUT.mp4
     multitalk generate --models DIR --image IMG --text TEXT --voice af_heart --out OUT.mp4
     multitalk generate --models DIR --image IMG --script "(s1) Hi! (s2) Hello." --voice af_heart --voice2 am_adam ...
+    multitalk generate --models DIR --video SRC.mp4 --audio WAV --out OUT.mp4   # InfiniteTalk dubbing
     multitalk submit --url URL --image IMG --audio WAV [--wait] [--out OUT.mp4]
 
 The installed ``multitalk`` command is this parser plus the serving layer's ``serve`` and
@@ -84,13 +85,18 @@ def cmd_generate(args) -> int:
     from .pipeline import MultiTalkPipeline
 
     audio, speech = _audio_or_speech(args)
+    model, modal = _model_defaults(args)
+    if not (args.image or args.video):
+        print("error: give --image (image-to-video) or --video (video-to-video, InfiniteTalk)", file=sys.stderr)
+        return 2
     sampling = SamplingOptions(steps=args.steps, seed=args.seed, text_scale=args.text_scale,
                                audio_scale=args.audio_scale, shift=args.shift, use_apg=args.apg,
                                teacache_thresh=args.teacache)
     request = GenerationRequest(
-        image=Path(args.image).read_bytes(), audio=audio, prompt=args.prompt, audio_type=args.audio_type,
-        bbox=_bbox(args.bbox), mode=args.mode, frames=args.frames, size=args.size, sampling=sampling,
-        color_correction=args.color_correction, speech=speech,
+        image=Path(args.image).read_bytes() if args.image else None, audio=audio, prompt=args.prompt,
+        audio_type=args.audio_type, bbox=_bbox(args.bbox), frames=args.frames, sampling=sampling,
+        color_correction=args.color_correction, video=Path(args.video).read_bytes() if args.video else None,
+        speech=speech, **modal,
     )
     from .precision import PrecisionError
 
@@ -100,7 +106,7 @@ def cmd_generate(args) -> int:
             stage_dtypes=args.stage_dtype, allow_fp32_dit=args.allow_fp32_dit,
             attention_backend=args.attention_backend, tiled_vae=args.tiled_vae, batch_guidance=args.batch_guidance,
             quantize=args.quantize, low_vram=args.low_vram, compile=args.compile,
-            loras=[_lora_spec(x) for x in args.lora],
+            loras=[_lora_spec(x) for x in args.lora], model=model,
         )
     except PrecisionError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -153,6 +159,19 @@ def _audio_or_speech(args, read: bool = True):
         return [], SpeechRequest(voices=voices, script=args.script, speed=args.speed)
     texts = [args.text] + ([args.text2] if args.text2 else [])
     return [], SpeechRequest(voices=voices, texts=texts, speed=args.speed)
+
+
+def _model_defaults(args) -> tuple[str, dict]:
+    """The model (``--video`` implies InfiniteTalk) and its defaults for the options left unset."""
+    model = args.model or ("infinitetalk" if args.video else "multitalk")
+    if model == "infinitetalk":
+        from .infinitetalk import DEFAULTS
+
+        defaults = {k: DEFAULTS[k] for k in ("mode", "motion_frames", "size")}
+    else:
+        defaults = {"mode": "clip", "motion_frames": 25, "size": "multitalk-480"}
+    chosen = {"mode": args.mode, "motion_frames": args.motion_frames, "size": args.size}
+    return model, {k: defaults[k] if v is None else v for k, v in chosen.items()}
 
 
 def cmd_submit(args) -> int:
@@ -236,7 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("generate", help="generate one video in this process")
     s.add_argument("--models", required=True)
-    s.add_argument("--image", required=True)
+    s.add_argument("--image", help="condition image (image-to-video)")
+    s.add_argument("--video", help="source video to dub (video-to-video; InfiniteTalk)")
+    s.add_argument("--model", choices=["multitalk", "infinitetalk"],
+                   help="default: infinitetalk with --video, else multitalk")
     s.add_argument("--audio", help="speaker 1's audio (or --text/--script)")
     s.add_argument("--audio2")
     _speech_arguments(s)
@@ -244,9 +266,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--audio-type", choices=["add", "para"], default="add")
     s.add_argument("--bbox", nargs="+", metavar="R0,C0,R1,C1", help="per speaker, source pixels, rows first")
     s.add_argument("--prompt", default="")
-    s.add_argument("--mode", choices=["clip", "streaming"], default="clip")
+    s.add_argument("--mode", choices=["clip", "streaming"], help="default: clip (MultiTalk), streaming (InfiniteTalk)")
     s.add_argument("--frames", type=int, default=81)
-    s.add_argument("--size", default="multitalk-480", help="multitalk-480, multitalk-720, or multitalk-N (e.g. 128 on CPU)")
+    s.add_argument("--motion-frames", type=int, help="streaming: frames carried over (default 25 MultiTalk, 9 InfiniteTalk)")
+    s.add_argument("--size", help="multitalk-480 (default), multitalk-720, or multitalk-N (e.g. 128 on CPU); "
+                                  "InfiniteTalk: infinitetalk-480 (default), infinitetalk-720, infinitetalk-N")
     s.add_argument("--steps", type=int, default=40)
     s.add_argument("--seed", type=int, default=42)
     s.add_argument("--shift", type=float)

@@ -79,6 +79,8 @@ class Stages(Protocol):
                          on_step: Optional[Callable[[int, int], None]]) -> Awaitable[torch.Tensor]: ...
     def vae_decode(self, latents: Any) -> Awaitable[torch.Tensor]: ...
     def speech_synthesize(self, speech: SpeechRequest) -> Awaitable[list[np.ndarray]]: ...
+    # InfiniteTalk (multitalk.infinitetalk): ImageStage.encode_reference.
+    def reference_encode(self, reference: Any, motion_pixels: Any, frames: int) -> Awaitable[Any]: ...
 
 
 DEFAULT_FRAMES = 81  # the official clip length (3.24 s at 25 fps), what the model was trained on
@@ -100,6 +102,21 @@ def fit_frames(request: GenerationRequest, audio_frames: int, limits: Limits) ->
                                   f"too short for a clip of at least {max(limits.min_fit_frames, limits.min_frames)} "
                                   f"frames; send longer audio")
     return frames
+
+
+def precheck(request: GenerationRequest, limits: Limits) -> None:
+    """Everything about a job's media that can be checked before it runs (a service calls
+    this at submit): the image, the speech and the clip length. A text-to-speech job has
+    only its options and image to check; its speech exists after synthesis."""
+    from .utils.image import load_image
+
+    if request.video is not None:
+        raise InputError("condition_video", "video-to-video needs the InfiniteTalk model; this one runs MultiTalk")
+    if request.speech is not None:
+        validate_speech(request, limits)
+        load_image(request.image, max_pixels=limits.max_image_pixels)
+        return
+    plan_request(request, prepare_inputs(request, limits).audio_frames, limits)
 
 
 def plan_request(request: GenerationRequest, audio_frames: int, limits: Limits) -> tuple[GenerationRequest, "ChunkPlan"]:
@@ -144,13 +161,6 @@ def plan_chunks(audio_frames: int, frames: int, mode: str, motion: int, max_fram
     if extend > 0:
         total -= extend
     return ChunkPlan(starts, extend, total)
-
-
-def chunk_frames(plan: ChunkPlan, frames: int, motion: int) -> list[int]:
-    """Frames each chunk adds to the video (the first all of its own, the others all but
-    the motion frames, the end cut at ``plan.total_frames``); chunks adding none are left out."""
-    ends = [min(frames + i * (frames - motion), plan.total_frames) for i in range(len(plan.starts))]
-    return [end - start for start, end in zip([0] + ends[:-1], ends) if end > start]
 
 
 def validate_sampling(s: SamplingOptions, max_steps: Optional[int] = None) -> None:
@@ -198,8 +208,11 @@ class PreparedInputs:
     audio_frames: int
 
 
-def prepare_inputs(request: GenerationRequest, limits: Limits) -> PreparedInputs:
-    """Decode and check the inputs (CPU). Raises :class:`InputError` naming the bad field."""
+def prepare_inputs(request: GenerationRequest, limits: Limits, image: Any = None) -> PreparedInputs:
+    """Decode and check the inputs (CPU). Raises :class:`InputError` naming the bad field.
+
+    ``image``: the reference as an RGB PIL image already decoded (InfiniteTalk: the source
+    video's first frame) instead of ``request.image``."""
     from .utils.audio import combine_speakers, load_speech
     from .utils.image import bucket_size, load_image, masks_to_latent, resize_and_center_crop, speaker_masks
 
@@ -210,7 +223,7 @@ def prepare_inputs(request: GenerationRequest, limits: Limits) -> PreparedInputs
     if len(tracks) > 1 and len(mixed) / SPEECH_RATE > limits.max_audio_seconds:
         raise InputError("audio", f"both speakers together last {len(mixed) / SPEECH_RATE:.1f} s; "
                                   f"the limit is {limits.max_audio_seconds:.0f} s", status=413)
-    image = load_image(request.image, max_pixels=limits.max_image_pixels)
+    image = load_image(request.image, max_pixels=limits.max_image_pixels) if image is None else image
     target_hw = bucket_size(image.height, image.width, request.size)
     reference = resize_and_center_crop(image, target_hw)
     masks = speaker_masks(image.height, image.width, len(tracks), request.bbox)
@@ -242,12 +255,14 @@ async def generate(
     while later chunks are generated; may return an awaitable (awaited before the next
     segment is handed over). The returned mp4 is unchanged.
     """
-    from .utils.video import Mp4Writer, color_match
+    from .utils.video_output import VideoOutput, chunk_frames
 
     timer = _Timer()
     emit = progress or (lambda p: None)
     started = time.perf_counter()
     lora_set = normalize_lora_set(request.loras)  # syntax here; names and scales at the Diffusion stage
+    if request.video is not None:
+        raise InputError("condition_video", "video-to-video needs the InfiniteTalk model; this one runs MultiTalk")
     if request.speech is not None:
         request = await synthesize_speech(request, stages, limits, emit, timer)
     prepare_started = time.perf_counter()
@@ -255,98 +270,89 @@ async def generate(
     prep, _ = await asyncio.gather(asyncio.to_thread(prepare_inputs, request, limits), stages.prepare())
     timer.add("prepare", time.perf_counter() - prepare_started)
     request, plan = plan_request(request, prep.audio_frames, limits)
-    warnings = []
-    if not stages.lip_sync:
-        warnings.append("no MultiTalk audio adapter found: the video is generated without lip sync")
+    warnings = [] if stages.lip_sync else ["no MultiTalk audio adapter found: the video is generated without lip sync"]
+
+    height, width = prep.target_hw
+    speech = prep.mixed[: int(math.ceil(plan.total_frames / FPS * SPEECH_RATE))]
+    out = VideoOutput(height, width, plan.total_frames, speech, FPS,
+                      chunk_frames(len(plan.starts), request.frames, request.motion_frames, plan.total_frames),
+                      on_chunk)
+    try:
+        await _run_chunks(request, stages, prep, plan, lora_set, out, emit, timer)
+    except BaseException:
+        out.abort()
+        raise
+    emit(Progress("mux", message=f"{out.written} frames"))
+    t0 = time.perf_counter()
+    mp4 = await out.close()
+    timer.add("mux", time.perf_counter() - t0)
+    timer.add("total", time.perf_counter() - started)
+    return GenerationResult(mp4, out.written, FPS, width, height, len(plan.starts), stages.lip_sync,
+                            timer.timings, warnings,
+                            speech_wav=_wav_bytes(prep.mixed) if request.speech is not None else None,
+                            loras=[{"name": n, "scale": v} for n, v in lora_set])
+
+
+def chunk_job(request: GenerationRequest, prep: PreparedInputs, plan: ChunkPlan, index: int, lora_set: tuple) -> ChunkJob:
+    """The Diffusion stage's work for chunk ``index`` (noise from ``seed + index``, so a chunk
+    gives the same noise on whichever replica runs it)."""
+    s = request.sampling
+    return ChunkJob(
+        frames=request.frames, latent_hw=tuple(prep.ref_masks.shape[-2:]), audio_start=plan.starts[index],
+        ref_masks=prep.ref_masks, seed=s.seed + index, steps=s.steps, shift=s.resolved_shift(request.size),
+        guidance=GuidanceConfig(s.text_scale, s.audio_scale, s.use_apg, s.apg_momentum, s.apg_norm_threshold),
+        teacache_thresh=s.teacache_thresh, size=request.size, audio_extend=plan.audio_extend, loras=lora_set,
+    )
+
+
+async def _run_chunks(request: GenerationRequest, stages: Stages, prep: PreparedInputs, plan: ChunkPlan,
+                      lora_set: tuple, out, emit: ProgressCallback, timer: "_Timer") -> None:
+    """The official chunk loop: each chunk after the first is conditioned on the last
+    ``motion_frames`` frames of the one before; decoded, colour-corrected and written."""
+    from .utils.video import color_match
 
     s = request.sampling
-    shift = s.resolved_shift(request.size)
-    guidance = GuidanceConfig(s.text_scale, s.audio_scale, s.use_apg, s.apg_momentum, s.apg_norm_threshold)
     negative = s.negative_prompt if s.negative_prompt is not None else DEFAULT_NEGATIVE_PROMPT
-    lat_hw = tuple(prep.ref_masks.shape[-2:])
     total_steps = s.steps * len(plan.starts)
-
     # The encoders are independent: start all three, await none of them here.
     t_enc = time.perf_counter()
     emit(Progress("encode", message="audio, image and text encoders"))
     audio = stages.audio_encode(prep.tracks)
     text = stages.text_encode(request.prompt, negative)
     image = stages.image_encode(prep.reference[:, None], request.frames)
+    motion_pixels: Optional[torch.Tensor] = None  # last frames of the previous chunk
+    for index in range(len(plan.starts)):
+        if index > 0:
+            image = stages.image_encode(motion_pixels, request.frames)
 
-    height, width = prep.target_hw
-    speech = prep.mixed[: int(math.ceil(plan.total_frames / FPS * SPEECH_RATE))]
-    # Frames stream into the encoder chunk by chunk: a long video never sits in memory whole.
-    writer = Mp4Writer(height, width, plan.total_frames, speech, FPS)
-    segments = feed = None
-    if on_chunk is not None:
-        from .utils.segments import SegmentedMp4Writer, SegmentFeed
+        def on_step(step: int, total: int, _done=index * s.steps, _chunk=index) -> None:
+            emit(Progress("diffusion", step=_done + step, total_steps=total_steps,
+                          chunk=_chunk + 1, total_chunks=len(plan.starts)))
 
-        segments = SegmentedMp4Writer(height, width, chunk_frames(plan, request.frames, request.motion_frames),
-                                      speech, FPS)
-        feed = SegmentFeed(segments, on_chunk)
-    try:
-        motion_pixels: Optional[torch.Tensor] = None  # last frames of the previous chunk
-        for index, start in enumerate(plan.starts):
-            if index > 0:
-                image = stages.image_encode(motion_pixels, request.frames)
-            job = ChunkJob(
-                frames=request.frames, latent_hw=lat_hw, audio_start=start, ref_masks=prep.ref_masks,
-                seed=s.seed + index, steps=s.steps, shift=shift, guidance=guidance,
-                teacache_thresh=s.teacache_thresh, size=request.size, audio_extend=plan.audio_extend,
-                loras=lora_set,
-            )
-            done_before = index * s.steps
-
-            def on_step(step: int, total: int, _done=done_before, _chunk=index) -> None:
-                emit(Progress("diffusion", step=_done + step, total_steps=total_steps,
-                              chunk=_chunk + 1, total_chunks=len(plan.starts)))
-
+        t0 = time.perf_counter()
+        latents = stages.diffusion_sample(chunk_job(request, prep, plan, index, lora_set), audio, image, text,
+                                          on_step)
+        # Conditioning is ready before sampling can start: book that wait as encoding.
+        # Audio and text are the same for every chunk: wait for them once (a served
+        # handle fetches its result on every await).
+        await asyncio.gather(*([_await(audio), _await(text)] if index == 0 else []), _await(image))
+        timer.add("encode", time.perf_counter() - (t_enc if index == 0 else t0))
+        t0 = time.perf_counter()
+        await _await(latents)
+        timer.add("diffusion", time.perf_counter() - t0)
+        emit(Progress("decode", chunk=index + 1, total_chunks=len(plan.starts)))
+        t0 = time.perf_counter()
+        pixels = await _await(stages.vae_decode(latents))
+        timer.add("decode", time.perf_counter() - t0)
+        if request.color_correction > 0:
             t0 = time.perf_counter()
-            latents = stages.diffusion_sample(job, audio, image, text, on_step)
-            # Conditioning is ready before sampling can start: book that wait as encoding.
-            # Audio and text are the same for every chunk: wait for them once (a served
-            # handle fetches its result on every await).
-            await asyncio.gather(*([_await(audio), _await(text)] if index == 0 else []), _await(image))
-            timer.add("encode", time.perf_counter() - (t_enc if index == 0 else t0))
-            t0 = time.perf_counter()
-            await _await(latents)
-            timer.add("diffusion", time.perf_counter() - t0)
-            emit(Progress("decode", chunk=index + 1, total_chunks=len(plan.starts)))
-            t0 = time.perf_counter()
-            pixels = await _await(stages.vae_decode(latents))
-            timer.add("decode", time.perf_counter() - t0)
-            if request.color_correction > 0:
-                t0 = time.perf_counter()
-                pixels = await asyncio.to_thread(color_match, pixels, prep.reference, request.color_correction)
-                timer.add("color_correction", time.perf_counter() - t0)
-            motion_pixels = pixels[:, -request.motion_frames:].contiguous()
-            keep = pixels if index == 0 else pixels[:, request.motion_frames:]
-            t0 = time.perf_counter()
-            await asyncio.to_thread(writer.write, keep)
-            if segments is not None:
-                await asyncio.to_thread(segments.write, keep)
-                feed.after_write()
-            timer.add("mux", time.perf_counter() - t0)
-            del pixels, keep
-    except BaseException:
-        writer.abort()
-        if segments is not None:
-            feed.cancel()
-            segments.abort()
-        raise
-
-    emit(Progress("mux", message=f"{writer.written} frames"))
-    t0 = time.perf_counter()
-    mp4 = await asyncio.to_thread(writer.close)
-    if segments is not None:
-        await asyncio.to_thread(segments.close)
-        await feed.finish()
-    timer.add("mux", time.perf_counter() - t0)
-    timer.add("total", time.perf_counter() - started)
-    return GenerationResult(mp4, writer.written, FPS, width, height, len(plan.starts), stages.lip_sync,
-                            timer.timings, warnings,
-                            speech_wav=_wav_bytes(prep.mixed) if request.speech is not None else None,
-                            loras=[{"name": n, "scale": v} for n, v in lora_set])
+            pixels = await asyncio.to_thread(color_match, pixels, prep.reference, request.color_correction)
+            timer.add("color_correction", time.perf_counter() - t0)
+        motion_pixels = pixels[:, -request.motion_frames:].contiguous()
+        t0 = time.perf_counter()
+        await out.write(pixels if index == 0 else pixels[:, request.motion_frames:])
+        timer.add("mux", time.perf_counter() - t0)
+        del pixels
 
 
 async def _await(handle: Any) -> Any:
@@ -505,3 +511,5 @@ class LocalStages:
             raise InputError(speech.text_field, "text to speech needs a Kokoro-82M folder (config.json, "
                                                 "kokoro-v1_0.pth, voices/) under the models root; none was found")
         return self._spawn(self.speech.synthesize, speech)
+    def reference_encode(self, reference, motion_pixels, frames):
+        return self._spawn(self.image.encode_reference, reference, motion_pixels, frames)

@@ -9,6 +9,10 @@
     result = pipe.generate(GenerationRequest(image=png, audio=[], speech=speech))
 
 The same stages and driver run under Ray Serve, one deployment per stage.
+
+``from_pretrained(root, model="infinitetalk")`` loads the InfiniteTalk adapters instead of
+MultiTalk's and runs :mod:`multitalk.infinitetalk`'s loop (image-to-video, or dubbing a
+``video``; requests from :func:`multitalk.infinitetalk.infinitetalk_request` get its defaults).
 """
 from __future__ import annotations
 
@@ -17,20 +21,23 @@ from typing import Optional
 
 from .api import GenerationRequest, GenerationResult, ProgressCallback
 from .checkpoints.discovery import CheckpointSet, find_checkpoints
-from .driver import Limits, LocalStages, generate
+from .driver import Limits, LocalStages
+from .stage_factory import driver_for
 from .stages import AudioStage, DecodeStage, DiffusionStage, ImageStage, SpeechStage, TextStage
 
 
 class MultiTalkPipeline:
-    def __init__(self, stages: LocalStages, checkpoints: Optional[CheckpointSet] = None, limits: Limits = Limits()):
+    def __init__(self, stages: LocalStages, checkpoints: Optional[CheckpointSet] = None, limits: Limits = Limits(),
+                 model: str = "multitalk"):
         self.stages = stages
         self.checkpoints = checkpoints
         self.limits = limits
+        self.model = model  # "multitalk" | "infinitetalk"
 
     @classmethod
     def from_pretrained(cls, models_root: str, device: str = "cpu", dtype: Optional[str] = None,
                         attention_backend: Optional[str] = None, tiled_vae: bool = False,
-                        stage_dtypes=None, allow_fp32_dit: bool = False,
+                        stage_dtypes=None, allow_fp32_dit: bool = False, model: str = "multitalk",
                         **diffusion_options) -> "MultiTalkPipeline":
         """Load every stage from a models root (official or diffusers layout, see ``multitalk check``).
 
@@ -39,7 +46,8 @@ class MultiTalkPipeline:
         ``{"dit": "bf16", "audio": "fp32"}`` or ``["dit=bf16", ...]``; ``allow_fp32_dit``:
         let an fp32 14B DiT onto a GPU.
         ``diffusion_options``: :meth:`DiffusionStage.from_pretrained` levers (``batch_guidance``,
-        ``quantize``, ``low_vram``, ``compile``).
+        ``quantize``, ``low_vram``, ``compile``, ``loras``; InfiniteTalk: ``adapters``).
+        ``model``: ``"multitalk"`` or ``"infinitetalk"``.
         """
         from .checkpoints.dit import dit_parameter_count
         from .precision import check_dit_dtype, stage_dtypes as resolve_stage_dtypes
@@ -55,10 +63,14 @@ class MultiTalkPipeline:
             ImageStage.from_pretrained(ckpt, device, dt["clip"], vae_dtype=dt["vae"]),
             TextStage.from_pretrained(ckpt, device, dt["text"]),
             DiffusionStage.from_pretrained(ckpt, device, dt["dit"], attention_backend=attention_backend,
-                                           allow_fp32=allow_fp32_dit, **diffusion_options),
+                                           allow_fp32=allow_fp32_dit, model=model, **diffusion_options),
             DecodeStage.from_pretrained(ckpt, device, dt["vae"], tiled=tiled_vae),
             speech=load_speech_stage(ckpt, device),
         )
+        if model == "infinitetalk":
+            from .infinitetalk import INFINITETALK_LIMITS
+
+            return cls(stages, ckpt, INFINITETALK_LIMITS, model)
         return cls(stages, ckpt)
 
     @property
@@ -69,7 +81,7 @@ class MultiTalkPipeline:
     async def agenerate(self, request: GenerationRequest, progress: Optional[ProgressCallback] = None,
                         on_chunk=None) -> GenerationResult:
         """``on_chunk``: see :func:`multitalk.driver.generate` (each chunk's fMP4 segment as it is done)."""
-        return await generate(request, self.stages, progress, self.limits, on_chunk=on_chunk)
+        return await driver_for(self.model).generate(request, self.stages, progress, self.limits, on_chunk=on_chunk)
 
     def generate(self, request: GenerationRequest, progress: Optional[ProgressCallback] = None,
                  on_chunk=None) -> GenerationResult:

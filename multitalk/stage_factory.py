@@ -1,5 +1,6 @@
-"""Building a stage by name: the one construction path of the in-process pipeline, the
-stage deployments and the sequence-parallel rank actors.
+"""Building a stage by name (the one construction path of the in-process pipeline, the
+stage deployments and the sequence-parallel rank actors), and the generation loop of
+each model.
 
 Free of torch on purpose: a stage class that does not use torch (a test double, a remote
 proxy) is built without importing it.
@@ -46,3 +47,19 @@ def load_stage(name: str, models: Any, device: str = "cpu", dtype: Any = "float3
     option fails here, naming it. ``stage_classes``: overrides of :data:`STAGE_CLASSES`.
     """
     return stage_class(name, stage_classes).from_pretrained(models, device=device, dtype=dtype, **(options or {}))
+
+
+# The generation loop of each model: a module with ``generate(request, stages, progress,
+# limits, on_chunk)`` and ``precheck(request, limits)`` (the media checks a service runs at
+# submit, so that a bad file is a 4xx then and not a failed job later).
+DRIVERS = {
+    "multitalk": "multitalk.driver",
+    "infinitetalk": "multitalk.infinitetalk",
+}
+
+
+def driver_for(model: str):
+    """The generation-loop module of ``model`` (a key of :data:`DRIVERS`)."""
+    if model not in DRIVERS:
+        raise ValueError(f"unknown model {model!r}; expected one of {sorted(DRIVERS)}")
+    return importlib.import_module(DRIVERS[model])

@@ -100,6 +100,10 @@ class ChunkJob:
     # LoRAs for this job, ((name, scale), ...) sorted by name, names registered on the
     # DiffusionStage (``lora_registry``); () = the base model. See multitalk.modules.lora_runtime.
     loras: tuple = ()
+    # InfiniteTalk: the motion latents are written back clean (not re-noised) at every step,
+    # and ``adapter`` ("single"/"multi") picks the stage's InfiniteTalk adapter (None: as loaded).
+    clean_motion: bool = False
+    adapter: Optional[str] = None
 
 
 def audio_windows(features: torch.Tensor, start: int, frames: int, window: int = AUDIO_WINDOW) -> torch.Tensor:
@@ -197,6 +201,32 @@ class ImageStage:
             motion = latents[:, : 1 + (m - 1) // VAE_TEMPORAL_STRIDE].float().cpu()
         return ImageConditioning(clip.cpu(), torch.cat([mask, latents], dim=0).cpu(), motion)
 
+    @torch.no_grad()
+    def encode_reference(self, reference: torch.Tensor, motion_pixels: torch.Tensor, frames: int) -> ImageConditioning:
+        """InfiniteTalk conditioning for one chunk.
+
+        Args:
+            reference: ``[3, 1, H, W]`` (or ``[3, H, W]``) in [-1, 1]: the chunk's reference
+                frame (the source video's frame at the chunk's audio start, or the image).
+            motion_pixels: ``[3, M, H, W]`` in [-1, 1]: the previous chunk's last M frames
+                (M = 4n+1), or the reference itself for the first chunk (M = 1).
+            frames: frames of the chunk (4n+1).
+        Returns:
+            CLIP of the reference; ``cond_latents`` = first-frame-only mask + VAE of the
+            reference followed by black frames; ``motion_latents`` ``[16, 1 + (M-1)/4, h, w]``
+            the VAE encoding of ``motion_pixels`` alone.
+        """
+        if reference.dim() == 3:
+            reference = reference[:, None]
+        c, _, h, w = reference.shape
+        pixels = reference[:, :1].to(self.device, torch.float32)
+        clip = self.clip.encode(pixels[:, -1][None]).to(self.dtype)
+        video = torch.cat([pixels, pixels.new_zeros(c, frames - 1, h, w)], dim=1)
+        latents = self.vae.encode(video[None])[0].to(self.dtype)
+        mask = frame_mask(frames, 1, (h // VAE_SPATIAL_STRIDE, w // VAE_SPATIAL_STRIDE)).to(latents)
+        motion = self.vae.encode(motion_pixels.to(self.device, torch.float32)[None])[0].float().cpu()
+        return ImageConditioning(clip.cpu(), torch.cat([mask, latents], dim=0).cpu(), motion)
+
 
 class TextStage:
     """UMT5 prompt embeddings with an in-memory cache (the negative prompt is the same for every job)."""
@@ -255,6 +285,8 @@ class DiffusionStage:
         # Named LoRAs a job may pick (``ChunkJob.loras``); None: the base model only.
         self.lora_runtime = None
         self.compiled = False  # hooks added after torch.compile would be ignored by dynamo
+        # InfiniteTalk: the adapters this DiT holds (``multitalk.checkpoints.infinitetalk.AdapterBank``).
+        self.adapters = None
 
     @classmethod
     def from_pretrained(cls, models: "str | CheckpointSet", device: str = "cpu", dtype=None,
@@ -263,7 +295,8 @@ class DiffusionStage:
                         compile: "bool | dict" = False, loras: Sequence = (),
                         allow_fp32: bool = False, lora_registry: Optional[dict] = None,
                         lora_scale_range: tuple[float, float] = (0.0, 2.0),
-                        max_loras_per_job: int = 4) -> "DiffusionStage":
+                        max_loras_per_job: int = 4, model: str = "multitalk",
+                        adapters: Optional[Sequence[str]] = None) -> "DiffusionStage":
         """``dtype``: ``None`` = the official's (bf16 on CUDA, fp32 on CPU); float32 for the
         14B DiT on a GPU is refused (:class:`multitalk.precision.PrecisionError`) unless
         ``allow_fp32`` (:mod:`multitalk.precision`).
@@ -283,7 +316,18 @@ class DiffusionStage:
         models root) of LoRAs a job may choose per request (``ChunkJob.loras``), applied
         unmerged on top of the base without reloading it (:mod:`multitalk.modules.lora_runtime`);
         read and checked against the DiT here. ``lora_scale_range`` / ``max_loras_per_job``
-        bound what a job may ask for."""
+        bound what a job may ask for.
+        ``model``: ``"multitalk"`` or ``"infinitetalk"`` (the InfiniteTalk adapters on the same
+        base; ``adapters`` picks ``single``/``multi``, default every one found; see
+        :mod:`multitalk.checkpoints.infinitetalk`)."""
+        if model == "infinitetalk":
+            return cls._from_pretrained_infinitetalk(
+                models, adapters, device=device, dtype=dtype, attention_backend=attention_backend,
+                batch_guidance=batch_guidance, low_vram=low_vram, quantize=quantize, compile=compile, loras=loras,
+                allow_fp32=allow_fp32, lora_registry=lora_registry, lora_scale_range=lora_scale_range,
+                max_loras_per_job=max_loras_per_job)
+        if model != "multitalk":
+            raise ValueError(f"model must be 'multitalk' or 'infinitetalk', got {model!r}")
         compile_kwargs = _compile_kwargs(compile)
         if compile_kwargs is not None and low_vram:
             raise ValueError("compile and low_vram cannot be combined: the block streamer swaps weights "
@@ -368,6 +412,22 @@ class DiffusionStage:
         if self.lora_runtime is not None:
             self.lora_runtime.activate(lora_set)
 
+    @classmethod
+    def _from_pretrained_infinitetalk(cls, models: "str | CheckpointSet", adapters: Optional[Sequence[str]],
+                                      **options) -> "DiffusionStage":
+        """The base with the first InfiniteTalk adapter, loaded as MultiTalk is, then the others."""
+        from .checkpoints.infinitetalk import AdapterBank, infinitetalk_adapter_files, with_adapter
+
+        ckpt = _as_checkpoints(models)
+        files = infinitetalk_adapter_files(ckpt, adapters)
+        first, *others = files
+        stage = cls.from_pretrained(with_adapter(ckpt, files[first]), **options)
+        stage.adapters = AdapterBank.attach(
+            stage.model, first, {name: files[name] for name in others}, options.get("device", "cpu"),
+            _dtype(options.get("dtype", "float32")), loras=options.get("loras", ()), models_root=ckpt.root,
+            quantize=options.get("quantize"), low_vram=options.get("low_vram", False))
+        return stage
+
     @property
     def lip_sync(self) -> bool:
         return self.model.has_audio
@@ -437,7 +497,10 @@ class DiffusionStage:
         self.check_loras(job.loras)  # an unknown name or bad scale fails before the lock
         with self._lock:
             self._apply_loras(job)
+            if self.adapters is not None:
+                self.adapters.select(job.adapter)
             latent = sample(denoise, noise.to(self.device), timesteps, guidance,
+                            motion_noised=not job.clean_motion,
                             motion_latents=None if image.motion_latents is None else image.motion_latents.to(self.device),
                             generator=generator, on_step=on_step, teacache=teacache,
                             denoise_many=denoise.many if self._many_passes(teacache) else None)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from multitalk.api import GenerationRequest, SamplingOptions
-from multitalk.driver import ChunkPlan, chunk_frames
+from multitalk.utils.video_output import chunk_frames
 from multitalk.utils.segments import SegmentedMp4Writer, hls_playlist
 from multitalk.utils.video import probe_mp4
 
@@ -81,10 +81,10 @@ def test_the_segments_play_as_an_hls_playlist(tmp_path):
 
 
 def test_chunk_frames_follow_the_plan_and_skip_chunks_cut_off():
-    assert chunk_frames(ChunkPlan([0, 12, 24], 0, 41), 17, 5) == [17, 12, 12]
-    assert chunk_frames(ChunkPlan([0], 0, 17), 17, 5) == [17]
+    assert chunk_frames(3, 17, 5, 41) == [17, 12, 12]
+    assert chunk_frames(1, 17, 5, 17) == [17]
     # a last chunk whose frames all fall past the end (its audio extension) adds no segment
-    assert chunk_frames(ChunkPlan([0, 12, 24], 14, 27), 17, 5) == [17, 10]
+    assert chunk_frames(3, 17, 5, 27) == [17, 10]
 
 
 def test_a_streaming_job_hands_over_its_first_chunk_while_later_chunks_are_generated(tiny_official, fixtures_dir,

@@ -22,8 +22,13 @@ CLIP_FILE = "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
 VAE_FILE = "Wan2.1_VAE.pth"
 ADAPTER_FILE = "multitalk.safetensors"
 COMPONENTS = ("dit", "audio_adapter", "vae", "text_encoder", "tokenizer", "image_encoder", "audio_encoder")
-# Text to speech (optional): a Kokoro-82M folder, reported as the ``speech`` component.
-OPTIONAL_COMPONENTS = ("audio_adapter", "speech")
+# InfiniteTalk (same base, same adapter keys): InfiniteTalk/{single,multi}/infinitetalk.safetensors.
+INFINITETALK_FILE = "infinitetalk.safetensors"
+INFINITETALK_ADAPTERS = ("single", "multi")  # one speaker, two speakers
+INFINITETALK_COMPONENTS = tuple(f"infinitetalk_{v}" for v in INFINITETALK_ADAPTERS)
+# What a set may lack and still serve: the adapters (no lip sync / no InfiniteTalk) and the
+# Kokoro-82M text-to-speech folder (``speech``).
+OPTIONAL_COMPONENTS = ("audio_adapter", "speech", *INFINITETALK_COMPONENTS)
 
 
 class MissingCheckpointError(FileNotFoundError):
@@ -76,11 +81,23 @@ class CheckpointSet:
             raise MissingCheckpointError(f"incomplete model set under {self.root}: missing {', '.join(missing)}")
         return self
 
+    def infinitetalk_adapters(self) -> dict[str, str]:
+        """The InfiniteTalk adapter files found: ``{"single": path, "multi": path}`` (either may be absent)."""
+        return {v: self.components[f"infinitetalk_{v}"].path for v in INFINITETALK_ADAPTERS
+                if f"infinitetalk_{v}" in self.components and self.components[f"infinitetalk_{v}"].found}
+
+    def models(self) -> list[str]:
+        """The models this set can run with lip sync: ``multitalk`` and/or ``infinitetalk``."""
+        if self.kind == "incomplete" or not self.components["audio_encoder"].found:
+            return []
+        return (["multitalk"] if self.kind == "multitalk" else []) + (["infinitetalk"] if self.infinitetalk_adapters() else [])
+
     def report(self) -> dict:
         return {
             "root": self.root,
             "kind": self.kind,
             "lip_sync": self.lip_sync,
+            "models": self.models(),
             "base_layout": self.base_layout,
             "components": {k: asdict(v) for k, v in self.components.items()},
         }
@@ -196,6 +213,7 @@ def find_checkpoints(root: str | os.PathLike) -> CheckpointSet:
         kind = "incomplete"
     ordered = {n: comps[n] for n in COMPONENTS}
     ordered["speech"] = find_speech(dirs)
+    ordered.update(_infinitetalk_components(dirs))
     return CheckpointSet(str(root), kind, base_layout, ordered)
 
 
@@ -217,6 +235,19 @@ def find_speech(dirs: list[Path]) -> Component:
         return Component("speech", False, str(folder), "official", note=f"Kokoro folder without {lacks}")
     return Component("speech", True, str(folder), "official", _size(folder), None,
                      f"{len(voices)} voices: {', '.join(voices)}")
+
+
+def _infinitetalk_components(dirs: list[Path]) -> dict[str, Component]:
+    """``infinitetalk_single`` / ``infinitetalk_multi``: ``<d>/{single,multi}/infinitetalk.safetensors``
+    (the official download puts them under ``InfiniteTalk/``; that parent is preferred)."""
+    out = {}
+    for variant in INFINITETALK_ADAPTERS:
+        name = f"infinitetalk_{variant}"
+        found = [d / INFINITETALK_FILE for d in dirs if d.name == variant and (d / INFINITETALK_FILE).is_file()]
+        found.sort(key=lambda p: (p.parent.parent.name != "InfiniteTalk", len(p.parts)))
+        out[name] = (_component(name, found[0], "official") if found else
+                     Component(name, False, note=f"no InfiniteTalk/{variant}/{INFINITETALK_FILE}"))
+    return out
 
 
 def explore(root: str | os.PathLike, max_depth: int = 3, max_entries: int = 500) -> dict:

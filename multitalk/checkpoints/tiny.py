@@ -11,6 +11,7 @@ loaders read the real 14B set.
                            models_t5_umt5-xxl-enc-bf16.pth, google/umt5-xxl/,
                            models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth, Wan2.1_VAE.pth
     MeiGen-MultiTalk/      multitalk.safetensors, diffusion_pytorch_model.safetensors.index.json
+    InfiniteTalk/          single/infinitetalk.safetensors, multi/infinitetalk.safetensors
     chinese-wav2vec2-base/ config.json, preprocessor_config.json, model.safetensors
     Kokoro-82M/            config.json, kokoro-v1_0.pth, voices/{af_heart,am_adam,af_bella}.pt
                            (text to speech; only with ``speech=True``)
@@ -39,6 +40,7 @@ logger = logging.getLogger(__name__)
 WAN_DIR = "Wan2.1-I2V-14B-480P"
 WAN_DIFFUSERS_DIR = "Wan2.1-I2V-14B-480P-Diffusers"
 MULTITALK_DIR = "MeiGen-MultiTalk"
+INFINITETALK_DIR = "InfiniteTalk"
 WAV2VEC_DIR = "chinese-wav2vec2-base"
 KOKORO_DIR = "Kokoro-82M"
 
@@ -150,6 +152,7 @@ def make_tiny_weights(root: str | os.PathLike, layout: str = "official", seed: i
             "vae": ["diffusers", "AutoencoderKLWan"],
         }, indent=2))
     audio_encoder.save_tiny(str(root / WAV2VEC_DIR), seed=seed)
+    save_tiny_infinitetalk(root / INFINITETALK_DIR, seed=seed)
     if speech:
         save_tiny_kokoro(root / KOKORO_DIR, seed=seed)
     (root / "TINY_RANDOM_WEIGHTS.txt").write_text(
@@ -158,9 +161,31 @@ def make_tiny_weights(root: str | os.PathLike, layout: str = "official", seed: i
     return root
 
 
+def save_tiny_infinitetalk(folder: str | os.PathLike, seed: int = 0) -> dict[str, Path]:
+    """Tiny InfiniteTalk adapters for :func:`tiny_dit`'s base: ``single/`` and ``multi/``
+    ``infinitetalk.safetensors`` (the MultiTalk adapter's keys, weights drawn from seeds
+    ``seed + 1`` and ``seed + 2`` so the two differ from each other and from MultiTalk's),
+    each with the adapter-config json the tiny sizes need."""
+    from safetensors.torch import save_file
+
+    from .dit import ADAPTER_CONFIG_FILE, is_adapter_key
+    from .discovery import INFINITETALK_ADAPTERS, INFINITETALK_FILE
+
+    adapter_cfg = {k: tiny_dit_config()[k] for k in _ADAPTER_KEYS}
+    written = {}
+    for offset, variant in enumerate(INFINITETALK_ADAPTERS, start=1):
+        target = Path(folder) / variant
+        target.mkdir(parents=True, exist_ok=True)
+        weights = {k: v.detach().contiguous() for k, v in tiny_dit(seed + offset).state_dict().items()
+                   if is_adapter_key(k)}
+        save_file(weights, str(target / INFINITETALK_FILE), metadata={"format": "pt"})
+        (target / ADAPTER_CONFIG_FILE).write_text(json.dumps(adapter_cfg, indent=2))
+        written[variant] = target / INFINITETALK_FILE
+    return written
 # Bumped whenever the embedded default set gains a component, so that an older cache is
 # not taken for a complete one.
-EMBEDDED_SET_VERSION = 3  # 2: with the Kokoro-82M text-to-speech folder; 3: a tiny distillation LoRA
+# 2: with the Kokoro-82M text-to-speech folder; 3: a tiny distillation LoRA; 4: InfiniteTalk adapters
+EMBEDDED_SET_VERSION = 4
 EMBEDDED_LORA = "loras/distill.safetensors"  # the embedded default's ``loras: {distill: ...}``
 
 

@@ -48,8 +48,12 @@ class AudioProjModel(nn.Module):
         output_dim: int = 768,
         context_tokens: int = 32,
         norm_output_audio: bool = True,
+        norm_fp32: bool = False,
     ):
         super().__init__()
+        # InfiniteTalk: the output norm runs in float32 whatever the model dtype (see
+        # MultiTalkTransformer3DModel's ``audio_norm_fp32``).
+        self.norm_fp32 = norm_fp32
         self.context_tokens = context_tokens
         self.output_dim = output_dim
         self.proj1 = nn.Linear(seq_len * blocks * channels, intermediate_dim)
@@ -73,8 +77,17 @@ class AudioProjModel(nn.Module):
         n_t = tokens.shape[1]
         tokens = torch.relu(self.proj2(tokens.reshape(people * n_t, -1)))
         tokens = self.proj3(tokens).reshape(people * n_t, self.context_tokens, self.output_dim)
-        tokens = self.norm(tokens)
+        tokens = self._norm_fp32(tokens) if self.norm_fp32 else self.norm(tokens)
         return tokens.reshape(people, n_t, self.context_tokens, self.output_dim)
+
+    def _norm_fp32(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The output norm in float32 (input, weight and bias), rounded back to the input dtype."""
+        if not isinstance(self.norm, nn.LayerNorm):
+            return self.norm(tokens)
+        weight = None if self.norm.weight is None else self.norm.weight.float()
+        bias = None if self.norm.bias is None else self.norm.bias.float()
+        out = torch.nn.functional.layer_norm(tokens.float(), self.norm.normalized_shape, weight, bias, self.norm.eps)
+        return out.to(tokens.dtype)
 
 
 def window_audio_per_latent_frame(

@@ -273,6 +273,11 @@ class MultiTalkTransformer3DModel(ModelMixin, ConfigMixin):
     """The MultiTalk DiT. Config keys are the official ``config.json`` ones, plus
     ``image_dim`` / ``audio_blocks`` / ``audio_channels`` (fixed at 1280 / 12 / 768 in the
     official code; parameters here so tiny test models can shrink their encoders too).
+
+    ``audio_norm_fp32``: the InfiniteTalk variant of the model (``InfiniteTalk/*/infinitetalk.safetensors``
+    on the same base) computes the audio projection's output LayerNorm in float32 (its
+    ``multitalk_model.py`` wraps it in an fp32 autocast); MultiTalk runs it in the model dtype.
+    The same in fp32; with a bf16 model the tokens are normalised in fp32 and rounded once.
     """
 
     config_name = "config.json"
@@ -314,6 +319,7 @@ class MultiTalkTransformer3DModel(ModelMixin, ConfigMixin):
         class_range: int = 24,
         class_interval: int = 4,
         audio_adapter: bool = True,
+        audio_norm_fp32: bool = False,
     ):
         super().__init__()
         if model_type != "i2v":
@@ -347,6 +353,7 @@ class MultiTalkTransformer3DModel(ModelMixin, ConfigMixin):
                 output_dim=output_dim,
                 context_tokens=context_tokens,
                 norm_output_audio=norm_output_audio,
+                norm_fp32=audio_norm_fp32,
             )
         # Not a buffer: the official state dict has no rope tensors.
         self._rope_freqs: Optional[torch.Tensor] = None

@@ -202,6 +202,7 @@ def sample(
     on_step: Optional[Callable[[int, int], None]] = None,
     teacache: Optional[TeaCache] = None,
     denoise_many: Optional[DenoiseManyFn] = None,
+    motion_noised: bool = True,
 ) -> torch.Tensor:
     """Run the sampler.
 
@@ -215,13 +216,19 @@ def sample(
         teacache: the cache ``denoise`` passes to the DiT; its step counter is kept here.
         denoise_many: if given, evaluates all of a step's guidance branches in one call
             (one batched DiT forward) instead of one ``denoise`` call per branch.
+        motion_noised: ``False`` (InfiniteTalk): the motion latents are written back clean,
+            not re-noised to the step's timestep (the official InfiniteTalk loop re-noises
+            them and then overwrites them with the clean ones, before every DiT call and
+            after every update).
     Returns:
         The denoised latent ``[16, N_t, h, w]`` float32.
     """
     latent = noise.clone()
 
     def inject(t: torch.Tensor) -> None:
-        if motion_latents is not None:
+        if motion_latents is not None and not motion_noised:
+            latent[:, : motion_latents.shape[1]] = motion_latents.to(latent)
+        elif motion_latents is not None:
             m = motion_latents.to(latent)
             n = torch.randn(m.shape, generator=generator, dtype=m.dtype, device="cpu").to(m.device)
             latent[:, : m.shape[1]] = add_noise(m, n, t)
