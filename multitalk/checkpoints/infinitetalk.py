@@ -34,7 +34,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 
-from ..modules.loading import load_strict, open_tensors
+from ..modules.loading import load_strict
 from .discovery import INFINITETALK_ADAPTERS, CheckpointSet, MissingCheckpointError
 from .dit import is_adapter_key
 
@@ -176,10 +176,7 @@ def merge_lora_into_adapter(weights: AudioAdapterWeights, path: Path, scale: flo
     """Merge the adapter part of a LoRA (its ``audio_proj`` / ``audio_cross_attn`` / ``norm_x``
     keys) into a held adapter; the base part was merged into the DiT once. Strict as
     :func:`multitalk.checkpoints.lora.merge_lora`. Returns the parameters merged."""
-    from .lora import _merge, _param_name
+    from .lora import merge_lora, read_lora
 
-    with open_tensors(path) as items:
-        tensors = {key: load for key, load, _ in items if is_adapter_key(_param_name(key))}
-        if not tensors:
-            return 0
-        return len(_merge(weights, path, tensors, scale).merged)
+    lora = read_lora(weights, path, only=is_adapter_key)
+    return 0 if lora is None else len(merge_lora(weights, lora, scale).merged)

@@ -28,7 +28,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -108,16 +108,21 @@ def _param_name(key: str) -> str:
     return key
 
 
-def read_lora(model: torch.nn.Module, path: str | os.PathLike) -> LoraFile:
+def read_lora(model: torch.nn.Module, path: str | os.PathLike,
+              only: Optional[Callable[[str], bool]] = None) -> Optional[LoraFile]:
     """Read the LoRA at ``path`` (safetensors) and check every key and shape against ``model``.
 
+    ``only``: read just the keys whose parameter name it accepts (e.g. an InfiniteTalk
+    adapter's part of a LoRA); ``None`` is returned when it accepts none of them.
     Raises :class:`CheckpointError` naming the first problem; ``model`` is not changed.
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"LoRA file not found: {path}")
     with open_tensors(path) as items:
-        tensors = {key: load for key, load, _ in items}
+        tensors = {key: load for key, load, _ in items if only is None or only(_param_name(key))}
+        if only is not None and not tensors:
+            return None
         return _parse(model, path, tensors)
 
 
