@@ -27,7 +27,7 @@ from .jobs import JobRecord, output_key
 from .request_options import apply_layers
 from .runpod import RUNPOD_FIELD_NAMES
 from .schemas import NATIVE_FIELD_NAMES, JobRequest, parse_job_request
-from .storage import S3Store, Store, check_input, parse_s3_url, resolve_input
+from .storage import S3Store, Store, check_input, input_size, parse_s3_url, resolve_input
 
 
 class Overloaded(Exception):
@@ -54,8 +54,9 @@ class Admission:
                  retry_after_s: int = 30, precheck_media: bool = True,
                  presets: Optional[dict] = None, request_defaults: Optional[dict] = None,
                  voices: Optional[Callable[[], Optional[list[str]]]] = None,
-                 lora_names: tuple[str, ...] = ()):
+                 lora_names: tuple[str, ...] = (), model: str = "multitalk"):
         self.store = store
+        self.model = model  # which generation loop's checks apply (multitalk | infinitetalk)
         self.lora_names = tuple(lora_names)  # the LoRAs the Diffusion replicas hold
         self.voices = voices  # text-to-speech voices of the models root (None: not known here)
         self.presets = dict(presets or {})
@@ -142,9 +143,15 @@ class Admission:
             canon[name] = check_input(ref, self.store, name, self.allowed_for(ref, name, tenant))
             if not canon[name].startswith("s3://"):
                 self.confine(canon[name], name, tenant)
+        if "condition_video" in canon:  # refused from its size before a byte of it is read
+            size = input_size(canon["condition_video"], self.store, "condition_video")
+            if size > self.limits.max_video_bytes:
+                raise InputError("condition_video", f"is {size / 2**20:.0f} MiB; the limit is "
+                                                    f"{self.limits.max_video_bytes / 2**20:.0f} MiB", 413)
+        visual = {"image": canon["condition_image"]} if "condition_image" in canon else \
+            {"video": canon["condition_video"]}
         return request.model_copy(update={
-            "image": canon["condition_image"],
-            "audio": [canon[f"audio_{i + 1}"] for i in range(len(request.audio))],
+            **visual, "audio": [canon[f"audio_{i + 1}"] for i in range(len(request.audio))],
         })
 
     # --- the whole check -----------------------------------------------------------------
@@ -187,27 +194,21 @@ class Admission:
                 raise InputError(f"voice_{i}", f"unknown voice {voice!r}; available: {', '.join(voices)}")
 
     def _precheck(self, request: JobRequest) -> None:
-        """Decode and check the media now (the library's own checks). A text-to-speech
-        job has only its image to check: its speech and clip length exist after synthesis."""
-        from multitalk.driver import plan_request, prepare_inputs
-        from multitalk.utils.image import load_image
+        """Decode and check the media now: the model's own checks (``precheck`` of its
+        generation loop, ``multitalk.stage_factory.DRIVERS``)."""
+        from multitalk.stage_factory import driver_for
 
-        image, audio = self.fetch_inputs(request)
-        gen = request.to_generation_request(image, audio)
-        if gen.speech is not None:
-            load_image(image, max_pixels=self.limits.max_image_pixels)
-            return
-        plan_request(gen, prepare_inputs(gen, self.limits).audio_frames, self.limits)
+        driver_for(self.model).precheck(request.with_media(self.fetch_inputs(request)), self.limits)
 
-    def fetch_inputs(self, request: JobRequest, source: Optional[str] = None) -> tuple[bytes, list[bytes]]:
-        """The media bytes of a job: ``(image, [audio, ...])``."""
-        out = []
+    def fetch_inputs(self, request: JobRequest, source: Optional[str] = None) -> dict[str, bytes]:
+        """The media bytes of a job, by input field name (``condition_image``, ``audio_1`` ...)."""
+        out = {}
         for name, ref in request.input_fields():
             try:
-                out.append(resolve_input(ref, self.store, name, self.allowed_buckets))
+                out[name] = resolve_input(ref, self.store, name, self.allowed_buckets)
             except InputError as e:
                 raise (rename_field(e, source) if source else e) from None
-        return out[0], out[1:]
+        return out
 
     # --- results -------------------------------------------------------------------------
     @staticmethod

@@ -13,6 +13,7 @@ stage deployments receive is :class:`StageSettings`, whole; the ingress receives
                                     # a name: every stage; stage_options.<stage>.dtype overrides one
       stage_options: {diffusion: {batch_guidance: true, compile: true}, decode: {tiled: true}}
       loras: {lightx2v: loras/lightx2v_i2v_480p.safetensors}   # LoRAs a request may pick by name
+      model: multitalk              # or infinitetalk (any length, video-to-video dubbing)
       parallel: {sp_degree: 4}      # Diffusion over several GPUs (deployments/diffusion_parallel.py)
       store: {bucket: my-bucket, region: eu-west-1}
       ingress: {max_concurrent_jobs: 4, limits: {max_steps: 60}}
@@ -95,6 +96,26 @@ class AppArgs(StageSettings):
     store: StoreSettings = Field(default_factory=StoreSettings)
     ingress: ServiceSettings = Field(default_factory=ServiceSettings)
     loras: dict[str, str] = Field(default_factory=dict)
+    # The model served: MultiTalk, or InfiniteTalk (same base and DiT, its own adapters and
+    # chunk loop: any length, video-to-video dubbing). Its Diffusion replicas load that
+    # model; its ingress runs that loop, with its limits and request defaults.
+    model: Literal["multitalk", "infinitetalk"] = "multitalk"
+
+    @model_validator(mode="after")
+    def _model_everywhere(self):
+        if self.model == "infinitetalk":
+            from multitalk.infinitetalk import DEFAULTS, INFINITETALK_LIMITS
+
+            ingress = self.ingress
+            updates = {"model": self.model}
+            if "limits" not in ingress.model_fields_set:
+                updates["limits"] = INFINITETALK_LIMITS  # 10 minutes of audio
+            # Its own defaults (streaming, 9 motion frames, infinitetalk-480) under the
+            # configured request defaults; the request and its preset still win.
+            defaults = {k: v for k, v in DEFAULTS.items() if k != "frames"}
+            updates["request_defaults"] = {**defaults, **ingress.request_defaults}
+            self.ingress = ingress.model_copy(update=updates)
+        return self
 
     @model_validator(mode="after")
     def _presets_name_known_loras(self):
@@ -109,9 +130,11 @@ class AppArgs(StageSettings):
 
     def stage_settings(self) -> StageSettings:
         settings = StageSettings.model_validate(self.model_dump(include=set(StageSettings.model_fields)))
-        if self.loras:
+        extra = {**({"lora_registry": dict(self.loras)} if self.loras else {}),
+                 **({"model": self.model} if self.model != "multitalk" else {})}
+        if extra:
             options = dict(settings.stage_options)
-            options["diffusion"] = {**options.get("diffusion", {}), "lora_registry": dict(self.loras)}
+            options["diffusion"] = {**options.get("diffusion", {}), **extra}
             settings = settings.model_copy(update={"stage_options": options})
         return settings
 

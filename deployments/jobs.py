@@ -31,6 +31,7 @@ from pydantic import BaseModel, Field
 from multitalk.api import InputError
 
 from .schemas import ErrorInfo, JobRequest, JobState, JobStatus, ProgressInfo, ResultInfo
+from .chunk_results import ChunkInfo
 from .storage import NotFound, Store
 from .webhooks import WebhookInfo
 
@@ -86,6 +87,7 @@ class JobRecord(BaseModel):
     error: Optional[ErrorInfo] = None
     options_applied: dict[str, Any] = Field(default_factory=dict)  # {field: {value, source}} (request_options)
     webhook: Optional[WebhookInfo] = None  # delivery of the final status (deployments/webhooks.py)
+    chunks: list[ChunkInfo] = Field(default_factory=list)  # streaming: the chunks finished so far
     owner: Optional[str] = None  # ingress replica running it
     heartbeat_at: Optional[float] = None
     lease: int = 0  # how many times an ingress replica took the job over (claims/{id}/{lease})

@@ -4,6 +4,7 @@ CPU share, and moving results to CPU before they leave the replica.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
 import sys
@@ -11,6 +12,10 @@ import logging
 from typing import Any, Callable, Optional
 
 logger = logging.getLogger("multitalk.serve")
+
+# Stages built in this process, by stage name: a replica or rank actor builds its stage
+# once, so a count above 1 would mean a reload (the per-request LoRA tests check it).
+STAGE_LOADS: "collections.Counter[str]" = collections.Counter()
 
 def to_cpu(obj: Any) -> Any:
     """Recursively move tensors to CPU (tensors, dataclasses, lists/tuples/dicts)."""
@@ -87,5 +92,6 @@ def load_replica_stage(name: str, settings, adjust: Optional[Callable[[dict], di
         options = adjust(options)
     logger.info("%s stage: loading %s from %s on %s (%s), options %s", name, cls.__name__, root, device, dtype,
                 options)
+    STAGE_LOADS[name] += 1
     return load_stage(name, root, device=device, dtype=resolve_dtype(dtype), options=options,
                       stage_classes=settings.stage_classes)

@@ -21,6 +21,7 @@ from multitalk.api import GenerationResult, Limits, Progress
 
 from . import metrics
 from .admission import Admission, rename_field
+from .chunk_results import ChunkRecorder, chunks_prefix
 from .jobs import JobRecord
 from .leases import Leases
 from .retry import RetryBudget, input_error_in
@@ -66,6 +67,9 @@ class ProgressTracker:
     def take_dirty(self) -> bool:
         dirty, self._dirty = self._dirty, False
         return dirty
+
+    def mark_dirty(self) -> None:
+        self._dirty = True
 
     def __call__(self, p: Progress) -> None:
         info = ProgressInfo(**dataclasses.asdict(p))
@@ -185,25 +189,40 @@ class JobRunner:
                         budget: RetryBudget) -> GenerationResult:
         """Fetch the inputs and run the driver; re-run within ``budget`` after a transient failure."""
         t0 = time.monotonic()
-        image, audio = await asyncio.to_thread(self.admission.fetch_inputs, rec.request, rec.source)
+        media = await asyncio.to_thread(self.admission.fetch_inputs, rec.request, rec.source)
         rec.timings["fetch_inputs"] = round(time.monotonic() - t0, 3)
-        gen_request = rec.request.to_generation_request(image, audio)
+        gen_request = rec.request.with_media(media)
 
         def on_retry(exc: BaseException, delay: float) -> None:
             stages.cancel()  # whatever the failed attempt left running
             rec.progress = ProgressInfo(stage="retry", message=f"stage failed ({type(exc).__name__}); "
                                                                f"retry {budget.used}/{budget.retries}")
 
+        def attempt():
+            rec.chunks = []  # a re-run starts the chunks over
+            return self.generate_fn(gen_request, stages, tracker, limits=self.limits,
+                                    on_chunk=self._chunk_recorder(rec, tracker))
+
         t0 = time.monotonic()
         try:
-            result = await budget.run(
-                f"job {rec.id}", lambda: self.generate_fn(gen_request, stages, tracker, limits=self.limits), on_retry)
+            result = await budget.run(f"job {rec.id}", attempt, on_retry)
         finally:
             if budget.used:
                 rec.timings["stage_retries"] = budget.used
         rec.timings["generate"] = round(time.monotonic() - t0, 3)
         rec.timings.update({k: round(float(v), 3) for k, v in (result.timings or {}).items()})
         return result
+
+    def output_store(self, rec: JobRecord) -> Store:
+        """Where the job's results go: the local output folder or the configured store."""
+        return self.local_store if rec.request.output.format == "local" else self.store
+
+    def _chunk_recorder(self, rec: JobRecord, tracker: ProgressTracker) -> Optional[ChunkRecorder]:
+        """Streaming jobs: each finished chunk stored as it is encoded (``deployments/chunk_results.py``)."""
+        if rec.request.mode != "streaming":
+            return None
+        prefix = chunks_prefix(self.admission.output_key_for(rec))
+        return ChunkRecorder(self.output_store(rec), prefix, rec.chunks, tracker.mark_dirty)
 
     async def _finish(self, rec: JobRecord, result: GenerationResult, log: logging.LoggerAdapter) -> None:
         total_steps, total_chunks = rec.progress.total_steps, rec.progress.total_chunks
@@ -220,7 +239,7 @@ class JobRunner:
 
     async def _upload(self, rec: JobRecord, result: GenerationResult) -> ResultInfo:
         key = self.admission.output_key_for(rec)
-        target: Store = self.local_store if rec.request.output.format == "local" else self.store
+        target = self.output_store(rec)
         await asyncio.to_thread(target.put, key, result.video, "video/mp4")
         url = await asyncio.to_thread(target.presigned_url, key, self.settings.presign_expires_s)
         speech_key = speech_url = None

@@ -25,7 +25,7 @@ from .jobs import JobRecord
 from .schemas import OPTION_NAMES, JobRequest, JobState, option_fields
 
 # Errors carry the library's field names; RunPod callers get them in their input's names.
-RUNPOD_FIELD_NAMES = {"image": "condition_image", "audio[0]": "audio_1", "audio[1]": "audio_2",
+RUNPOD_FIELD_NAMES = {"image": "condition_image", "video": "condition_video", "audio[0]": "audio_1", "audio[1]": "audio_2",
                       "output.key": "output_key", "sampling.steps": "sample_steps", **TTS_AUDIO_FIELDS}
 
 
@@ -49,7 +49,8 @@ class _GenerateFields(BaseModel):
     audio_2: Optional[str] = None
     # The official examples' text to speech: {text, human1_voice[, human2_voice]} (multitalk.api).
     tts_audio: Optional[dict[str, Any]] = None
-    condition_image: str
+    condition_image: Optional[str] = None
+    condition_video: Optional[str] = None  # InfiniteTalk video-to-video: the source video to dub
     output_format: Literal["s3", "local"] = "s3"
     output_key: Optional[str] = None
     # Convenience aliases of the official CLI.
@@ -79,9 +80,12 @@ class _GenerateFields(BaseModel):
             body["speech"] = vars(speech_from_tts_audio(self.tts_audio))
         elif self.audio_1 is None:
             raise InputError("audio_1", "required (or tts_audio: text with voices)")
+        visual = {"image": self.condition_image} if self.condition_video is None else {"video": self.condition_video}
+        if self.condition_video is not None and self.condition_image is not None:
+            raise InputError("condition_video", "give condition_image or condition_video, not both")
         return {
             **body,
-            "image": self.condition_image,
+            **visual,
             "audio": [a for a in (self.audio_1, self.audio_2) if a],
             "output": {"format": self.output_format, "key": self.output_key},
         }

@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 from multitalk.api import GenerationRequest, InputError
 
+from .chunk_results import ChunkInfo
 from .webhooks import WebhookInfo
 
 
@@ -62,7 +63,7 @@ class OutputSpec(BaseModel):
 
 
 # The library request's byte inputs: a job names them by reference instead (fields below).
-MEDIA_FIELDS = ("image", "audio")
+MEDIA_FIELDS = ("image", "audio", "video")
 
 # What the OpenAPI page says about the derived option fields.
 OPTION_DOCS = {
@@ -71,7 +72,8 @@ OPTION_DOCS = {
     "bbox": "Per speaker [r0, c0, r1, c1] in image pixels, rows first",
     "mode": "'clip': one clip; 'streaming': clips chained until the audio ends",
     "frames": "Frames per clip, 4n+1 (81 at 25 fps = 3.24 s); left out: 81, a clip shortened to fit shorter speech",
-    "size": "multitalk-480, multitalk-720, or a scaled multitalk-N (32 <= N <= 2048; small N for CPU)",
+    "size": "multitalk-480, multitalk-720 (InfiniteTalk: infinitetalk-480/-720), or a scaled -N "
+            "(32 <= N <= 2048; small N for CPU)",
     "motion_frames": "Streaming: frames of the previous clip each clip continues from (4n+1)",
     "color_correction": "Streaming: strength of the colour match to the reference image",
     "max_frames": "Streaming: cap on the video's frames",
@@ -87,7 +89,7 @@ OPTION_BOUNDS = {
     "motion_frames": {"ge": 1},
     "max_frames": {"ge": 1},
     "color_correction": {"ge": 0, "le": 1},
-    "size": {"pattern": r"^multitalk-\d{2,4}$"},
+    "size": {"pattern": r"^(multitalk|infinitetalk)-\d{2,4}$"},
 }
 
 
@@ -117,7 +119,9 @@ class _JobInputs(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    image: str = Field(..., description="Reference image: store key, file name or s3://bucket/key")
+    image: Optional[str] = Field(None, description="Reference image: store key, file name or s3://bucket/key")
+    video: Optional[str] = Field(None, description="InfiniteTalk video-to-video: the source video to dub "
+                                                   "(instead of image): store key, file name or s3://bucket/key")
     audio: list[str] = Field(default_factory=list, max_length=2,
                              description="One or two speakers' audio (or ``speech``: text to speak)")
     output: OutputSpec = Field(default_factory=OutputSpec)
@@ -147,6 +151,14 @@ class _JobInputs(BaseModel):
         return len(speech.voices) if speech is not None and not self.audio else len(self.audio)
 
     @model_validator(mode="after")
+    def _image_or_video(self):
+        if self.image is not None and self.video is not None:
+            raise InputError("video", "give image (image-to-video) or video (video-to-video), not both")
+        if self.image is None and self.video is None:
+            raise InputError("image", "required (or video: a source video to dub, with the InfiniteTalk model)")
+        return self
+
+    @model_validator(mode="after")
     def _audio_or_speech(self):
         if not self.audio and getattr(self, "speech", None) is None:
             raise InputError("audio", "give one or two speakers' audio, or speech (text with voices) to synthesise")
@@ -165,8 +177,10 @@ class _JobInputs(BaseModel):
 
     def input_fields(self) -> list[tuple[str, str]]:
         """(field name, reference) for every input. Names are the library's (and RunPod's):
-        ``condition_image``, ``audio_1``, ``audio_2``; see :data:`NATIVE_FIELD_NAMES`."""
-        return [("condition_image", self.image)] + [(f"audio_{i + 1}", a) for i, a in enumerate(self.audio)]
+        ``condition_image`` or ``condition_video``, ``audio_1``, ``audio_2``; see
+        :data:`NATIVE_FIELD_NAMES`."""
+        visual = [("condition_image", self.image)] if self.image is not None else [("condition_video", self.video)]
+        return visual + [(f"audio_{i + 1}", a) for i, a in enumerate(self.audio)]
 
     def options(self) -> dict[str, Any]:
         """The library options of this job (deep copies: the record's own stay untouched)."""
@@ -174,8 +188,14 @@ class _JobInputs(BaseModel):
 
         return {name: copy.deepcopy(getattr(self, name)) for name in OPTION_NAMES}
 
-    def to_generation_request(self, image: bytes, audio: list[bytes]) -> GenerationRequest:
-        return GenerationRequest(image=image, audio=audio, **self.options())
+    def to_generation_request(self, image: Optional[bytes], audio: list[bytes],
+                              video: Optional[bytes] = None) -> GenerationRequest:
+        return GenerationRequest(image=image, audio=audio, video=video, **self.options())
+
+    def with_media(self, media: dict[str, Any]) -> GenerationRequest:
+        """The library request, the media given by field name (:meth:`input_fields`)."""
+        audio = [media[f"audio_{i + 1}"] for i in range(len(self.audio))]
+        return self.to_generation_request(media.get("condition_image"), audio, media.get("condition_video"))
 
 
 JobRequest = create_model(
@@ -241,6 +261,9 @@ class JobStatus(BaseModel):
         default_factory=dict, description="Fields the request left out, filled in from its preset or the server's "
                                           "defaults: {field: {value, source}}")
     webhook: Optional[WebhookInfo] = Field(None, description="Delivery of the final status to the request's webhook")
+    chunks: list[ChunkInfo] = Field(default_factory=list, description="Streaming jobs: the chunks finished so far "
+                                                                      "(GET /v1/jobs/{id}/video plays them while "
+                                                                      "the job runs)")
 
 
 class SubmitResponse(BaseModel):
@@ -252,7 +275,7 @@ class SubmitResponse(BaseModel):
 # Errors carry the library's field names (the RunPod contract's too); native API callers
 # get them renamed to the fields of their JobRequest.
 NATIVE_FIELD_NAMES = {
-    "condition_image": "image", "audio_1": "audio[0]", "audio_2": "audio[1]",
+    "condition_image": "image", "condition_video": "video", "audio_1": "audio[0]", "audio_2": "audio[1]",
     "text_1": "speech.texts[0]", "text_2": "speech.texts[1]", "script": "speech.script",
     "voice_1": "speech.voices[0]", "voice_2": "speech.voices[1]", "voice": "speech.voices", "speed": "speech.speed",
 }

@@ -64,6 +64,9 @@ class ServeStages:
     def text_encode(self, prompt, negative_prompt):
         return self._track(self.text.encode.remote(prompt, negative_prompt, **self._kw))
 
+    def reference_encode(self, reference, motion_pixels, frames):
+        return self._track(self.image.encode_reference.remote(reference, motion_pixels, frames, **self._kw))
+
     def speech_synthesize(self, speech):
         return self._track(self.speech.synthesize.remote(speech, **self._kw))
 

@@ -16,12 +16,12 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from multitalk.api import InputError, Limits
-from multitalk.stage_factory import import_attr
+from multitalk.stage_factory import driver_for, import_attr
 
 from . import volume
 from .admission import Admission, Overloaded  # noqa: F401 - Overloaded: part of this module's API
@@ -52,7 +52,10 @@ class ServiceSettings(BaseModel):
     runsync_timeout_s: float = 120.0
     allowed_buckets: tuple[str, ...] = ()
     local_output_dir: Optional[str] = None  # for output format "local" when the store is S3
-    driver: str = "multitalk.driver:generate"
+    # The model this ingress serves: its generation loop and submit-time checks
+    # (multitalk.stage_factory.DRIVERS); ``driver``: another generate function ("module:name").
+    model: Literal["multitalk", "infinitetalk"] = "multitalk"
+    driver: Optional[str] = None
     models_root: str = ""
     cache_dir: Optional[str] = None
     replica_id: str = Field(default_factory=lambda: uuid.uuid4().hex[:12])
@@ -106,11 +109,12 @@ class JobService:
         self.local_store: LocalStore = local_store  # type: ignore[assignment]
         self.admission = Admission(store, s.limits, s.allowed_buckets, s.max_queued_jobs,
                                    s.max_queued_jobs_per_tenant, s.retry_after_s, s.precheck_inputs,
-                                   s.presets, s.request_defaults, self.speech_voices, s.lora_names)
+                                   s.presets, s.request_defaults, self.speech_voices, s.lora_names, s.model)
         self.leases = Leases(self.jobs, s.replica_id, s.lease_s, s.persist_interval_s, job_log)
         self.webhooks = Webhooks(s.webhooks)
+        generate_fn = generate_fn or (import_attr(s.driver) if s.driver else driver_for(s.model).generate)
         self.runner = JobRunner(stages, self.admission, self.leases, store, self.local_store,
-                                generate_fn or import_attr(s.driver), s.limits, s.runner_settings(),
+                                generate_fn, s.limits, s.runner_settings(),
                                 on_finished=self._notify)
         self._deliveries: set[asyncio.Task] = set()
         self._started = False
@@ -286,6 +290,9 @@ class JobService:
         rec.state, rec.finished_at = JobState.CANCELLED, time.time()
         await asyncio.to_thread(self.jobs.save, rec)
         return rec
+
+    def output_store(self, rec: JobRecord) -> Store:
+        return self.runner.output_store(rec)
 
     def video_location(self, rec: JobRecord) -> tuple[Store, str]:
         if rec.result is None:

@@ -56,9 +56,12 @@ class _StageReplica:
     async def loaded_with(self) -> dict:
         """What this replica was built from: its stage settings, dtype and options (for
         operators and the deploy tests)."""
+        from .replica import STAGE_LOADS
+
         dtype, options = self.settings.options_for(self.stage_name)
         return {"stage": self.stage_name, "class": type(self.stage).__module__ + ":" + type(self.stage).__name__,
-                "dtype": dtype, "options": options, "settings": self.settings.model_dump(mode="json")}
+                "dtype": dtype, "options": options, "settings": self.settings.model_dump(mode="json"),
+                "replica": serve.get_replica_context().replica_id.unique_id, "loads": STAGE_LOADS[self.stage_name]}
 
     def check_health(self) -> None:
         """Serve calls this periodically; loading succeeded if we are here."""
@@ -83,6 +86,10 @@ class ImageEncoder(_StageReplica):
 
     async def encode(self, cond_pixels, frames: int, job_id: Optional[str] = None):
         return await self._run(self.stage.encode, cond_pixels, frames, job_id=job_id)
+
+    async def encode_reference(self, reference, motion_pixels, frames: int, job_id: Optional[str] = None):
+        """InfiniteTalk: a chunk's reference frame and motion frames (``ImageStage.encode_reference``)."""
+        return await self._run(self.stage.encode_reference, reference, motion_pixels, frames, job_id=job_id)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=4)

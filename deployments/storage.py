@@ -74,6 +74,10 @@ class Store(Protocol):
 
     def exists(self, key: str) -> bool: ...
 
+    def size(self, key: str) -> int:
+        """Bytes of the object at ``key`` without reading it (``NotFound`` if absent)."""
+        ...
+
     def create(self, key: str, data: bytes, content_type: Optional[str] = None) -> bool:
         """Put only if ``key`` does not exist yet, atomically; ``False`` if it did.
 
@@ -155,6 +159,12 @@ class LocalStore:
 
     def exists(self, key: str) -> bool:
         return self.path(key).is_file()
+
+    def size(self, key: str) -> int:
+        path = self.path(key)
+        if not path.is_file():
+            raise NotFound(key)
+        return path.stat().st_size
 
     def create(self, key: str, data: bytes, content_type: Optional[str] = None) -> bool:
         # link() fails if the name exists: creation is atomic, the first writer wins.
@@ -280,15 +290,14 @@ class S3Store:
             raise
 
     def exists(self, key: str) -> bool:
-        from botocore.exceptions import ClientError
-
         try:
-            self.client.head_object(Bucket=self.bucket, Key=self._k(key))
+            self.size(key)
             return True
-        except ClientError as e:
-            if self._is_missing(e):
-                return False
-            raise
+        except NotFound:
+            return False
+
+    def size(self, key: str) -> int:
+        return self.size_external(self.bucket, self._k(key))
 
     def presigned_url(self, key: str, expires: int = 3600) -> str:
         return self.client.generate_presigned_url(
@@ -321,14 +330,21 @@ class S3Store:
             raise
 
     def exists_external(self, bucket: str, key: str) -> bool:
+        try:
+            self.size_external(bucket, key)
+            return True
+        except NotFound:
+            return False
+
+    def size_external(self, bucket: str, key: str) -> int:
+        """Bytes of ``key`` (no prefix applied) in ``bucket``, from a HEAD request."""
         from botocore.exceptions import ClientError
 
         try:
-            self.client.head_object(Bucket=bucket, Key=key)
-            return True
+            return int(self.client.head_object(Bucket=bucket, Key=key)["ContentLength"])
         except ClientError as e:
             if self._is_missing(e):
-                return False
+                raise NotFound(key) from None
             raise
 
     def describe(self) -> str:
@@ -403,6 +419,17 @@ def check_input(ref: str, store: Store, field: str, allowed_buckets: tuple[str, 
     except InputError as e:  # symlink escaping a LocalStore root: report the right field
         raise InputError(field, e.message, e.status) from None
     raise InputError(field, f"'{ref}' not found in {store.describe()}", 404)
+
+
+def input_size(canonical: str, store: Store, field: str) -> int:
+    """Bytes of an input (a reference :func:`check_input` returned), without reading it."""
+    try:
+        if canonical.startswith("s3://"):
+            bucket, key = parse_s3_url(canonical, field)
+            return store.size_external(bucket, key)  # type: ignore[union-attr]
+        return store.size(canonical)
+    except NotFound:
+        raise InputError(field, f"'{canonical}' not found", 404) from None
 
 
 def resolve_input(

@@ -181,8 +181,10 @@ def cmd_submit(args) -> int:
     audio, speech = _audio_or_speech(args, read=False)
     if speech is not None:
         options["speech"] = {k: v for k, v in vars(speech).items() if v is not None}
+    if not (args.image or args.video):
+        raise SystemExit("error: give --image (image-to-video) or --video (video-to-video, an InfiniteTalk server)")
     status = submit(args.url, args.image, *(audio or [None]), prompt=args.prompt, wait=args.wait,
-                    out=args.out, options=options or None)
+                    out=args.out, options=options or None, video=args.video)
     print(json.dumps(status, indent=2, default=str))
     return 0 if status.get("state", status.get("status")) not in ("FAILED", "CANCELLED") else 1
 
@@ -306,7 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("submit", help="submit a job to a running server")
     s.add_argument("--url", default="http://127.0.0.1:8000")
-    s.add_argument("--image", required=True)
+    s.add_argument("--image", help="condition image: a local file (uploaded) or a reference")
+    s.add_argument("--video", help="source video to dub (an InfiniteTalk server): a local file or a reference")
     s.add_argument("--audio", help="speaker 1's audio: a local file (uploaded) or a reference (or --text/--script)")
     s.add_argument("--audio2")
     _speech_arguments(s)

@@ -55,7 +55,7 @@ def _raise_for(resp: requests.Response) -> None:
 
 def submit(
     url: str,
-    image: str,
+    image: Optional[str] = None,
     audio: Optional[str] = None,
     audio2: Optional[str] = None,
     prompt: str = "",
@@ -67,11 +67,13 @@ def submit(
     timeout: Optional[float] = None,
     idempotency_key: Optional[str] = None,
     session: Optional[requests.Session] = None,
+    video: Optional[str] = None,
 ) -> dict:
     """Submit a job and (with ``wait``) follow it to the end; returns the final status.
 
-    ``image``/``audio``/``audio2``: local files (uploaded) or references the server
-    resolves (a key in its store, a simple file name, ``s3://bucket/key``); no audio with
+    ``image`` (or ``video``: a source video to dub, InfiniteTalk) / ``audio`` / ``audio2``:
+    local files (uploaded) or references the server resolves (a key in its store, a simple
+    file name, ``s3://bucket/key``); no audio with
     ``options={"speech": {"voices": [...], "texts": [...] | "script": ...}}`` (text to speech).
     ``options``: further :class:`deployments.schemas.JobRequest` fields (``frames``,
     ``mode``, ``sampling``: {...}, ``output``: {...} ...). ``out``: where to save the mp4.
@@ -82,12 +84,13 @@ def submit(
     body: dict[str, Any] = {"prompt": prompt, **(options or {})}
     headers = {"Idempotency-Key": idempotency_key or str(uuid.uuid4())}
     audios = [a for a in (audio, audio2) if a]
-    refs = [image] + audios
+    visual = [("video", video)] if video else [("image", image)]
+    refs = [ref for _, ref in visual] + audios
     if any(_is_local_file(r) for r in refs):
         files = []
         handles = []
         try:
-            for field, ref in [("image", image)] + [("audio", a) for a in audios]:
+            for field, ref in visual + [("audio", a) for a in audios]:
                 if _is_local_file(ref):
                     fh = open(Path(ref).expanduser(), "rb")
                     handles.append(fh)
@@ -99,7 +102,7 @@ def submit(
             for fh in handles:
                 fh.close()
     else:
-        resp = http.post(f"{base}/v1/jobs", json={**body, "image": image, "audio": audios}, headers=headers)
+        resp = http.post(f"{base}/v1/jobs", json={**body, **dict(visual), "audio": audios}, headers=headers)
     _raise_for(resp)
     job_id = resp.json()["id"]
     if not wait:

@@ -88,7 +88,7 @@ class FakeStages:
         return self._task("decode", run)
 
 
-async def fake_generate(request, stages, progress=None, limits=None):
+async def fake_generate(request, stages, progress=None, limits=None, on_chunk=None):
     """Shaped like multitalk.driver.generate (same stage calls, same progress events)."""
     if request.prompt == "bad-audio":
         raise InputError("audio_1", "could not decode audio")

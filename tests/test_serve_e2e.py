@@ -74,7 +74,7 @@ class FakeDecodeStage(_FakeStage):
         return {"frames": latents}
 
 
-async def fake_driver(request, stages, progress=None, limits=None):
+async def fake_driver(request, stages, progress=None, limits=None, on_chunk=None):
     """Calls the stages like multitalk.driver.generate: the encoders' handles go
     un-awaited into the DiT call (chained by Serve), the DiT result into the decoder."""
     from multitalk.api import GenerationResult, Progress

@@ -70,8 +70,10 @@ def s3_serve(tmp_path_factory, fixtures_dir):
                                 "local_output_dir": str(tmp / "out")})
         app = build_app(args)
         serve.run(app, name="multitalk", route_prefix="/")
+        s3.put_object(Bucket=BUCKET, Key="single.wav", Body=(fixtures_dir / "single" / "1.wav").read_bytes())
+        s3.put_object(Bucket=BUCKET, Key="ref_video.mp4", Body=(fixtures_dir / "video" / "ref_video.mp4").read_bytes())
         try:
-            yield {"url": f"http://127.0.0.1:{port}", "s3": s3, "tmp": tmp, "jobs": []}
+            yield {"url": f"http://127.0.0.1:{port}", "s3": s3, "tmp": tmp, "jobs": [], "args": args}
         finally:
             try:
                 serve.shutdown()
@@ -212,6 +214,155 @@ def test_two_speaker_script_through_jobs_and_runpod_tts_audio(s3_serve):
                       timeout=60)
     assert r.status_code == 422 and r.json()["error"]["field"] == "speech.voices[0]", r.text
     assert "af_heart" in r.json()["error"]["message"]
+
+
+def _frames(video: bytes):
+    """Decoded RGB frames [T, H, W, 3] of an mp4 (fragmented or not), through the bundled ffmpeg."""
+    import subprocess
+
+    import imageio_ffmpeg
+    import numpy as np
+
+    from multitalk.utils.video import probe_mp4
+
+    info = probe_mp4(video)
+    raw = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-loglevel", "error", "-i", "pipe:0", "-f", "rawvideo",
+                          "-pix_fmt", "rgb24", "pipe:1"], input=video, capture_output=True, check=True).stdout
+    return np.frombuffer(raw, np.uint8).reshape(-1, info["height"], info["width"], 3)
+
+
+def _psnr(a, b) -> float:
+    import numpy as np
+
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
+
+
+def test_chunks_are_readable_while_a_streaming_job_runs(s3_serve):
+    """A 5-chunk streaming job: as soon as the status lists a finished chunk, GET /video
+    answers the chunks so far as a fragmented MP4 (the job still running), which decodes
+    to exactly those frames; at the end the route serves the final mp4."""
+    import requests
+
+    from multitalk.utils.video import probe_mp4
+
+    url = s3_serve["url"]
+    body = {"image": "multi1.png", "audio": ["single.wav"], "mode": "streaming", "frames": 61, "motion_frames": 9,
+            "size": "multitalk-128", "sampling": {"steps": 2}}
+    job_id = requests.post(f"{url}/v1/jobs", json=body, timeout=60).json()["id"]
+    status = _poll(url, f"/v1/jobs/{job_id}", "state", states=TERMINAL + ("IN_PROGRESS",))
+    deadline = time.monotonic() + 300
+    while not status["chunks"] and status["state"] not in TERMINAL:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+        status = requests.get(f"{url}/v1/jobs/{job_id}", timeout=10).json()
+    r = requests.get(f"{url}/v1/jobs/{job_id}/video", timeout=60)
+    done, total = (int(x) for x in r.headers["X-MultiTalk-Chunks"].split("/"))
+    assert 1 <= done < total == 5, r.headers  # served while chunks were still to come
+    first = status["chunks"][0]
+    info = probe_mp4(r.content)
+    listed = requests.get(f"{url}/v1/jobs/{job_id}", timeout=10).json()["chunks"]
+    assert info["num_frames"] == listed[done - 1]["frames_so_far"] and first["frames"] == 61, (info, listed)
+    assert info["audio_codec"] == "aac"
+    playlist = requests.get(f"{url}/v1/jobs/{job_id}/chunks/index.m3u8", timeout=10).text
+    assert "#EXT-X-MAP:URI=\"init.mp4\"" in playlist and "00000.m4s" in playlist
+    final = _poll(url, f"/v1/jobs/{job_id}", "state")
+    assert final["state"] == "COMPLETED" and len(final["chunks"]) == 5, final
+    video = requests.get(f"{url}/v1/jobs/{job_id}/video", timeout=60)
+    assert "X-MultiTalk-Chunks" not in video.headers and probe_mp4(video.content)["num_frames"] == 264
+    assert final["chunks"][-1]["frames_so_far"] == 264
+
+
+def test_presets_and_loras_per_request_on_one_diffusion_replica(s3_serve):
+    """Two jobs, the embedded default's 'fast' preset (a LoRA, 8 steps, text scale 1) and a
+    plain one with the LoRA at another scale, run on the one Diffusion replica without a
+    reload; each equals the same settings run in-process on the same weights."""
+    import requests
+    from ray import serve as _serve
+
+    from multitalk.api import GenerationRequest, LoraChoice, SamplingOptions
+    from multitalk.checkpoints.tiny import EMBEDDED_LORA, ensure_tiny_weights
+    from multitalk.pipeline import MultiTalkPipeline
+
+    url, s3 = s3_serve["url"], s3_serve["s3"]
+    diffusion = _serve.get_deployment_handle("Diffusion", app_name="multitalk")
+    before = diffusion.loaded_with.remote().result()
+    jobs = {
+        "fast": {"image": "multi1.png", "audio": ["1.wav"], "preset": "fast", "frames": 17, "sampling": {"steps": 2}},
+        "half": {"image": "multi1.png", "audio": ["1.wav"], "frames": 17, "sampling": {"steps": 2},
+                 "loras": [{"name": "distill", "scale": 0.5}]},
+    }
+    results = {}
+    for name, body in jobs.items():
+        r = requests.post(f"{url}/v1/jobs", json=body, timeout=60)
+        assert r.status_code == 202, r.text
+        results[name] = _poll(url, f"/v1/jobs/{r.json()['id']}", "state")
+        assert results[name]["state"] == "COMPLETED", results[name]
+    after = diffusion.loaded_with.remote().result()
+    assert after["replica"] == before["replica"] and after["loads"] == before["loads"] == 1  # no reload
+    assert results["fast"]["result"]["loras"] == [{"name": "distill", "scale": 1.0}]
+    assert results["half"]["result"]["loras"] == [{"name": "distill", "scale": 0.5}]
+    assert results["fast"]["request"]["sampling"]["text_scale"] == 1.0  # from the preset
+    assert results["fast"]["options_applied"]["sampling.text_scale"]["source"] == "preset fast"
+    bad = requests.post(f"{url}/v1/jobs", json={**jobs["half"], "loras": [{"name": "nope"}]}, timeout=60)
+    assert bad.status_code == 422 and bad.json()["error"]["field"] == "loras" and "distill" in bad.text
+    bad = requests.post(f"{url}/v1/jobs", json={**jobs["half"], "loras": [{"name": "distill", "scale": 9}]}, timeout=60)
+    assert bad.status_code == 422 and bad.json()["error"]["field"] == "loras"
+
+    models = ensure_tiny_weights(s3_serve["args"]["cache_dir"])
+    pipe = MultiTalkPipeline.from_pretrained(models, lora_registry={"distill": EMBEDDED_LORA})
+    image = s3.get_object(Bucket=BUCKET, Key="multi1.png")["Body"].read()
+    audio = s3.get_object(Bucket=BUCKET, Key="1.wav")["Body"].read()
+    local = {}
+    for name, (loras, sampling) in {
+        "fast": ([LoraChoice("distill", 1.0)], SamplingOptions(steps=2, text_scale=1.0, audio_scale=2.0)),
+        "half": ([LoraChoice("distill", 0.5)], SamplingOptions(steps=2)),
+    }.items():
+        local[name] = pipe.generate(GenerationRequest(image=image, audio=[audio], frames=17, size="multitalk-128",
+                                                      sampling=sampling, loras=loras)).video
+    served = {name: s3.get_object(Bucket=BUCKET, Key=st["result"]["key"])["Body"].read() for name, st in results.items()}
+    for name in jobs:
+        assert _psnr(_frames(served[name]), _frames(local[name])) > 40, name  # the same settings, the same video
+    assert _psnr(_frames(served["fast"]), _frames(served["half"])) < 35  # and the two jobs did differ
+
+
+def test_infinitetalk_dubs_the_sample_video(s3_serve):
+    """The InfiniteTalk model served as a second application: the sample video dubbed with
+    single/1.wav through /v1/jobs and through /run (condition_video): mp4s as long as the
+    audio, 25 fps, audio muxed."""
+    import requests
+
+    from multitalk.utils.video import probe_mp4
+    from pipeline_graph import build_app
+
+    url, s3 = s3_serve["url"], s3_serve["s3"]
+    args = {**s3_serve["args"], "model": "infinitetalk"}
+    args["ingress"] = {**args["ingress"], "request_defaults": {"size": "infinitetalk-64", "sampling": {"steps": 1}}}
+    serve.run(build_app(args), name="infinitetalk", route_prefix="/infinitetalk")
+    try:
+        base = f"{url}/infinitetalk"
+        r1 = requests.post(f"{base}/v1/jobs", json={"video": "ref_video.mp4", "audio": ["single.wav"]}, timeout=60)
+        r2 = requests.post(f"{base}/run", json={"input": {"action": "generate", "condition_video": "ref_video.mp4",
+                                                          "audio_1": "single.wav"}}, timeout=60)
+        assert r1.status_code == 202 and r2.status_code == 200, (r1.text, r2.text)
+        native = _poll(base, f"/v1/jobs/{r1.json()['id']}", "state")
+        runpod = _poll(base, f"/status/{r2.json()['id']}", "status")
+        assert native["state"] == "COMPLETED" and runpod["status"] == "COMPLETED", (native, runpod)
+        assert native["request"]["mode"] == "streaming" and native["request"]["motion_frames"] == 9
+        for key in (native["result"]["key"], runpod["output"]["s3_key"]):
+            info = probe_mp4(s3.get_object(Bucket=BUCKET, Key=key)["Body"].read())
+            assert info["num_frames"] == 267 and abs(info["fps"] - 25) < 1e-6, info  # 10.68 s of speech
+            assert info["audio_codec"] == "aac" and abs(info["audio_duration"] - 267 / 25) < 0.1, info
+        both = requests.post(f"{base}/v1/jobs", json={"video": "ref_video.mp4", "image": "multi1.png",
+                                                     "audio": ["single.wav"]}, timeout=60)
+        assert both.status_code == 422 and both.json()["error"]["field"] == "video", both.text
+        not_video = requests.post(f"{base}/v1/jobs", json={"video": "single.wav", "audio": ["single.wav"]}, timeout=60)
+        assert not_video.status_code == 422 and not_video.json()["error"]["field"] == "video", not_video.text
+        on_multitalk = requests.post(f"{url}/v1/jobs", json={"video": "ref_video.mp4", "audio": ["single.wav"]},
+                                     timeout=60)
+        assert on_multitalk.status_code == 422 and "InfiniteTalk" in on_multitalk.text
+    finally:
+        serve.delete("infinitetalk")
 
 
 def test_native_api_s3(s3_serve):

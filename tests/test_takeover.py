@@ -66,7 +66,7 @@ class CountingGenerate:
         self.runs: list[str] = []
 
     def __call__(self, name):
-        async def generate(request, stages, progress=None, limits=None):
+        async def generate(request, stages, progress=None, limits=None, on_chunk=None):
             self.runs.append(name)
             return await fake_generate(request, stages, progress, limits)
         return generate

@@ -6,18 +6,23 @@
 * ``GET /v1/jobs``             recent jobs, newest first (``?limit=20&after=<cursor>``)
 * ``GET /v1/jobs/{id}``        :class:`JobStatus` (state, progress, timings, result + URL, error)
 * ``DELETE /v1/jobs/{id}``     cancel (also stops the in-flight stage calls)
-* ``GET /v1/jobs/{id}/video``  the mp4
+* ``GET /v1/jobs/{id}/video``  the mp4 (while a streaming job runs: its finished chunks, fMP4)
+* ``GET /v1/jobs/{id}/chunks/index.m3u8`` the finished chunks as an HLS playlist
 * ``GET /v1/jobs/{id}/speech`` text-to-speech jobs: the synthesised speech (16 kHz wav)
 """
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Optional
 
 from fastapi import APIRouter, Depends, Header, Query, Request
-from fastapi.responses import FileResponse, StreamingResponse
+from fastapi.responses import FileResponse, Response, StreamingResponse
 from multitalk.api import InputError
 
+from multitalk.utils.segments import hls_playlist
+
+from ..chunk_results import INIT_NAME, partial_video, segment_name, stored_prefix
 from ..jobs import JobRecord
 from ..schemas import JobState, JobStatus, SubmitResponse
 from ..service import JobService
@@ -36,11 +41,12 @@ _MULTIPART_BODY = {
                     "type": "object",
                     "properties": {
                         "image": {"type": "string", "format": "binary"},
+                        "video": {"type": "string", "format": "binary", "description": "InfiniteTalk: a video to dub"},
                         "audio": {"type": "array", "items": {"type": "string", "format": "binary"}},
                         "audio_2": {"type": "string", "format": "binary"},
                         "request": {"type": "string", "description": "JobRequest JSON without image/audio"},
                     },
-                    "required": ["image", "audio"],
+                    "required": ["audio"],
                 }
             },
         },
@@ -80,13 +86,15 @@ async def _from_multipart(request: Request, service: JobService, tenant: Optiona
         raise InputError("request", "form field 'request' is not valid JSON", 400)
     if not isinstance(options, dict):
         raise InputError("request", "form field 'request' must be a JSON object", 400)
-    image = form.get("image")
-    if image is None:
-        if "image" not in options:
-            raise InputError("image", "missing image file")
-        image_ref = options["image"]
-    else:
-        image_ref = await _upload_or_reference(service, "image", image, tenant)
+    visual = {}
+    for name in ("image", "video"):  # an image (image-to-video) or a source video (InfiniteTalk)
+        item = form.get(name)
+        if item is not None:
+            visual[name] = await _upload_or_reference(service, name, item, tenant)
+        elif name in options:
+            visual[name] = options[name]
+    if not visual:
+        raise InputError("image", "missing image file (or video, a source video to dub)")
     audios = list(form.getlist("audio"))
     if form.get("audio_2") is not None:
         audios.append(form.get("audio_2"))
@@ -95,7 +103,7 @@ async def _from_multipart(request: Request, service: JobService, tenant: Optiona
         audio_refs = options.get("audio") or []
     if not audio_refs and "speech" not in options:
         raise InputError("audio", "missing audio file (or speech: text to speak)")
-    return {**options, "image": image_ref, "audio": audio_refs}
+    return {**options, **visual, "audio": audio_refs}
 
 
 @router.get("")
@@ -128,9 +136,39 @@ async def cancel_job(job_id: str, service: JobService = Depends(get_service),
 @router.get("/{job_id}/video", responses={200: {"content": {"video/mp4": {}}}, **ERROR_RESPONSES},
             response_class=StreamingResponse)
 async def get_video(rec: JobRecord = Depends(get_job), service: JobService = Depends(get_service)):
-    if rec.state != JobState.COMPLETED or rec.result is None:
-        raise InputError("id", f"job is {rec.state.value}, no video yet", 409)
-    return _stored_file(service, rec, rec.result.key, "video/mp4", f"{rec.id}.mp4")
+    """The finished mp4; before that (and after a late failure) the chunks finished so far of
+    a streaming job, as one fragmented MP4 that plays (``X-MultiTalk-Chunks: done/total``)."""
+    if rec.state == JobState.COMPLETED and rec.result is not None:
+        return _stored_file(service, rec, rec.result.key, "video/mp4", f"{rec.id}.mp4")
+    if rec.chunks:
+        chunks = list(rec.chunks)  # a snapshot: the live list grows while the job runs
+        headers = {"Content-Disposition": f'inline; filename="{rec.id}.partial.mp4"', "Cache-Control": "no-store",
+                   "X-MultiTalk-Chunks": f"{len(chunks)}/{rec.progress.total_chunks}"}
+        return StreamingResponse(partial_video(service.output_store(rec), chunks), media_type="video/mp4",
+                                 headers=headers)
+    raise InputError("id", f"job is {rec.state.value}, no video yet", 409)
+
+
+@router.get("/{job_id}/chunks/{name}", responses={200: {"content": {"application/vnd.apple.mpegurl": {},
+                                                                   "video/mp4": {}}}, **ERROR_RESPONSES})
+async def get_chunk(name: str, rec: JobRecord = Depends(get_job), service: JobService = Depends(get_service)):
+    """A streaming job's chunks for HLS players: ``index.m3u8`` (the playlist: EVENT while
+    the job runs, VOD once it has ended), ``init.mp4`` and ``NNNNN.m4s``."""
+    if not rec.chunks:
+        raise InputError("id", f"job is {rec.state.value} and has no finished chunks", 409 if rec.state in (
+            JobState.IN_QUEUE, JobState.IN_PROGRESS) else 404)
+    if name == "index.m3u8":
+        playlist = hls_playlist(list(rec.chunks), ended=rec.state.terminal, init_uri=INIT_NAME,
+                                segment_uri="{index:05d}.m4s")
+        return Response(playlist, media_type="application/vnd.apple.mpegurl", headers={"Cache-Control": "no-store"})
+    prefix = stored_prefix(rec.chunks)
+    if name != INIT_NAME and name not in {segment_name(c.index) for c in rec.chunks}:
+        raise InputError("name", f"no chunk {name!r} (finished: {len(rec.chunks)})", 404)
+    try:
+        data = await asyncio.to_thread(service.output_store(rec).get, prefix + name)
+    except NotFound:
+        raise InputError("name", f"{name} missing from the store", 404)
+    return Response(data, media_type="video/mp4" if name == INIT_NAME else "video/iso.segment")
 
 
 @router.get("/{job_id}/speech", responses={200: {"content": {"audio/wav": {}}}, **ERROR_RESPONSES},
