@@ -218,7 +218,11 @@ class JobService:
         cached = self._models_report
         if cached is None or time.monotonic() - cached[0] > max_age_s:
             root = await self.models_root()
-            cached = self._models_report = (time.monotonic(), await asyncio.to_thread(volume.model_check, root or ""))
+            report = await asyncio.to_thread(volume.model_check, root or "")
+            # What requests may pick on this server, beside what the models root holds.
+            report.update(model=self.settings.model, presets=sorted(self.settings.presets),
+                          loras=list(self.settings.lora_names))
+            cached = self._models_report = (time.monotonic(), report)
         return cached[1]
 
     async def models_root(self) -> Optional[str]:

@@ -43,12 +43,18 @@ def browser():
 def served(tmp_path_factory):
     from ray import serve
 
+    import yaml
+
+    from deployments.launcher import default_config_path
     from pipeline_graph import build_app
 
     tmp = tmp_path_factory.mktemp("web")
     with local_serve(tmp, num_cpus=2, namespace="serve") as (url, _):
-        app = build_app({"device": "cpu", "dtype": "float32", "cache_dir": str(tmp / "cache"),
-                         "store": {"local_root": str(tmp / "store")}, "ingress": {"persist_interval_s": 0.2}})
+        # The embedded CPU default (its presets and LoRA), with this test's store and cache.
+        args = yaml.safe_load(default_config_path().read_text())["applications"][0]["args"]
+        args.update({"cache_dir": str(tmp / "cache"), "store": {"local_root": str(tmp / "store")}})
+        args["ingress"]["persist_interval_s"] = 0.2
+        app = build_app(args)
         serve.run(app, name="multitalk-web", route_prefix="/")
         yield url
 
@@ -57,7 +63,7 @@ def test_page_and_job_list_routes(tmp_path):
     """Without Ray or a browser: ``/`` serves the page, ``GET /v1/jobs`` lists jobs newest first."""
     from fastapi.testclient import TestClient
 
-    from deployments.ingress import create_app
+    from deployments.routes import create_app
     from deployments.schemas import JobRequest
     from deployments.service import JobService
     from deployments.storage import LocalStore
@@ -90,6 +96,10 @@ def test_page_runs_a_job_and_plays_it(browser, served, fixtures_dir, tmp_path):
     page.on("pageerror", lambda e: errors.append(str(e)))
     page.goto(served + "/")
     assert page.title() == "MultiTalk Serve"
+    # The server's offer is on the page: its voices (text to speech), presets and LoRAs.
+    page.wait_for_function("document.querySelectorAll('#voice-1 option').length >= 3", timeout=60_000)
+    assert "fast" in page.eval_on_selector_all("#preset option", "os => os.map(o => o.value)")
+    assert "distill" in page.eval_on_selector_all("#lora option", "os => os.map(o => o.value)")
 
     page.set_input_files("#image-file", str(fixtures_dir / "multi1" / "multi1.png"))
     page.set_input_files("#audio-file-1", str(fixtures_dir / "multi1" / "1.wav"))
