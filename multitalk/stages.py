@@ -269,10 +269,12 @@ def _compile_kwargs(compile: "bool | dict | None") -> Optional[dict]:
 class DiffusionStage:
     """The MultiTalk DiT and the sampler."""
 
-    def __init__(self, model, device: str = "cpu", dtype: torch.dtype = torch.float32, batch_guidance: bool = False):
+    def __init__(self, model, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                 batch_guidance: "bool | int" = False):
         self.model = model
         self.device, self.dtype = torch.device(device), dtype
-        # Run a step's guidance passes as one batch (faster on GPUs, ~3x activation memory).
+        # Run a step's guidance passes as one batch (faster on GPUs, ~3x activation memory);
+        # a number: only for chunks of at most that many tokens (:meth:`_many_passes`).
         self.batch_guidance = batch_guidance
         self._lock = threading.Lock()  # one sampling at a time per model copy
         # The DiT call of :meth:`denoiser`: ``None`` = ``self.model``; a sequence-parallel rank
@@ -290,7 +292,7 @@ class DiffusionStage:
 
     @classmethod
     def from_pretrained(cls, models: "str | CheckpointSet", device: str = "cpu", dtype=None,
-                        attention_backend: Optional[str] = None, batch_guidance: bool = False,
+                        attention_backend: Optional[str] = None, batch_guidance: "bool | int" = False,
                         low_vram: "bool | str" = False, quantize: Optional[str] = None,
                         compile: "bool | dict" = False, loras: Sequence = (),
                         allow_fp32: bool = False, lora_registry: Optional[dict] = None,
@@ -471,13 +473,21 @@ class DiffusionStage:
         denoise.many = batched if self.guidance_parallel is None else over_ranks  # type: ignore[attr-defined]
         return denoise
 
-    def _many_passes(self, teacache: Optional[TeaCache]) -> bool:
+    def _many_passes(self, teacache: Optional[TeaCache], job: Optional[ChunkJob] = None) -> bool:
         """Whether a step's guidance passes go through ``denoise.many``: always with guidance
         parallelism; batched guidance only on one process without TeaCache (which decides
-        per pass)."""
+        per pass), and only for chunks of at most ``batch_guidance`` tokens when that is a
+        number (the batch holds ~3x the activations: at 14B, 480p fits an 80 GB card
+        batched, 720p does not; ``multitalk check --plan``)."""
         if self.guidance_parallel is not None:
             return True
-        return self.batch_guidance and teacache is None and self.forward_fn is None
+        if not self.batch_guidance or teacache is not None or self.forward_fn is not None:
+            return False
+        if self.batch_guidance is True or job is None:
+            return True
+        h, w = job.latent_hw
+        tokens = (1 + (job.frames - 1) // VAE_TEMPORAL_STRIDE) * (h // 2) * (w // 2)
+        return tokens <= int(self.batch_guidance)
 
     @torch.no_grad()
     def sample(self, job: ChunkJob, audio: torch.Tensor, image: ImageConditioning, text: TextEmbeddings,
@@ -503,7 +513,7 @@ class DiffusionStage:
                             motion_noised=not job.clean_motion,
                             motion_latents=None if image.motion_latents is None else image.motion_latents.to(self.device),
                             generator=generator, on_step=on_step, teacache=teacache,
-                            denoise_many=denoise.many if self._many_passes(teacache) else None)
+                            denoise_many=denoise.many if self._many_passes(teacache, job) else None)
         if teacache is not None:
             logger.info("TeaCache: %d block passes computed, %d skipped", teacache.computed, teacache.skipped)
         return latent.float().cpu()

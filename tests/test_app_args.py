@@ -39,11 +39,11 @@ def _app_args(config: dict) -> dict:
 
 def test_production_config_levers_reach_the_diffusion_deployment():
     args = _app_args(yaml.safe_load((ROOT / "serve_config.yaml").read_text()))
-    assert args["stage_options"]["diffusion"]["batch_guidance"] is True  # the lever the config sets
+    assert args["stage_options"]["diffusion"]["batch_guidance"] == 40000  # the lever the config sets (a token cap)
     bound = bound_arguments(pipeline_graph.build_app(args))
     assert set(bound) == {"MultiTalkIngress", *STAGES}
     diffusion = bound["Diffusion"]
-    assert _field(diffusion, "stage_options")["diffusion"] == {"batch_guidance": True}
+    assert _field(diffusion, "stage_options")["diffusion"] == {"batch_guidance": 40000}
     assert _field(diffusion, "device") == "cuda" and _field(diffusion, "dtype") is None  # the official per stage
     for name in STAGES:  # every stage gets the whole stage settings, the same for all
         assert _field(bound[name], "models_root") == args["models_root"]

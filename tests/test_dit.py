@@ -139,6 +139,20 @@ def test_diffusion_stage_batched_guidance_matches_sequential(tiny_official):
     assert (a - b).abs().max() < 1e-4
 
 
+def test_batched_guidance_with_a_token_cap_batches_only_small_chunks(tiny_official):
+    """``batch_guidance: N`` batches a step's passes only for chunks of at most N tokens (the
+    production config keeps 720p chunks sequential on 80 GB cards)."""
+    from multitalk.stages import ChunkJob, DiffusionStage
+
+    job = ChunkJob(frames=17, latent_hw=(8, 12), audio_start=0, ref_masks=torch.ones(3, 8, 12), seed=0)
+    tokens = 5 * 4 * 6  # 5 latent frames of 4 x 6 patches
+    capped = DiffusionStage.from_pretrained(str(tiny_official), batch_guidance=tokens)
+    assert capped._many_passes(None, job)
+    capped.batch_guidance = tokens - 1
+    assert not capped._many_passes(None, job)
+    assert DiffusionStage.from_pretrained(str(tiny_official), batch_guidance=True)._many_passes(None, job)
+
+
 def test_low_vram_block_streaming_gives_the_same_output():
     from multitalk.modules.offload import BlockStreamer
 
