@@ -217,12 +217,7 @@ def _speech_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--speed", type=float, default=1.0, help="speaking rate of the synthesised speech")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="multitalk", description="MultiTalk Serve: audio-driven talking video")
-    p.add_argument("-v", "--verbose", action="store_true")
-    sub = p.add_subparsers(dest="command", required=True)
-    p.commands = sub  # where the serving layer adds its own commands (deployments/cli.py)
-
+def _add_make_tiny_weights(sub) -> None:
     s = sub.add_parser("make-tiny-weights", help="write a tiny random-weight checkpoint set (official layouts)")
     s.add_argument("dir")
     s.add_argument("--layout", choices=["official", "diffusers"], default="official")
@@ -231,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="leave out the text-to-speech folder Kokoro-82M/ (about 230 MB)")
     s.set_defaults(fn=cmd_make_tiny)
 
+
+def _add_check(sub) -> None:
     s = sub.add_parser("check", help="report which model components are present under a models root, "
                                      "whether they load, and (--plan) the memory each stage takes")
     s.add_argument("dir")
@@ -250,11 +247,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="plan with another dtype for a stage (dit, text, clip, vae, audio)")
     s.set_defaults(fn=cmd_check)
 
+
+def _add_explore(sub) -> None:
     s = sub.add_parser("explore", help="list what a models volume holds")
     s.add_argument("dir")
     s.add_argument("--depth", type=int, default=3)
     s.set_defaults(fn=cmd_explore)
 
+
+def _add_generate(sub) -> None:
     s = sub.add_parser("generate", help="generate one video in this process")
     s.add_argument("--models", required=True)
     s.add_argument("--image", help="condition image (image-to-video)")
@@ -306,6 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.set_defaults(fn=cmd_generate)
 
+
+def _add_submit(sub) -> None:
     s = sub.add_parser("submit", help="submit a job to a running server")
     s.add_argument("--url", default="http://127.0.0.1:8000")
     s.add_argument("--image", help="condition image: a local file (uploaded) or a reference")
@@ -319,6 +322,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out")
     s.set_defaults(fn=cmd_submit)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="multitalk", description="MultiTalk Serve: audio-driven talking video")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+    p.commands = sub  # where the serving layer adds its own commands (deployments/cli.py)
+
+    _add_make_tiny_weights(sub)
+    _add_check(sub)
+    _add_explore(sub)
+    _add_generate(sub)
+    _add_submit(sub)
     return p
 
 

@@ -78,6 +78,7 @@ def submit(
     ``options``: further :class:`deployments.schemas.JobRequest` fields (``frames``,
     ``mode``, ``sampling``: {...}, ``output``: {...} ...). ``out``: where to save the mp4.
     Raises :class:`RequestRejected` on 4xx/5xx and :class:`JobFailed` if the job fails.
+    (Submit (JSON or multipart), follow and download are one client call; the multipart branch keeps its file handles local.)
     """
     base = url.rstrip("/")
     http = session or requests.Session()

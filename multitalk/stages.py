@@ -334,36 +334,9 @@ class DiffusionStage:
         if compile_kwargs is not None and low_vram:
             raise ValueError("compile and low_vram cannot be combined: the block streamer swaps weights "
                              "in hooks around each block, which the compiled block would not see")
-        from .checkpoints.dit import dit_parameter_count, load_dit
-
         ckpt = _as_checkpoints(models)
-        adapter = ckpt.components["audio_adapter"].path if ckpt.components["audio_adapter"].found else None
-        if adapter is None:
-            logger.warning("no MultiTalk adapter under %s: the DiT runs without lip sync", ckpt.root)
         dt = resolve_dtype("dit", device, dtype)
-        check_dit_dtype(dt, device, dit_parameter_count(ckpt.path("dit"), ckpt.layout("dit"), adapter), allow_fp32)
-        on_cpu_first = low_vram or quantize is not None
-        model = load_dit(ckpt.path("dit"), ckpt.layout("dit"), adapter,
-                         device="cpu" if on_cpu_first else device, dtype=dt)
-        for lora in loras:  # merged before quantisation, streaming and compilation
-            from .checkpoints.lora import merge_lora
-
-            spec = {"path": lora} if isinstance(lora, (str, Path)) else dict(lora)
-            lora_path = Path(spec["path"]).expanduser()
-            merge_lora(model, lora_path if lora_path.is_absolute() else Path(ckpt.root) / lora_path,
-                       float(spec.get("scale", 1.0)))
-        if quantize is not None:
-            from .modules.quantize import quantize_dit_blocks
-
-            quantize_dit_blocks(model, quantize)
-            if not low_vram:
-                model.to(device)
-        if low_vram:
-            from .modules.offload import BlockStreamer
-
-            if low_vram not in (True, "prefetch"):
-                raise ValueError(f"low_vram must be true, false or 'prefetch', got {low_vram!r}")
-            model._block_streamer = BlockStreamer(model, device, prefetch=low_vram == "prefetch")
+        model = _load_dit_with_levers(ckpt, device, dt, allow_fp32, loras, quantize, low_vram)
         runtime = None
         if lora_registry:  # after quantisation and streaming (the hooks sit beside both), before compile
             from .modules.lora_runtime import LoraRuntime, resolve_registry
@@ -608,6 +581,41 @@ def _resample(speech: np.ndarray, rate: int, target: int) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- helpers
+def _load_dit_with_levers(ckpt: CheckpointSet, device: str, dtype: torch.dtype, allow_fp32: bool, loras: Sequence,
+                          quantize: Optional[str], low_vram: "bool | str"):
+    """The DiT (with the MultiTalk adapter when the set has one) in ``dtype``, its load-time
+    LoRAs merged, then quantised and/or streamed from host memory, in that order."""
+    from .checkpoints.dit import dit_parameter_count, load_dit
+
+    adapter = ckpt.components["audio_adapter"].path if ckpt.components["audio_adapter"].found else None
+    if adapter is None:
+        logger.warning("no MultiTalk adapter under %s: the DiT runs without lip sync", ckpt.root)
+    check_dit_dtype(dtype, device, dit_parameter_count(ckpt.path("dit"), ckpt.layout("dit"), adapter), allow_fp32)
+    on_cpu_first = low_vram or quantize is not None
+    model = load_dit(ckpt.path("dit"), ckpt.layout("dit"), adapter, device="cpu" if on_cpu_first else device,
+                     dtype=dtype)
+    for lora in loras:  # merged before quantisation, streaming and compilation
+        from .checkpoints.lora import merge_lora
+
+        spec = {"path": lora} if isinstance(lora, (str, Path)) else dict(lora)
+        lora_path = Path(spec["path"]).expanduser()
+        merge_lora(model, lora_path if lora_path.is_absolute() else Path(ckpt.root) / lora_path,
+                   float(spec.get("scale", 1.0)))
+    if quantize is not None:
+        from .modules.quantize import quantize_dit_blocks
+
+        quantize_dit_blocks(model, quantize)
+        if not low_vram:
+            model.to(device)
+    if low_vram:
+        from .modules.offload import BlockStreamer
+
+        if low_vram not in (True, "prefetch"):
+            raise ValueError(f"low_vram must be true, false or 'prefetch', got {low_vram!r}")
+        model._block_streamer = BlockStreamer(model, device, prefetch=low_vram == "prefetch")
+    return model
+
+
 def load_vae(ckpt: CheckpointSet, device: str, dtype: torch.dtype = torch.float32):
     """The VAE, in fp32 by default like the official (its convolutions are sensitive to bf16)."""
     from .modules.vae import WanVAE

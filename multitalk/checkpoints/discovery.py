@@ -148,7 +148,9 @@ def _component(name: str, path: Optional[Path], layout: str, weights: Optional[P
 
 
 def find_checkpoints(root: str | os.PathLike) -> CheckpointSet:
-    """Scan ``root`` (and two levels below) for the MultiTalk components."""
+    """Scan ``root`` (and two levels below) for the MultiTalk components.
+    (One pass over the candidate folders, component by component, in the order the layouts are tried: kept together so the precedence between layouts reads top to bottom.)
+    """
     root = Path(root).expanduser()
     if not root.is_dir():
         comps = {n: Component(n, False, note=f"models root {root} does not exist") for n in COMPONENTS}

@@ -136,6 +136,7 @@ def load_dit(
         base_dir: the Wan folder (``official``) or the diffusers ``transformer/`` folder.
         layout: ``"official"`` or ``"diffusers"``.
         adapter_file: ``multitalk.safetensors``; ``None`` builds the plain WAN 2.1 I2V DiT.
+    (Config, build on meta, renames per layout, adapter check and the strict load are one sequence; split, each piece would need the others' state.)
     """
     started = time.perf_counter()
     base_dir = Path(base_dir)

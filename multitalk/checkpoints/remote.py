@@ -349,7 +349,9 @@ def _lock(lock_path: Path, timeout: Optional[float]):
 def mirror(url: str, cache_dir: Optional[str | os.PathLike] = None, *, client=None, workers: int = DEFAULT_WORKERS,
            part_size: int = DEFAULT_PART_SIZE, refresh: bool = False,
            lock_timeout: Optional[float] = None) -> MirrorStats:
-    """Mirror ``url`` into the cache (once per node) and report what happened."""
+    """Mirror ``url`` into the cache (once per node) and report what happened.
+    (One locked transaction (lock, list, verify, download in parallel, verify, rename): split, the lock and the temp folder would have to travel between the parts.)
+    """
     t0 = time.monotonic()
     bucket, prefix = parse_s3_url(url)
     dest = mirror_path(url, cache_dir)

@@ -228,6 +228,7 @@ class AudioEncoder:
 
         One-shot when the clip fits in ``chunk_samples`` (same ops as the official code), else
         exact chunking (see module docstring).
+        (The official feature extractor's layers step by step, kept in one place so it can be read against the original.)
         """
         cnn = self.model.feature_extractor
         num_samples = input_values.shape[-1]

@@ -324,6 +324,7 @@ def load_state_dict_strict(
     Raises:
         CheckpointError: listing every missing key, unexpected key and shape mismatch,
             each naming the checkpoint key and, for shapes, both shapes.
+    (One pass over the state dict that checks, converts and assigns each tensor and collects every missing/unexpected key for one error message.)
     """
     expected = {name: tuple(t.shape) for name, t in module.state_dict().items()}
     # Non-persistent buffers are not in state_dict; they are rebuilt by the caller.

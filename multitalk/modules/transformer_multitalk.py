@@ -278,6 +278,10 @@ class MultiTalkTransformer3DModel(ModelMixin, ConfigMixin):
     on the same base) computes the audio projection's output LayerNorm in float32 (its
     ``multitalk_model.py`` wraps it in an fp32 autocast); MultiTalk runs it in the model dtype.
     The same in fp32; with a bf16 model the tokens are normalised in fp32 and rounded once.
+    
+    (The class is long because ``__init__`` declares every official submodule under its
+    checkpoint name and the three forward paths sit together; the blocks, embeddings and
+    the audio adapter are their own modules.)
     """
 
     config_name = "config.json"

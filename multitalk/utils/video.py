@@ -224,6 +224,7 @@ def probe_mp4(data_or_path: Union[bytes, str, os.PathLike]) -> dict:
     (container seconds), ``audio_codec`` ("aac", or None without audio),
     ``audio_sample_rate`` (Hz or None), ``audio_duration`` (seconds of decoded audio
     samples, or None). Raises ValueError when ffmpeg cannot read the file.
+    (Parses ffprobe's stream and format sections into one dict; the field-by-field fallbacks are what makes it long.)
     """
     ffmpeg = _ffmpeg_exe()
     with tempfile.TemporaryDirectory(prefix="multitalk-probe-") as tmp:
