@@ -283,14 +283,20 @@ async def generate(
         out.abort()
         raise
     emit(Progress("mux", message=f"{out.written} frames"))
+    return await finish(out, request, prep, len(plan.starts), stages, timer, started, warnings)
+
+
+async def finish(out, request: GenerationRequest, prep: PreparedInputs, chunks: int, stages: Stages,
+                 timer: "_Timer", started: float, warnings: list[str]) -> GenerationResult:
+    """Close the video (``VideoOutput``) and report the job: both loops end here."""
     t0 = time.perf_counter()
     mp4 = await out.close()
     timer.add("mux", time.perf_counter() - t0)
     timer.add("total", time.perf_counter() - started)
-    return GenerationResult(mp4, out.written, FPS, width, height, len(plan.starts), stages.lip_sync,
-                            timer.timings, warnings,
+    height, width = prep.target_hw
+    return GenerationResult(mp4, out.written, FPS, width, height, chunks, stages.lip_sync, timer.timings, warnings,
                             speech_wav=_wav_bytes(prep.mixed) if request.speech is not None else None,
-                            loras=[{"name": n, "scale": v} for n, v in lora_set])
+                            loras=[{"name": n, "scale": v} for n, v in normalize_lora_set(request.loras)])
 
 
 def chunk_job(request: GenerationRequest, prep: PreparedInputs, plan: ChunkPlan, index: int, lora_set: tuple) -> ChunkJob:

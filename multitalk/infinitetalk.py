@@ -37,7 +37,7 @@ from .api import GenerationRequest, GenerationResult, InputError, Limits, Progre
 from .checkpoints.infinitetalk import adapter_for_speakers
 from .driver import chunk_job as driver_chunk_job
 from .driver import (
-    DEFAULT_NEGATIVE_PROMPT, FPS, SPEECH_RATE, PreparedInputs, Stages, _await, _Timer, _wav_bytes, fit_frames,
+    DEFAULT_NEGATIVE_PROMPT, FPS, SPEECH_RATE, PreparedInputs, Stages, _await, _Timer, finish, fit_frames,
     plan_chunks, prepare_inputs, synthesize_speech,
 )
 from .stages import ChunkJob
@@ -215,13 +215,7 @@ async def _run(request: GenerationRequest, stages: Stages, prep: PreparedInputs,
         await references.cancel()
         writer.abort()
         raise
-    t0 = time.perf_counter()
-    mp4 = await writer.close()
-    timer.add("mux", time.perf_counter() - t0)
-    timer.add("total", time.perf_counter() - started)
-    return GenerationResult(mp4, writer.written, FPS, width, height, len(plan.starts), stages.lip_sync,
-                            timer.timings, warnings,
-                            speech_wav=_wav_bytes(prep.mixed) if request.speech is not None else None)
+    return await finish(writer, request, prep, len(plan.starts), stages, timer, started, warnings)
 
 
 def chunk_job(request: GenerationRequest, prep: PreparedInputs, plan, index: int) -> ChunkJob:

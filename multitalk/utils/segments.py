@@ -282,17 +282,10 @@ class SegmentedMp4Writer:
     # ------------------------------------------------------------------ input
     def write(self, frames: Union[torch.Tensor, np.ndarray]) -> None:
         """Append frames (float [3, T, H, W] in [-1, 1] or uint8 [T, H, W, 3])."""
-        from .video import frames_to_uint8
+        from .video import encoder_frames, pipe_frames
 
-        video = frames_to_uint8(frames)[: self.num_frames - self.written]
-        if self.pad_h or self.pad_w:
-            video = np.pad(video, ((0, 0), (0, self.pad_h), (0, self.pad_w), (0, 0)), mode="edge")
-        try:
-            for frame in video:
-                self._process.stdin.write(frame.tobytes())
-            self._process.stdin.flush()
-        except (BrokenPipeError, OSError):
-            pass  # ffmpeg died; wait_segment/close report why
+        video = encoder_frames(frames, self.num_frames - self.written, self.pad_h, self.pad_w)
+        pipe_frames(self._process, video)  # if ffmpeg died, wait_segment/close report why
         self.written += len(video)
 
     @property

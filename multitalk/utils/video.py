@@ -65,6 +65,26 @@ def frames_to_uint8(frames: Union[torch.Tensor, np.ndarray]) -> np.ndarray:
     return np.ascontiguousarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8).transpose(1, 2, 3, 0))
 
 
+def encoder_frames(frames: Union[torch.Tensor, np.ndarray], limit: int, pad_h: int, pad_w: int) -> np.ndarray:
+    """At most ``limit`` frames as uint8 ``[T, H, W, 3]``, odd sizes padded by repeating the
+    last row/column (H.264's 4:2:0 needs even sizes)."""
+    video = frames_to_uint8(frames)[:limit]
+    if pad_h or pad_w:
+        video = np.pad(video, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+    return video
+
+
+def pipe_frames(process: subprocess.Popen, video: np.ndarray) -> bool:
+    """Raw frames into an encoder's stdin; ``False`` if it has died (the caller reports why)."""
+    try:
+        for frame in video:
+            process.stdin.write(frame.tobytes())
+        process.stdin.flush()
+        return True
+    except (BrokenPipeError, OSError):
+        return False
+
+
 def _write_wav(path: str, samples: np.ndarray, sample_rate: int) -> None:
     pcm = np.clip(np.rint(np.asarray(samples, dtype=np.float64) * 32767.0), -32768, 32767).astype("<i2")
     with wave.open(path, "wb") as handle:
@@ -132,14 +152,8 @@ class Mp4Writer:
 
     def write(self, frames: Union[torch.Tensor, np.ndarray]) -> None:
         """Append frames; frames beyond ``num_frames`` are dropped."""
-        video = frames_to_uint8(frames)[: self.num_frames - self.written]
-        if self.pad_h or self.pad_w:
-            video = np.pad(video, ((0, 0), (0, self.pad_h), (0, self.pad_w), (0, 0)), mode="edge")
-        try:
-            for frame in video:
-                self._process.stdin.write(frame.tobytes())
-        except (BrokenPipeError, OSError):
-            pass  # ffmpeg died early; its log says why (reported by close)
+        video = encoder_frames(frames, self.num_frames - self.written, self.pad_h, self.pad_w)
+        pipe_frames(self._process, video)  # if ffmpeg died early, its log says why (reported by close)
         self.written += len(video)
 
     def abort(self) -> None:
