@@ -30,18 +30,15 @@ import logging
 import os
 import socket
 import threading
-from typing import Any, Optional
-
-from pydantic import BaseModel, ConfigDict, model_validator
+from typing import Optional
 
 from multitalk.utils.step_stream import StepStream
 
+from .app_args import ParallelSettings, StageSettings
 from .retry import TransientStageError
 
 logger = logging.getLogger("multitalk.serve")
 
-# Latent frames of the standard 81-frame clip (1 + 80/4): what the ring check uses at deploy time.
-DEFAULT_LATENT_FRAMES = 21
 
 
 class DiffusionRanksFailed(TransientStageError):
@@ -50,60 +47,6 @@ class DiffusionRanksFailed(TransientStageError):
     Transient (``deployments.retry``): the replica is unhealthy and will be replaced; the
     same chunk, re-sent, runs on the replacement.
     """
-
-
-class ParallelSettings(BaseModel):
-    """App arg ``parallel`` (see the module docstring); unknown keys are refused."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    sp_degree: int = 1
-    cfg_degree: int = 1  # rank groups that split each step's guidance passes (1, 2 or 3)
-    ulysses_degree: Optional[int] = None  # default: sp_degree // ring_degree
-    ring_degree: int = 1
-    backend: str = "auto"
-    cpus_per_rank: float = 1.0
-    gpus_per_rank: Optional[float] = None  # None: 1 on a GPU device, 0 on CPU
-    replica_cpus: float = 0.5
-    health_check_period_s: float = 2.0
-    latent_frames: int = DEFAULT_LATENT_FRAMES
-
-    @model_validator(mode="before")
-    @classmethod
-    def _known_keys(cls, raw):
-        if isinstance(raw, dict):
-            unknown = set(raw) - set(cls.model_fields)
-            if unknown:
-                raise ValueError(f"unknown parallel settings {sorted(unknown)}; expected some of "
-                                 f"{sorted(cls.model_fields)}")
-        return raw
-
-    @model_validator(mode="after")
-    def _positive(self):
-        if self.sp_degree < 1 or self.ring_degree < 1 or self.cfg_degree < 1:
-            raise ValueError(f"sp_degree ({self.sp_degree}), ring_degree ({self.ring_degree}) and cfg_degree "
-                             f"({self.cfg_degree}) must be >= 1")
-        return self
-
-    @classmethod
-    def from_settings(cls, settings: Any) -> "ParallelSettings":
-        """From stage settings (a :class:`~deployments.app_args.StageSettings` or a dict)."""
-        raw = settings.get("parallel") if isinstance(settings, dict) else getattr(settings, "parallel", None)
-        return raw if isinstance(raw, cls) else cls.model_validate(dict(raw or {}))
-
-    @property
-    def ranks(self) -> int:
-        """Rank actors (and GPUs) of one Diffusion replica."""
-        return self.cfg_degree * self.sp_degree
-
-    @property
-    def ulysses(self) -> int:
-        return self.ulysses_degree if self.ulysses_degree is not None else max(1, self.sp_degree // self.ring_degree)
-
-    def gpus(self, device: str) -> float:
-        if self.gpus_per_rank is not None:
-            return float(self.gpus_per_rank)
-        return 1.0 if device.startswith("cuda") else 0.0
 
 
 def _wants_gpu(settings) -> bool:
@@ -125,8 +68,6 @@ def deployment_options(settings) -> dict:
     ``placement_group_bundles``: one bundle of ``{CPU: cpus_per_rank, GPU: g}`` per rank;
     bundle 0 also holds the replica actor, so it gets ``replica_cpus`` more CPU.
     """
-    from .app_args import StageSettings
-
     settings = StageSettings.model_validate(settings)
     par = settings.parallel
     if par.ranks <= 1:
@@ -298,8 +239,6 @@ class RankGroup:
     """The replica's ranks: start, health, lockstep sampling. All methods are async."""
 
     def __init__(self, settings, par: ParallelSettings):
-        from .app_args import StageSettings
-
         self.settings, self.par = StageSettings.model_validate(settings), par
         self.ranks: list = []
         self.broken: Optional[str] = None

@@ -18,7 +18,8 @@ from typing import Any, Callable, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
-from multitalk.api import TTS_AUDIO_FIELDS, InputError, speech_from_tts_audio
+from multitalk.api import InputError
+from multitalk.utils.dialogue import TTS_AUDIO_FIELDS, speech_from_tts_audio
 
 from . import volume
 from .jobs import JobRecord

@@ -134,49 +134,6 @@ class SpeechRequest:
         return "script" if self.script is not None else "text_1"
 
 
-# ``tts_audio`` keys of the official examples for the fields :class:`SpeechRequest` errors name.
-TTS_AUDIO_FIELDS = {"script": "tts_audio.text", "text_1": "tts_audio.text", "voice_1": "tts_audio.human1_voice",
-                    "voice_2": "tts_audio.human2_voice", "speed": "tts_audio.speed"}
-
-
-def speech_from_tts_audio(tts_audio: dict) -> SpeechRequest:
-    """The official examples' ``tts_audio`` object → :class:`SpeechRequest`.
-
-    ``{"text": ..., "human1_voice": ..., "human2_voice": ...}``; voices by name
-    (``af_heart``) or as the official paths (``weights/Kokoro-82M/voices/af_heart.pt``: only
-    the name is used, voices always come from the models root). With ``human2_voice`` the
-    text is a two-speaker script (official ``process_tts_multi``); without it the text is
-    spoken by speaker 1 (``process_tts_single``), as a script if it carries turn tags.
-    An optional ``speed`` (not in the official object) sets the speaking rate.
-    """
-    from .utils.dialogue import has_turn_tags
-
-    if not isinstance(tts_audio, dict):
-        raise InputError("tts_audio", "must be an object {text, human1_voice[, human2_voice]}")
-    unknown = sorted(set(tts_audio) - {"text", "human1_voice", "human2_voice", "speed"})
-    if unknown:
-        raise InputError("tts_audio", f"unknown key(s) {', '.join(unknown)}")
-    text = tts_audio.get("text")
-    if not isinstance(text, str):
-        raise InputError("tts_audio.text", "a string is required")
-    voices = [_voice_name(tts_audio.get("human1_voice"), "tts_audio.human1_voice")]
-    if tts_audio.get("human2_voice") is not None:
-        voices.append(_voice_name(tts_audio["human2_voice"], "tts_audio.human2_voice"))
-    speed = tts_audio.get("speed", 1.0)
-    if isinstance(speed, bool) or not isinstance(speed, (int, float)):
-        raise InputError("tts_audio.speed", "must be a number")
-    if len(voices) == 2 or has_turn_tags(text):
-        return SpeechRequest(voices=voices, script=text, speed=float(speed))
-    return SpeechRequest(voices=voices, texts=[text], speed=float(speed))
-
-
-def _voice_name(value, field_name: str) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise InputError(field_name, "a voice name is required, e.g. af_heart")
-    name = value.strip().replace("\\", "/").rsplit("/", 1)[-1]
-    return name[: -len(".pt")] if name.endswith(".pt") else name
-
-
 @dataclass
 class GenerationRequest:
     """One talking-video job, inputs as raw file bytes.

@@ -15,7 +15,8 @@ import pytest
 from inputs import mp4_audio
 import torch
 
-from multitalk.api import GenerationRequest, InputError, SamplingOptions, SpeechRequest, speech_from_tts_audio
+from multitalk.api import GenerationRequest, InputError, SamplingOptions, SpeechRequest
+from multitalk.utils.dialogue import speech_from_tts_audio
 from multitalk.checkpoints.discovery import find_checkpoints
 from multitalk.modules import speech_kokoro as sk
 from multitalk.modules.loading import CheckpointError
