@@ -37,6 +37,18 @@ def tiny_diffusers(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def embedded_cache(tmp_path_factory) -> str:
+    """A cache folder holding the embedded default's tiny weights (every optional component:
+    Kokoro, InfiniteTalk, a LoRA), made once per session for every served test's app
+    (``cache_dir``): each module would otherwise spend ~20 s writing the same files."""
+    from multitalk.checkpoints.tiny import ensure_tiny_weights
+
+    cache = tmp_path_factory.mktemp("embedded-cache")
+    ensure_tiny_weights(str(cache))
+    return str(cache)
+
+
+@pytest.fixture(scope="session")
 def tiny_pipeline(tiny_official):
     from multitalk.pipeline import MultiTalkPipeline
 

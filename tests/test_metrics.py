@@ -46,7 +46,7 @@ def test_prometheus_lines():
 @pytest.mark.serve
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_served_job_metrics(tmp_path, fixtures_dir, monkeypatch):
+def test_served_job_metrics(tmp_path, fixtures_dir, monkeypatch, embedded_cache):
     import ray
     import requests
     from ray import serve
@@ -64,7 +64,7 @@ def test_served_job_metrics(tmp_path, fixtures_dir, monkeypatch):
         store_dir.mkdir()
         (store_dir / "1.wav").write_bytes((fixtures_dir / "multi1" / "1.wav").read_bytes())
         (store_dir / "multi1.png").write_bytes((fixtures_dir / "multi1" / "multi1.png").read_bytes())
-        app = build_app({"device": "cpu", "dtype": "float32", "cache_dir": str(tmp_path / "cache"),
+        app = build_app({"device": "cpu", "dtype": "float32", "cache_dir": embedded_cache,
                          "store": {"local_root": str(store_dir)}, "ingress": {"persist_interval_s": 0.2}})
         # JSON logs, as serve_config.yaml has them: the job id becomes a field of its own.
         serve.run(app, name="multitalk-metrics", route_prefix="/", logging_config={"encoding": "JSON"})

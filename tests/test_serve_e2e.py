@@ -208,7 +208,7 @@ def test_graph_with_fake_stages(serve_env):
         serve.delete("multitalk")
 
 
-def test_tiny_model(serve_env, fixtures_dir):
+def test_tiny_model(serve_env, fixtures_dir, embedded_cache):
     """The real library on tiny random weights (skipped until it lands)."""
     import requests
     from ray import serve
@@ -220,7 +220,7 @@ def test_tiny_model(serve_env, fixtures_dir):
     store_dir.mkdir()
     (store_dir / "1.wav").write_bytes((fixtures_dir / "single" / "1.wav").read_bytes())
     (store_dir / "single1.png").write_bytes((fixtures_dir / "single" / "single1.png").read_bytes())
-    app = build_app({"device": "cpu", "dtype": "float32", "cache_dir": str(tmp / "cache"),
+    app = build_app({"device": "cpu", "dtype": "float32", "cache_dir": embedded_cache,
                      # stage_options reach the stages' from_pretrained (an unknown option would fail start-up)
                      "stage_options": {"diffusion": {"batch_guidance": True}},
                      "store": {"local_root": str(store_dir)}, "ingress": {"persist_interval_s": 0.2}})

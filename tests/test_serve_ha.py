@@ -31,14 +31,13 @@ def _ingress_actors(ray) -> dict[str, tuple[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def ha_serve(tmp_path_factory, fixtures_dir):
+def ha_serve(tmp_path_factory, fixtures_dir, embedded_cache):
     import ray
     from ray.serve._private import api as serve_api
     from ray.serve.schema import ServeDeploySchema
 
     from deployments.launcher import default_config_path
 
-    tmp = tmp_path_factory.mktemp("serve-ha")
     env = {"PYTHONPATH": source_pythonpath(), "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
            "AWS_DEFAULT_REGION": "us-east-1"}
     # Environment before ray.init: the workers inherit it.
@@ -51,7 +50,7 @@ def ha_serve(tmp_path_factory, fixtures_dir):
         raw["http_options"] = {"host": "127.0.0.1", "port": port}
         app = raw["applications"][0]
         app["args"].update({
-            "cache_dir": str(tmp / "cache"),
+            "cache_dir": embedded_cache,
             "store": {"bucket": BUCKET, "region": "us-east-1", "endpoint_url": endpoint},
             "ingress": {**app["args"].get("ingress", {}), "exclusive": False, "lease_s": LEASE_S,
                         "persist_interval_s": 0.2},

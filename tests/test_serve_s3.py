@@ -49,7 +49,7 @@ class OtherApp:
 
 
 @pytest.fixture(scope="module")
-def s3_serve(tmp_path_factory, fixtures_dir):
+def s3_serve(tmp_path_factory, fixtures_dir, embedded_cache):
     import ray
     from pipeline_graph import build_app
 
@@ -64,7 +64,7 @@ def s3_serve(tmp_path_factory, fixtures_dir):
         # The embedded CPU default's own args (its request defaults included), with this
         # test's store, cache and a faster progress interval.
         args = yaml.safe_load(default_config_path().read_text())["applications"][0]["args"]
-        args.update({"cache_dir": str(tmp / "cache"),
+        args.update({"cache_dir": embedded_cache,
                      "store": {"bucket": BUCKET, "region": "us-east-1", "endpoint_url": endpoint}})
         args["ingress"].update({"persist_interval_s": 0.2, "max_concurrent_jobs": 1,
                                 "local_output_dir": str(tmp / "out")})
@@ -248,7 +248,7 @@ def test_chunks_are_readable_while_a_streaming_job_runs(s3_serve):
 
     url = s3_serve["url"]
     body = {"image": "multi1.png", "audio": ["single.wav"], "mode": "streaming", "frames": 61, "motion_frames": 9,
-            "size": "multitalk-128", "sampling": {"steps": 2}}
+            "size": "multitalk-64", "sampling": {"steps": 1}}
     job_id = requests.post(f"{url}/v1/jobs", json=body, timeout=60).json()["id"]
     status = _poll(url, f"/v1/jobs/{job_id}", "state", states=TERMINAL + ("IN_PROGRESS",))
     deadline = time.monotonic() + 300
@@ -337,7 +337,8 @@ def test_infinitetalk_dubs_the_sample_video(s3_serve):
 
     url, s3 = s3_serve["url"], s3_serve["s3"]
     args = {**s3_serve["args"], "model": "infinitetalk"}
-    args["ingress"] = {**args["ingress"], "request_defaults": {"size": "infinitetalk-64", "sampling": {"steps": 1}}}
+    args["ingress"] = {**args["ingress"], "max_concurrent_jobs": 2,  # the two dubs at once
+                       "request_defaults": {"size": "infinitetalk-32", "sampling": {"steps": 1}}}
     serve.run(build_app(args), name="infinitetalk", route_prefix="/infinitetalk")
     try:
         base = f"{url}/infinitetalk"

@@ -152,7 +152,7 @@ def _wait(url, job_id, timeout, states=("COMPLETED", "FAILED", "CANCELLED"), unt
     raise AssertionError(f"job {job_id} did not reach {states}: {body}")
 
 
-def test_served_sp2_job_and_rank_failure(ray_env, fixtures_dir):
+def test_served_sp2_job_and_rank_failure(ray_env, fixtures_dir, embedded_cache):
     import ray
     import requests
     from ray import serve
@@ -164,7 +164,7 @@ def test_served_sp2_job_and_rank_failure(ray_env, fixtures_dir):
     store_dir.mkdir()
     (store_dir / "1.wav").write_bytes((fixtures_dir / "single" / "1.wav").read_bytes())
     (store_dir / "single1.png").write_bytes((fixtures_dir / "single" / "single1.png").read_bytes())
-    app = build_app({"device": "cpu", "dtype": "float32", "cache_dir": str(tmp / "cache"),
+    app = build_app({"device": "cpu", "dtype": "float32", "cache_dir": embedded_cache,
                      "store": {"local_root": str(store_dir)}, "ingress": {"persist_interval_s": 0.2},
                      "parallel": {"sp_degree": 2, "cpus_per_rank": 0.5, "replica_cpus": 0.25,
                                   "health_check_period_s": 1}})

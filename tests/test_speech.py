@@ -26,11 +26,12 @@ PHONEMES = ["dˈu ju nˈO mˈʌltItˈɔk?", "jˈɛs, I nˈO ɪt, ðæts əmˈAz�
 
 
 @pytest.fixture(scope="session")
-def speech_root(tmp_path_factory) -> Path:
-    """A tiny MultiTalk set with the Kokoro-82M folder."""
-    from multitalk.checkpoints.tiny import make_tiny_weights
+def speech_root(embedded_cache) -> Path:
+    """A tiny MultiTalk set with the Kokoro-82M folder: the embedded default's (seed 0,
+    written once per session, shared with the served tests)."""
+    from multitalk.checkpoints.tiny import ensure_tiny_weights
 
-    return make_tiny_weights(tmp_path_factory.mktemp("tiny-speech"), "official", seed=0, speech=True)
+    return Path(ensure_tiny_weights(embedded_cache))
 
 
 @pytest.fixture(scope="session")

@@ -40,7 +40,7 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def served(tmp_path_factory, embedded_cache):
     from ray import serve
 
     import yaml
@@ -52,7 +52,7 @@ def served(tmp_path_factory):
     with local_serve(tmp, num_cpus=2, namespace="serve") as (url, _):
         # The embedded CPU default (its presets and LoRA), with this test's store and cache.
         args = yaml.safe_load(default_config_path().read_text())["applications"][0]["args"]
-        args.update({"cache_dir": str(tmp / "cache"), "store": {"local_root": str(tmp / "store")}})
+        args.update({"cache_dir": embedded_cache, "store": {"local_root": str(tmp / "store")}})
         args["ingress"]["persist_interval_s"] = 0.2
         app = build_app(args)
         serve.run(app, name="multitalk-web", route_prefix="/")
