@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import resource
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.fresh_process import run_in_fresh_process  # noqa: E402
 from bench.synthetic import speech_wav  # noqa: E402
 
 
@@ -66,13 +66,7 @@ def _run(case: dict, models: str, queue) -> None:
 
 
 def measure(case: dict, models: str) -> dict:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    process = ctx.Process(target=_run, args=(case, models, queue))
-    process.start()
-    out = queue.get()
-    process.join()
-    return out
+    return run_in_fresh_process(_run, case, models)
 
 
 def main() -> None:

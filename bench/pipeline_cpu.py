@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import resource
 import sys
 import tempfile
@@ -23,6 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.fresh_process import run_in_fresh_process  # noqa: E402
 from bench.synthetic import noise_png, speech_wav  # noqa: E402
 
 
@@ -52,13 +52,7 @@ def _run(case: dict, models: str, queue) -> None:
 
 
 def measure(case: dict, models: str) -> dict:
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    p = ctx.Process(target=_run, args=(case, models, q))
-    p.start()
-    out = q.get()
-    p.join()
-    return out
+    return run_in_fresh_process(_run, case, models)
 
 
 def main() -> None:

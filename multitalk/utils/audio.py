@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import io
 import os
-import re
 import struct
 import subprocess
 import tempfile
@@ -25,17 +24,13 @@ import numpy as np
 
 from multitalk.api import InputError
 
+from .ffmpeg import AUDIO_STREAM_RE, ffmpeg_exe, header_duration, read_header
+
 TARGET_LUFS = -23.0
 # Peak below this (about -80 dBFS) counts as "no speech at all".
 SILENCE_PEAK = 1e-4
 # pyloudnorm's gating block: integrated loudness is undefined for shorter signals.
 LOUDNESS_BLOCK_SECONDS = 0.4
-
-
-def _ffmpeg_exe() -> str:
-    import imageio_ffmpeg
-
-    return imageio_ffmpeg.get_ffmpeg_exe()
 
 
 def loudness_normalize(speech: np.ndarray, sample_rate: int = 16000, target_lufs: float = TARGET_LUFS) -> np.ndarray:
@@ -116,31 +111,22 @@ def _decode_with_soundfile(data: bytes, field: str, max_seconds: float):
     return samples, rate
 
 
-_DURATION_RE = re.compile(r"Duration:\s*(\d+):(\d+):(\d+(?:\.\d+)?)")
-_AUDIO_STREAM_RE = re.compile(r"Stream #\d+:\d+.*?: Audio: (\w+)")
-
-
 def _decode_with_ffmpeg(data: bytes, field: str, max_seconds: float, sample_rate: int) -> np.ndarray:
     """Decode the first audio stream of any ffmpeg-readable container (mp4/mov/mkv/m4a/
     webm/...) to mono float32 at ``sample_rate``. Returns [N] samples."""
-    ffmpeg = _ffmpeg_exe()
+    ffmpeg = ffmpeg_exe()
     with tempfile.TemporaryDirectory(prefix="multitalk-audio-") as tmp:
         source = os.path.join(tmp, "input")
         with open(source, "wb") as handle:
             handle.write(data)
-        # Probe: `ffmpeg -i` with no output prints the container header and exits 1.
-        probe = subprocess.run([ffmpeg, "-hide_banner", "-i", source], capture_output=True, timeout=60)
-        header = probe.stderr.decode("utf-8", "replace")
+        header = read_header(source, timeout=60)
         if "Invalid data found" in header or "Stream #" not in header:
             raise InputError(field, "not a recognised audio or video file")
-        if not _AUDIO_STREAM_RE.search(header):
+        if not AUDIO_STREAM_RE.search(header):
             raise InputError(field, "the file has no audio track")
-        duration = _DURATION_RE.search(header)
-        if duration:
-            h, m, s = duration.groups()
-            seconds = int(h) * 3600 + int(m) * 60 + float(s)
-            if seconds > max_seconds:
-                raise InputError(field, f"audio is {seconds:.1f} s long; the limit is {max_seconds:g} s", 413)
+        seconds = header_duration(header)
+        if seconds is not None and seconds > max_seconds:
+            raise InputError(field, f"audio is {seconds:.1f} s long; the limit is {max_seconds:g} s", 413)
         # -t caps the decode for containers whose header carries no duration; the
         # length is checked again below. ffmpeg's stereo->mono downmix is the channel
         # mean, as librosa's to_mono.

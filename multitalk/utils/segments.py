@@ -180,15 +180,16 @@ class _EncodedAudio:
 
 def _encode_audio(samples: np.ndarray, sample_rate: int, bitrate: int) -> _EncodedAudio:
     """The whole speech track → raw AAC-LC frames (ffmpeg, ADTS parsed here)."""
-    from .video import _ffmpeg_exe, _stderr_tail, _write_wav
+    from .ffmpeg import ffmpeg_exe, stderr_tail
+    from .video import _write_wav
 
     with tempfile.TemporaryDirectory(prefix="multitalk-aac-") as tmp:
         wav = os.path.join(tmp, "speech.wav")
         _write_wav(wav, samples, sample_rate)
-        done = subprocess.run([_ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-i", wav, "-c:a", "aac",
+        done = subprocess.run([ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-i", wav, "-c:a", "aac",
                                "-b:a", str(bitrate), "-f", "adts", "pipe:1"], capture_output=True, timeout=600)
     if done.returncode != 0:
-        raise RuntimeError(f"ffmpeg failed to encode the audio: {_stderr_tail(done.stderr)}")
+        raise RuntimeError(f"ffmpeg failed to encode the audio: {stderr_tail(done.stderr)}")
     adts, frames, pos, header = done.stdout, [], 0, None
     while pos + 7 <= len(adts):
         if adts[pos] != 0xFF or adts[pos + 1] & 0xF0 != 0xF0:
@@ -223,7 +224,7 @@ class SegmentedMp4Writer:
     def __init__(self, height: int, width: int, segment_frames: Sequence[int], audio: Optional[np.ndarray] = None,
                  fps: int = 25, crf: int = 18, preset: str = "medium", sample_rate: int = SPEECH_SAMPLE_RATE,
                  on_segment: Optional[Callable[[ChunkSegment], None]] = None, audio_bitrate: int = AUDIO_BITRATE):
-        from .video import _ffmpeg_exe
+        from .ffmpeg import ffmpeg_exe
 
         counts = [int(n) for n in segment_frames]
         if not counts or min(counts) <= 0:
@@ -249,7 +250,7 @@ class SegmentedMp4Writer:
             self._audio_thread.start()
         keyframes = "+".join(f"eq(n,{start})" for start in [0] + self.ends[:-1])
         command = [
-            _ffmpeg_exe(), "-y", "-hide_banner", "-loglevel", "error",
+            ffmpeg_exe(), "-y", "-hide_banner", "-loglevel", "error",
             "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{self.width}x{self.height}", "-framerate", str(fps),
             "-i", "pipe:0", "-map", "0:v:0",
             "-c:v", "libx264", "-preset", preset, "-tune", "zerolatency", "-crf", str(crf), "-pix_fmt", "yuv420p",
@@ -343,13 +344,13 @@ class SegmentedMp4Writer:
         return hls_playlist(list(self.segments), ended, **uris)
 
     def _failure(self) -> str:
-        from .video import _stderr_tail
+        from .ffmpeg import stderr_tail
 
         if self._error is not None:
             return repr(self._error)
         try:
             with open(self.log_path, "rb") as log:
-                return _stderr_tail(log.read()) or "no error logged"
+                return stderr_tail(log.read()) or "no error logged"
         except OSError:
             return "no log"
 

@@ -1,6 +1,6 @@
 """Output video: mp4 writing (H.264 + AAC), probing, and colour correction.
 
-Everything goes through the imageio-ffmpeg binary (``imageio_ffmpeg.get_ffmpeg_exe()``)
+Everything goes through the imageio-ffmpeg binary (``imageio_ffmpeg.getffmpeg_exe()``)
 in subprocesses; raw frames are streamed on stdin, the speech is handed over as a wav in
 a private temporary directory that is always removed.
 
@@ -23,18 +23,12 @@ import torch
 
 from multitalk.api import InputError
 
+from .ffmpeg import (
+    AUDIO_STREAM_RE, VIDEO_STREAM_RE, ffmpeg_exe, header_duration, read_header, stderr_tail, stream_fps,
+    stream_sample_rate, stream_size,
+)  # fmt: skip
+
 SPEECH_SAMPLE_RATE = 16000
-
-
-def _ffmpeg_exe() -> str:
-    import imageio_ffmpeg
-
-    return imageio_ffmpeg.get_ffmpeg_exe()
-
-
-def _stderr_tail(stderr: Union[bytes, str], limit: int = 2000) -> str:
-    text = stderr.decode("utf-8", "replace") if isinstance(stderr, bytes) else stderr
-    return text[-limit:].strip()
 
 
 # ---------------------------------------------------------------------------------------
@@ -125,7 +119,7 @@ class Mp4Writer:
         self.output = os.path.join(tmp, "out.mp4")
         self.log_path = os.path.join(tmp, "ffmpeg.log")
         command = [
-            _ffmpeg_exe(), "-y", "-hide_banner", "-loglevel", "error",
+            ffmpeg_exe(), "-y", "-hide_banner", "-loglevel", "error",
             "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{self.width}x{self.height}", "-framerate", str(fps),
             "-i", "pipe:0",
         ]  # fmt: skip
@@ -175,7 +169,7 @@ class Mp4Writer:
             self._log.close()
             if return_code != 0 or not os.path.exists(self.output):
                 with open(self.log_path, "rb") as log:
-                    tail = _stderr_tail(log.read())
+                    tail = stderr_tail(log.read())
                 raise RuntimeError(f"ffmpeg failed to encode the mp4 (exit {return_code}): {tail}")
             with open(self.output, "rb") as handle:
                 mp4_bytes = handle.read()
@@ -221,14 +215,6 @@ def write_mp4(
 # ---------------------------------------------------------------------------------------
 # Probing
 
-_VIDEO_STREAM_RE = re.compile(r"Stream #\d+:\d+[^\n]*?: Video: (\w+)([^\n]*)")
-_AUDIO_STREAM_RE = re.compile(r"Stream #\d+:\d+[^\n]*?: Audio: (\w+)([^\n]*)")
-_SIZE_RE = re.compile(r"[ ,](\d{1,5})x(\d{1,5})[ ,\n]")
-_FPS_RE = re.compile(r"([\d.]+)(k?) fps")
-_RATE_RE = re.compile(r"(\d+) Hz")
-_DURATION_RE = re.compile(r"Duration:\s*(\d+):(\d+):(\d+(?:\.\d+)?)")
-
-
 def probe_mp4(data_or_path: Union[bytes, str, os.PathLike]) -> dict:
     """Describe a video file (mp4 bytes or a path).
 
@@ -240,36 +226,27 @@ def probe_mp4(data_or_path: Union[bytes, str, os.PathLike]) -> dict:
     samples, or None). Raises ValueError when ffmpeg cannot read the file.
     (Parses ffprobe's stream and format sections into one dict; the field-by-field fallbacks are what makes it long.)
     """
-    ffmpeg = _ffmpeg_exe()
+    ffmpeg = ffmpeg_exe()
     with tempfile.TemporaryDirectory(prefix="multitalk-probe-") as tmp:
         if isinstance(data_or_path, (bytes, bytearray, memoryview)):
             source = os.path.join(tmp, "input.mp4")
             Path(source).write_bytes(bytes(data_or_path))
         else:
             source = os.fspath(data_or_path)
-        header = subprocess.run([ffmpeg, "-hide_banner", "-i", source], capture_output=True, timeout=120)
-        text = header.stderr.decode("utf-8", "replace")
+        text = read_header(source)
         if "Stream #" not in text:
-            raise ValueError(f"not a readable media file: {_stderr_tail(text, 500)}")
+            raise ValueError(f"not a readable media file: {stderr_tail(text, 500)}")
 
         info: dict = {
             "video_codec": None, "fps": None, "num_frames": 0, "width": None, "height": None,
-            "duration": None, "audio_codec": None, "audio_sample_rate": None, "audio_duration": None,
+            "duration": header_duration(text), "audio_codec": None, "audio_sample_rate": None,
+            "audio_duration": None,
         }  # fmt: skip
-        duration = _DURATION_RE.search(text)
-        if duration:
-            h, m, s = duration.groups()
-            info["duration"] = int(h) * 3600 + int(m) * 60 + float(s)
-        video = _VIDEO_STREAM_RE.search(text)
+        video = VIDEO_STREAM_RE.search(text)
         if video:
             info["video_codec"] = video.group(1)
-            details = video.group(2) + "\n"
-            size = _SIZE_RE.search(details)
-            if size:
-                info["width"], info["height"] = int(size.group(1)), int(size.group(2))
-            fps = _FPS_RE.search(details)
-            if fps:
-                info["fps"] = float(fps.group(1)) * (1000.0 if fps.group(2) else 1.0)
+            info["width"], info["height"] = stream_size(video.group(2)) or (None, None)
+            info["fps"] = stream_fps(video.group(2))
             # Exact frame count: decode everything, passthrough timing so the null muxer
             # neither duplicates nor drops frames, read the final progress report.
             count = subprocess.run(
@@ -279,14 +256,13 @@ def probe_mp4(data_or_path: Union[bytes, str, os.PathLike]) -> dict:
             )  # fmt: skip
             frames = re.findall(r"^frame=(\d+)", count.stdout.decode("utf-8", "replace"), flags=re.MULTILINE)
             if count.returncode != 0 or not frames:
-                raise ValueError(f"video stream could not be decoded: {_stderr_tail(count.stderr, 500)}")
+                raise ValueError(f"video stream could not be decoded: {stderr_tail(count.stderr, 500)}")
             info["num_frames"] = int(frames[-1])
-        audio = _AUDIO_STREAM_RE.search(text)
+        audio = AUDIO_STREAM_RE.search(text)
         if audio:
             info["audio_codec"] = audio.group(1)
-            rate = _RATE_RE.search(audio.group(2))
-            if rate:
-                info["audio_sample_rate"] = int(rate.group(1))
+            info["audio_sample_rate"] = stream_sample_rate(audio.group(2))
+            if info["audio_sample_rate"]:
                 decoded = subprocess.run(
                     [ffmpeg, "-hide_banner", "-loglevel", "error", "-i", source, "-map", "0:a:0",
                      "-ac", "1", "-f", "s16le", "pipe:1"],

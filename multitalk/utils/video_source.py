@@ -31,23 +31,15 @@ import numpy as np
 
 from multitalk.api import InputError
 
+from .ffmpeg import VIDEO_STREAM_RE, ffmpeg_exe, header_duration, read_header, stream_fps, stream_size
+
 VIDEO_FIELD = "condition_video"
 SOURCE_FPS = 25
 # ffmpeg demuxers that read still images: such an upload belongs in condition_image.
 _IMAGE_DEMUXERS = re.compile(r"(_pipe|^image2)$")
 
 _INPUT_RE = re.compile(r"Input #0, (.+?), from ")
-_VIDEO_RE = re.compile(r"Stream #0:\d+[^\n]*?: Video: (\w+)([^\n]*)")
-_SIZE_RE = re.compile(r"[ ,](\d{1,5})x(\d{1,5})[ ,\n\[]")
-_FPS_RE = re.compile(r"([\d.]+)(k?) fps")
-_DURATION_RE = re.compile(r"Duration:\s*(\d+):(\d+):(\d+(?:\.\d+)?)")
 _ROTATION_RE = re.compile(r"rotation of (-?[\d.]+) degrees")
-
-
-def _ffmpeg_exe() -> str:
-    import imageio_ffmpeg
-
-    return imageio_ffmpeg.get_ffmpeg_exe()
 
 
 @dataclass
@@ -78,33 +70,25 @@ def probe_video(path: str, field: str = VIDEO_FIELD) -> VideoInfo:
     """Read a video's header (``ffmpeg -i``); nothing is decoded. Raises :class:`InputError`
     naming ``field`` for a file that is not a video, a still image, and a file with no video
     stream."""
-    header = subprocess.run([_ffmpeg_exe(), "-hide_banner", "-nostdin", "-i", path], capture_output=True, timeout=120)
-    text = header.stderr.decode("utf-8", "replace")
+    text = read_header(path)
     container = _INPUT_RE.search(text)
     if container is None or "Stream #" not in text:
         raise InputError(field, "not a video file (its format was not recognised)")
-    video = _VIDEO_RE.search(text)
+    video = VIDEO_STREAM_RE.search(text)
     if video is None:
         raise InputError(field, "the file has no video stream" + (" (only audio)" if ": Audio: " in text else ""))
     names = container.group(1)
     if any(_IMAGE_DEMUXERS.search(n) for n in names.split(",")):
         raise InputError(field, f"is a still image ({video.group(1)}): send it as condition_image for image-to-video")
-    size = _SIZE_RE.search(video.group(2) + "\n")
+    size = stream_size(video.group(2))
     if size is None:
         raise InputError(field, f"the {video.group(1)} video stream has no frame size in its header")
-    width, height = int(size.group(1)), int(size.group(2))
+    width, height = size
     rotation = _ROTATION_RE.search(text[video.start():])
     if rotation and round(abs(float(rotation.group(1)))) % 180 == 90:
         width, height = height, width  # ffmpeg applies the display rotation when it decodes
-    fps = _FPS_RE.search(video.group(2))
-    duration = _DURATION_RE.search(text)
-    return VideoInfo(
-        codec=video.group(1), width=width, height=height,
-        fps=float(fps.group(1)) * (1000.0 if fps.group(2) else 1.0) if fps else None,
-        duration=int(duration.group(1)) * 3600 + int(duration.group(2)) * 60 + float(duration.group(3))
-        if duration else None,
-        container=names,
-    )  # fmt: skip
+    return VideoInfo(codec=video.group(1), width=width, height=height, fps=stream_fps(video.group(2)),
+                     duration=header_duration(text), container=names)
 
 
 def check_video(info: VideoInfo, limits: VideoLimits, field: str = VIDEO_FIELD) -> None:
@@ -161,7 +145,7 @@ class VideoSource:
         self._stop()
         self._log = open(os.path.join(self._tmp.name, "ffmpeg.log"), "wb")
         command = [
-            _ffmpeg_exe(), "-nostdin", "-hide_banner", "-loglevel", "error", "-i", self.path,
+            ffmpeg_exe(), "-nostdin", "-hide_banner", "-loglevel", "error", "-i", self.path,
             "-map", "0:v:0", "-an", "-sn", "-vf", f"fps={self.fps}", "-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:1",
         ]  # fmt: skip
         # stderr goes to a file: an undrained pipe could fill up and stall the decoder.
