@@ -98,20 +98,32 @@ class RssSampler(threading.Thread):
         super().__init__(daemon=True)
         self.procs, self.interval = procs, interval
         self.start_rss = {n: p.memory_info().rss for n, p in procs.items()}
+        self.start_cpu = {n: sum(p.cpu_times()[:2]) for n, p in procs.items()}
+        self.cpu_s: dict[str, float] = {}
         self.peak = dict(self.start_rss)
         self.stop_event = threading.Event()
 
     def run(self):
         while not self.stop_event.wait(self.interval):
+            self._sample_cpu()
             for n, p in self.procs.items():
                 try:
                     self.peak[n] = max(self.peak[n], p.memory_info().rss)
                 except psutil.NoSuchProcess:
                     self.peak[n] = -1  # replica died: reported, not hidden
 
+    def _sample_cpu(self) -> None:
+        for n, p in self.procs.items():
+            try:
+                self.cpu_s[n] = sum(p.cpu_times()[:2]) - self.start_cpu[n]
+            except psutil.NoSuchProcess:
+                pass
+
     def report(self) -> dict:
+        self._sample_cpu()
         per = {n: {"start_mb": round(self.start_rss[n] / 2**20, 1), "peak_mb": round(self.peak[n] / 2**20, 1),
-                   "growth": round(self.peak[n] / self.start_rss[n], 3)} for n in self.procs}
+                   "growth": round(self.peak[n] / self.start_rss[n], 3), "cpu_s": round(self.cpu_s.get(n, 0.0), 1)}
+               for n in self.procs}
         return {"per_process": per, "max_growth": max((v["growth"] for v in per.values()), default=None)}
 
 

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-pytestmark = pytest.mark.subprocess  # starts other processes
+pytestmark = [pytest.mark.subprocess, pytest.mark.slow]  # each runs a bench end to end in other processes
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -62,7 +62,10 @@ def _worker(rank: int, world_size: int, root: str, cfg_degree: int, result_path:
         torch.save(gathered, result_path)
 
 
-@pytest.mark.parametrize("world_size,cfg_degree", [(3, 3), (4, 2)], ids=["cfg3", "cfg2xulysses2"])
+@pytest.mark.parametrize("world_size,cfg_degree", [
+    pytest.param(3, 3, id="cfg3"),
+    pytest.param(4, 2, id="cfg2xulysses2", marks=pytest.mark.slow),  # four ranks: ~18 s
+])
 def test_guidance_passes_over_ranks_match_serial_sampling(tiny_official, tmp_path, world_size, cfg_degree):
     path = tmp_path / "gp.pt"
     spawn_ranks(_worker, world_size, str(tiny_official), cfg_degree, str(path))

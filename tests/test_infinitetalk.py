@@ -33,12 +33,14 @@ def it_stage(tiny_official):
 
 
 # ------------------------------------------------------------------------- discovery
-def test_check_reports_the_infinitetalk_files(tiny_official, tmp_path):
+def test_check_reports_the_infinitetalk_files(tiny_official, tmp_path, capsys):
     ck = find_checkpoints(tiny_official)
     assert ck.models() == ["multitalk", "infinitetalk"] and ck.report()["models"] == ["multitalk", "infinitetalk"]
     assert ck.infinitetalk_adapters() == {v: str(_adapter(tiny_official, v)) for v in ("single", "multi")}
-    out = json.loads(subprocess.run([sys.executable, "-m", "multitalk.cli", "check", str(tiny_official)],
-                                    check=True, capture_output=True, text=True).stdout)
+    from multitalk.cli import main
+
+    assert main(["check", str(tiny_official)]) == 0
+    out = json.loads(capsys.readouterr().out)
     assert out["components"]["infinitetalk_single"]["found"] and out["components"]["infinitetalk_multi"]["found"]
     # Without them: reported missing, the MultiTalk set unaffected.
     root = tmp_path / "w"

@@ -108,6 +108,7 @@ def test_bad_inputs_are_input_errors(tiny_pipeline, fixtures_dir):
     assert e.value.field == "audio_1"
 
 
+@pytest.mark.slow
 @pytest.mark.subprocess
 def test_cli_make_tiny_weights_and_check(tmp_path):
     # The text-to-speech folder (230 MB, Kokoro's fixed widths) once: left out of the second set.
@@ -236,6 +237,7 @@ def test_decode_of_one_job_overlaps_the_next_jobs_diffusion(tiny_official, fixtu
     assert probe_mp4(a.video)["num_frames"] == probe_mp4(b.video)["num_frames"] == 9
 
 
+@pytest.mark.slow
 @pytest.mark.subprocess
 def test_cli_generate_with_a_distillation_lora(tiny_official, fixtures_dir, tmp_path):
     """``--lora PATH:SCALE`` with the distilled settings (few steps, text scale 1: two DiT

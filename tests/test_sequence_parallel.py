@@ -162,7 +162,10 @@ def _ring_worker(rank: int, world_size: int, result_path: str) -> None:
         torch.save(results, result_path)
 
 
-@pytest.mark.parametrize("world_size", [2, 4], ids=["ring2", "ulysses2xring2"])
+@pytest.mark.parametrize("world_size", [
+    pytest.param(2, id="ring2"),
+    pytest.param(4, id="ulysses2xring2", marks=pytest.mark.slow),  # four ranks: ~17 s
+])
 def test_ring_attention_matches_the_serial_model(tmp_path, world_size):
     """ring_degree=2 (with ulysses 1, then 2 over 4 ranks): keys and values travel around
     the ring over gloo and the blocks are merged by log-sum-exp; the output equals the

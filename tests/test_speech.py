@@ -5,8 +5,6 @@ from __future__ import annotations
 import io
 import json
 import pickle
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -282,10 +280,11 @@ def test_input_errors_survive_pickling():
 
 
 # --------------------------------------------------------------------------- discovery
-def test_check_reports_the_kokoro_folder(speech_root, tiny_official):
-    out = subprocess.run([sys.executable, "-m", "multitalk.cli", "check", str(speech_root)], check=True,
-                         capture_output=True, text=True).stdout
-    speech = json.loads(out)["components"]["speech"]
+def test_check_reports_the_kokoro_folder(speech_root, tiny_official, capsys):
+    from multitalk.cli import main
+
+    assert main(["check", str(speech_root)]) == 0
+    speech = json.loads(capsys.readouterr().out)["components"]["speech"]
     assert speech["found"] and speech["path"].endswith("Kokoro-82M") and speech["layout"] == "official"
     assert speech["note"] == "3 voices: af_bella, af_heart, am_adam" and speech["bytes"] > 0
     absent = find_checkpoints(tiny_official)
