@@ -96,6 +96,12 @@ class JobRecord(BaseModel):
     def status(self) -> JobStatus:
         return JobStatus(**self.model_dump(include=set(JobStatus.model_fields)))
 
+    @property
+    def webhook_pending(self) -> bool:
+        """Finished, with a webhook whose delivery has not ended (``deployments.webhooks``)."""
+        return (self.state.terminal and self.request is not None and bool(self.request.webhook)
+                and (self.webhook is None or self.webhook.ended_at is None))
+
 
 class JobStore:
     """CRUD for :class:`JobRecord` over a :class:`~deployments.storage.Store`."""
@@ -171,7 +177,7 @@ class JobStore:
         if touch:
             record.updated_at = time.time()
         self.store.put(self._key(record.id), record.model_dump_json().encode(), "application/json")
-        if record.state.terminal and record.action == "generate":
+        if record.state.terminal and record.action == "generate" and not record.webhook_pending:
             self.store.delete(ACTIVE_PREFIX + record.id)
 
     def get(self, job_id: str) -> Optional[JobRecord]:
@@ -215,15 +221,16 @@ class JobStore:
         return sorted(records, key=lambda r: r.created_at)
 
     def orphans(self, lease_s: float, owner: Optional[str] = None) -> list[JobRecord]:
-        """Unfinished jobs nobody is running: their owner's heartbeat is older than
-        ``lease_s`` (or they have no owner). ``owner``'s own jobs are never orphans."""
+        """Unfinished jobs nobody is running, and finished ones whose webhook nobody is
+        delivering: their owner's heartbeat is older than ``lease_s`` (or they have no
+        owner). ``owner``'s own jobs are never orphans."""
         now = time.time()
         found = []
         for key in self.store.list(ACTIVE_PREFIX):
             rec = self.get(key[len(ACTIVE_PREFIX):])
             if rec is None:
                 continue
-            if rec.state.terminal or rec.action != "generate":
+            if (rec.state.terminal and not rec.webhook_pending) or rec.action != "generate":
                 continue
             if owner is not None and rec.owner == owner:
                 continue

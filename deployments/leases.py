@@ -6,7 +6,9 @@ progress (throttled) and the heartbeat, and stops the job when a client's cancel
 appears or when another replica has taken the job over. :meth:`Leases.recover` takes over
 the jobs nobody runs any more (their owner's heartbeat is older than ``lease_s``, or the
 record was re-queued at a shutdown), with an atomic claim in the store
-(:meth:`deployments.jobs.JobStore.claim`), so exactly one replica runs each of them.
+(:meth:`deployments.jobs.JobStore.claim`), so exactly one replica runs each of them. A
+finished job whose webhook delivery had not ended is taken over the same way, and the new
+owner delivers the webhook instead of re-running the job.
 """
 from __future__ import annotations
 
@@ -61,9 +63,10 @@ class Leases:
                 log.exception("could not persist progress")
 
     async def recover(self, lease_s: float, is_running: Callable[[str], bool],
-                      schedule: Callable[[JobRecord], None]) -> None:
+                      schedule: Callable[[JobRecord], None], redeliver: Callable[[JobRecord], None]) -> None:
         """Claim the unfinished jobs nobody runs (heartbeat older than ``lease_s``; 0: every
-        unowned one) and hand each one won to ``schedule``."""
+        unowned one) and hand each one won to ``schedule``; a finished job won for its
+        webhook goes to ``redeliver``."""
         try:
             orphans = await asyncio.to_thread(self.jobs.orphans, lease_s, self.replica_id)
         except Exception:
@@ -80,6 +83,11 @@ class Leases:
                 continue
             if not won:  # another replica took it over first
                 continue
+            if rec.state.terminal:  # only its webhook is left to deliver
+                self._log(rec.id).info("delivering the webhook owner %s did not finish", previous_owner)
+                await self.persist(rec)
+                redeliver(rec)
+                continue
             self._log(rec.id).info("re-queueing (was %s, owner %s, lease %d)", rec.state.value, previous_owner,
                                    rec.lease)
             rec.state = JobState.IN_QUEUE
@@ -87,11 +95,12 @@ class Leases:
             await self.persist(rec)
             schedule(rec)
 
-    async def sweep_forever(self, is_running: Callable[[str], bool], schedule: Callable[[JobRecord], None]) -> None:
+    async def sweep_forever(self, is_running: Callable[[str], bool], schedule: Callable[[JobRecord], None],
+                            redeliver: Callable[[JobRecord], None]) -> None:
         """Several ingress replicas: pick up jobs whose owner died once their lease expires."""
         while True:
             await asyncio.sleep(max(self.lease_s / 2, 1.0))
             try:
-                await self.recover(self.lease_s, is_running, schedule)
+                await self.recover(self.lease_s, is_running, schedule, redeliver)
             except Exception:
                 logger.exception("job sweep failed")

@@ -133,12 +133,12 @@ class JobService:
         await self.recover(0.0 if self.settings.exclusive else self.settings.lease_s)
         if not self.settings.exclusive:  # only several ingress replicas can orphan jobs while we run
             self._sweeper = asyncio.get_running_loop().create_task(
-                self.leases.sweep_forever(self.runner.is_running, self.runner.schedule))
+                self.leases.sweep_forever(self.runner.is_running, self.runner.schedule, self._notify))
 
     async def recover(self, lease_s: float) -> None:
         """Run the unfinished jobs nobody runs (heartbeat older than ``lease_s``; see
         :meth:`deployments.leases.Leases.recover`)."""
-        await self.leases.recover(lease_s, self.runner.is_running, self.runner.schedule)
+        await self.leases.recover(lease_s, self.runner.is_running, self.runner.schedule, self._notify)
 
     async def stop(self) -> None:
         """Graceful shutdown: running and queued jobs are persisted as IN_QUEUE (owner
@@ -313,10 +313,9 @@ class JobService:
         return rec
 
     def _notify(self, rec: JobRecord) -> None:
-        """A job of this replica reached a final state: deliver its webhook (once)."""
-        if rec.request is None or not rec.request.webhook or not rec.state.terminal:
-            return
-        if rec.webhook is not None and rec.webhook.delivered_at is not None:
+        """A job of this replica reached a final state (or was taken over with its webhook
+        undelivered): deliver its webhook in the background."""
+        if not rec.webhook_pending:
             return
         from .runpod import runpod_status
 

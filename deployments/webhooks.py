@@ -12,13 +12,16 @@
   ``secrets_file``: ``tenant:secret`` entries, as the API keys; an open service uses the
   entry of tenant ``*``). ``X-MultiTalk-Delivery`` is a per-job id receivers can dedupe on.
   No secret for the tenant: the webhook is refused at submit.
-* **Once, with retries.** The replica that finishes the job delivers it in the background
-  (the job's completion never waits for it), retrying connection errors, 429 and 5xx with
-  doubling backoff (``attempts``, ``backoff_s``); other 4xx answers end the delivery. The
-  outcome lands in the record (``webhook``: delivered_at, attempts, last status or error),
-  so a job is delivered at most once even if several replicas see it. A replica that dies
-  between finishing a job and delivering its webhook leaves it undelivered (the record
-  says so).
+* **At least once, with retries.** The replica that finishes the job delivers it in the
+  background (the job's completion never waits for it), retrying connection errors, 429
+  and 5xx with doubling backoff (``attempts``, ``backoff_s``); other 4xx answers end the
+  delivery. The outcome lands in the record after every attempt (``webhook``:
+  delivered_at, attempts, last status or error, ended_at). A finished job whose delivery
+  has not ended stays in the store's list of unfinished work: when its replica dies before
+  the delivery ends, the replica that takes the job over (``deployments.leases``) delivers
+  it instead of re-running the job. So a receiver may, rarely, get one status twice (the
+  old owner's POST landed, its record write did not): ``X-MultiTalk-Delivery`` is the
+  same on both, dedupe on it.
 """
 from __future__ import annotations
 
@@ -66,6 +69,7 @@ class WebhookInfo(BaseModel):
     attempts: int = 0
     status_code: Optional[int] = None
     error: Optional[str] = None
+    ended_at: Optional[float] = None  # delivered, refused, or out of attempts: nothing more to send
 
 
 def sign(secret: str, body: bytes, timestamp: Optional[int] = None) -> str:
@@ -172,8 +176,10 @@ class Webhooks:
                 info.error = e.message
             except requests.RequestException as e:
                 info.error, retry = f"{type(e).__name__}: {str(e)[:200]}", True
+            if info.delivered_at is not None or not retry or attempt == self.settings.attempts:
+                info.ended_at = time.time()
             await on_update(info)
-            if info.delivered_at is not None or not retry:
+            if info.ended_at is not None:
                 break
             await asyncio.sleep(self.settings.backoff_s * 2 ** (attempt - 1))
         if info.delivered_at is None:

@@ -90,6 +90,24 @@ def test_load_all_and_orphans(tmp_path):
     assert {r.id for r in jobs.orphans(lease_s=0, owner="me")} == {fresh.id}
 
 
+def test_a_finished_job_with_its_webhook_undelivered_stays_unfinished_work(tmp_path):
+    from deployments.webhooks import WebhookInfo
+
+    jobs = JobStore(LocalStore(tmp_path))
+    rec, _ = jobs.create(_req(webhook="https://hooks.example.com/x"))
+    rec.state, rec.owner, rec.heartbeat_at = JobState.COMPLETED, "dead-replica", time.time() - 600
+    rec.webhook = WebhookInfo(url="https://hooks.example.com/x", attempts=2, status_code=500)
+    jobs.save(rec)
+    assert rec.webhook_pending and [r.id for r in jobs.orphans(lease_s=60, owner="me")] == [rec.id]
+    rec.heartbeat_at = time.time()  # its owner is still delivering
+    jobs.save(rec)
+    assert jobs.orphans(lease_s=60, owner="me") == []
+    rec.webhook.ended_at = time.time()  # delivered, refused or out of attempts
+    jobs.save(rec)
+    assert not rec.webhook_pending and jobs.orphans(lease_s=0, owner="me") == []
+    assert jobs.store.list("jobs/active/") == []
+
+
 def test_cancel_marker(tmp_path):
     jobs = JobStore(LocalStore(tmp_path))
     rec, _ = jobs.create(_req())

@@ -1,5 +1,6 @@
 """Webhooks: the final status POSTed once to a local receiver, signed, retried after an
-error, and refused at submit for a host the server does not allow."""
+error, delivered by the next replica when its owner stopped mid-delivery, and refused at
+submit for a host the server does not allow."""
 from __future__ import annotations
 
 import hashlib
@@ -82,6 +83,7 @@ def test_delivered_once_with_a_valid_signature(client, receiver):
     payload = _verify(rx.received[0])
     assert payload["id"] == job_id and payload["state"] == "COMPLETED" and payload["result"]["frames"] == 9
     assert rx.received[0]["headers"][DELIVERY_HEADER] == job_id
+    assert st["webhook"]["ended_at"] and not service.store.exists(f"jobs/active/{job_id}")  # nothing left to do
 
 
 def test_retried_after_a_receiver_error_and_runpod_shape(client, receiver):
@@ -96,6 +98,45 @@ def test_retried_after_a_receiver_error_and_runpod_shape(client, receiver):
     assert len(rx.received) == 3
     payload = _verify(rx.received[-1])  # RunPod jobs get the /status shape
     assert payload["id"] == job_id and payload["status"] == "COMPLETED" and payload["output"]["frames"] == 5
+
+
+def test_a_delivery_cut_off_by_a_stop_is_made_by_the_next_replica(tmp_path, monkeypatch, receiver):
+    """The replica stops (or dies) while its receiver is still failing: the finished job
+    stays on the list of unfinished work, and the next replica delivers the webhook once,
+    without running the job again."""
+    monkeypatch.setenv("MULTITALK_WEBHOOK_SECRETS", f"*:{SECRET}")
+    url, rx = receiver
+    rx.fail = 10**6
+    hooks = {"allowed_hosts": ["127.0.0.1"], "allow_private": True, "backoff_s": 0.05, "attempts": 1000}
+    client, service, store = make_client(tmp_path, webhooks=hooks)
+    with client:
+        job_id = client.post("/v1/jobs", json={"image": "multi1.png", "audio": ["1.wav"], "frames": 9,
+                                               "sampling": {"steps": 2}, "webhook": url}).json()["id"]
+        assert wait_state(client, job_id)["state"] == "COMPLETED"
+        deadline = time.monotonic() + 10
+        while len(rx.received) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    before = service.jobs.get(job_id)
+    assert len(rx.received) >= 2 and before.webhook.ended_at is None and before.webhook.delivered_at is None
+    assert store.exists(f"jobs/active/{job_id}")  # finished, but its delivery is unfinished work
+    tried = len(rx.received)
+    rx.fail = 0
+    client, service, store = make_client(tmp_path, webhooks=hooks)  # the next replica, same store
+    with client:
+        st = _wait_delivered(client, job_id)
+        time.sleep(0.3)  # nothing more arrives
+    assert len(rx.received) == tried + 1 and st["webhook"]["status_code"] == 200 and st["webhook"]["ended_at"]
+    payload = _verify(rx.received[-1])
+    assert payload["id"] == job_id and payload["state"] == "COMPLETED" and payload["result"] == before.result.model_dump(
+        mode="json")  # the status the job finished with: not run again
+    after = service.jobs.get(job_id)
+    assert after.attempts == before.attempts and after.started_at == before.started_at
+    assert rx.received[-1]["headers"][DELIVERY_HEADER] == job_id and not store.exists(f"jobs/active/{job_id}")
+    client, service, store = make_client(tmp_path, webhooks=hooks)  # and a third start sends nothing
+    with client:
+        client.get("/healthz")
+        time.sleep(0.3)
+    assert len(rx.received) == tried + 1
 
 
 def test_refused_at_submit_for_disallowed_hosts(tmp_path, monkeypatch):
