@@ -245,7 +245,7 @@ class TextEncoder:
         ``device="meta"`` checks the file (and loads the tokenizer) without reading tensor data.
         ``kwargs`` go to the constructor (``text_len``, ``cache_size``, ``pad_to_text_len``).
         """
-        from transformers import AutoTokenizer, UMT5EncoderModel
+        from transformers import UMT5EncoderModel
 
         state_dict = load_file_state_dict(pth_path, device)
         config = infer_config_from_original(state_dict)
@@ -265,12 +265,7 @@ class TextEncoder:
             missing_source_keys={k: v for k, v in missing_names.items() if v},
         )
         del converted
-        # Tie the encoder's embedding to ``shared`` (one tensor, as in from_pretrained).
-        model.set_input_embeddings(model.shared)
-        model.config.dtype = dtype
-        model.to(device)
-        tokenizer = AutoTokenizer.from_pretrained(os.fspath(tokenizer_dir))
-        return cls(model, tokenizer, **kwargs)
+        return cls._finish(model, tokenizer_dir, device, dtype, **kwargs)
 
     @classmethod
     def from_pretrained(
@@ -286,16 +281,23 @@ class TextEncoder:
         tied ``encoder.embed_tokens.weight`` may be in the file or not). Every weight is cast
         to ``dtype``, as Wan casts its T5 (transformers' ``from_pretrained`` would keep the
         ``wo`` projections in fp32 under fp16). ``device="meta"``: no tensor data is read."""
-        from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
+        from transformers import UMT5Config, UMT5EncoderModel
 
         config = UMT5Config.from_pretrained(os.fspath(text_encoder_dir), attn_implementation=_ATTN_IMPLEMENTATION)
         model = load_pretrained_strict(UMT5EncoderModel, text_encoder_dir, dtype, device, config=config,
                                        aliases=_TIED_ALIASES)
+        return cls._finish(model, tokenizer_dir, device, dtype, **kwargs)
+
+    @classmethod
+    def _finish(cls, model, tokenizer_dir: str | os.PathLike, device, dtype: torch.dtype, **kwargs) -> "TextEncoder":
+        """Tie the encoder's embedding to ``shared`` (one tensor, as in from_pretrained), place
+        the model and load its tokenizer: the end of both loaders."""
+        from transformers import AutoTokenizer
+
         model.set_input_embeddings(model.shared)
         model.config.dtype = dtype
         model.to(device)
-        tokenizer = AutoTokenizer.from_pretrained(os.fspath(tokenizer_dir))
-        return cls(model, tokenizer, **kwargs)
+        return cls(model, AutoTokenizer.from_pretrained(os.fspath(tokenizer_dir)), **kwargs)
 
     @classmethod
     def from_diffusers(
