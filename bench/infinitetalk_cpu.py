@@ -19,13 +19,12 @@ import resource
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.fresh_process import run_in_fresh_process  # noqa: E402
+from bench.fresh_process import run_in_fresh_process, timed_generation  # noqa: E402
 from bench.synthetic import speech_wav  # noqa: E402
 
 
@@ -57,12 +56,7 @@ def _run(case: dict, models: str, queue) -> None:
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     request = infinitetalk_request([speech_wav(case["seconds"])], video=source_video(case["seconds"]),
                                    prompt="a person talks", sampling=SamplingOptions(steps=case["steps"]), **options)
-    t0 = time.perf_counter()
-    result = pipe.generate(request)
-    elapsed = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    queue.put(dict(seconds=elapsed, peak_rss_mb=peak / 1024, rss_after_warmup_mb=base_rss / 1024,
-                   chunks=result.chunks, frames=result.num_frames, timings=result.timings))
+    queue.put(timed_generation(pipe, request, base_rss))
 
 
 def measure(case: dict, models: str) -> dict:

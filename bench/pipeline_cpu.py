@@ -15,14 +15,13 @@ import json
 import resource
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.fresh_process import run_in_fresh_process  # noqa: E402
+from bench.fresh_process import run_in_fresh_process, timed_generation  # noqa: E402
 from bench.synthetic import noise_png, speech_wav  # noqa: E402
 
 
@@ -43,12 +42,7 @@ def _run(case: dict, models: str, queue) -> None:
         frames=case["frames"], mode=case["mode"], motion_frames=5, color_correction=1.0,
         sampling=SamplingOptions(steps=case["steps"]),
     )
-    t0 = time.perf_counter()
-    result = pipe.generate(req)
-    elapsed = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    queue.put(dict(seconds=elapsed, peak_rss_mb=peak / 1024, rss_after_load_mb=base_rss / 1024,
-                   chunks=result.chunks, frames=result.num_frames, timings=result.timings))
+    queue.put(timed_generation(pipe, req, base_rss))
 
 
 def measure(case: dict, models: str) -> dict:

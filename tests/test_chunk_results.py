@@ -4,22 +4,11 @@ readable when the job fails late."""
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
 
 from fakes import VIDEO, FakeStages, make_client, wait_state
 
 from multitalk.api import GenerationResult, Progress
-
-
-@dataclass
-class Segment:  # the fields of multitalk.utils.segments.ChunkSegment the service reads
-    index: int
-    init: bytes
-    data: bytes
-    frames: int
-    frames_so_far: int
-    start: float
-    duration: float
+from multitalk.utils.segments import ChunkSegment
 
 
 def chunked_driver(fail_after: int = None, chunks: int = 3):
@@ -31,7 +20,7 @@ def chunked_driver(fail_after: int = None, chunks: int = 3):
             emit(Progress("diffusion", step=i + 1, total_steps=chunks, chunk=i + 1, total_chunks=chunks))
             await asyncio.sleep(0.05)
             if on_chunk is not None:
-                await on_chunk(Segment(i, b"INIT", f"SEG{i}".encode(), 12, 12 * (i + 1), 0.48 * i, 0.48))
+                await on_chunk(ChunkSegment(i, b"INIT", f"SEG{i}".encode(), 12, 12 * (i + 1), 0.48 * i, 0.48))
             if fail_after is not None and i + 1 == fail_after:
                 raise RuntimeError("the GPU fell over")
         return GenerationResult(VIDEO, 12 * chunks, 25, 64, 48, chunks, True)
