@@ -18,7 +18,9 @@ from conftest import free_port, moto_bucket, patched_environ, source_pythonpath
 pytestmark = [pytest.mark.serve, pytest.mark.slow, pytest.mark.fixtures, pytest.mark.timeout(600)]
 
 BUCKET = "multitalk-ha"
-LEASE_S = 4.0
+# Long enough that a survivor's heartbeat (every LEASE_S / 3) never lapses on a loaded 2-core CI
+# machine (at 4 s one did: a second takeover, lease 2); short enough for a quick takeover.
+LEASE_S = 10.0
 
 
 def _ingress_actors(ray) -> dict[str, tuple[str, str]]:
