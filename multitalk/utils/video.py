@@ -1,6 +1,6 @@
 """Output video: mp4 writing (H.264 + AAC), probing, and colour correction.
 
-Everything goes through the imageio-ffmpeg binary (``imageio_ffmpeg.getffmpeg_exe()``)
+Everything goes through the imageio-ffmpeg binary (``imageio_ffmpeg.get_ffmpeg_exe()``)
 in subprocesses; raw frames are streamed on stdin, the speech is handed over as a wav in
 a private temporary directory that is always removed.
 
