@@ -20,6 +20,8 @@ Uploaded speech goes to AudioEncoder; a job that gives text goes first through S
         store: {bucket: my-bucket, region: eu-west-1, endpoint_url: null, prefix: "", local_root: null}
         ingress: {max_concurrent_jobs: 2, max_queued_jobs: 16, runsync_timeout_s: 120, ...}
       deployments:          # per-deployment resources, standard Serve overrides
+      - name: MultiTalkIngress
+        user_config: {presets: {...}, request_defaults: {...}, limits: {...}, loras: {...}}  # live settings
       - name: Diffusion
         num_replicas: 1
         ray_actor_options: {num_gpus: 1}
@@ -42,14 +44,18 @@ from deployments.stages import AudioEncoder, Diffusion, ImageEncoder, Speech, Te
 
 
 def build_app(args: Union[AppArgs, dict[str, Any], None] = None) -> Application:
-    """Bind the graph; nothing is loaded until Serve starts the replicas."""
+    """Bind the graph; nothing is loaded until Serve starts the replicas. The live settings
+    the args give (presets, request defaults, limits, LoRAs) become the initial
+    ``user_config`` of the ingress and of Diffusion (``deployments/live_settings.py``)."""
     args = args if isinstance(args, AppArgs) else AppArgs.model_validate(dict(args or {}))
     stage_settings = args.stage_settings()
-    return MultiTalkIngress.bind(
+    diffusion = Diffusion.options(**diffusion_deployment_options(stage_settings),
+                                  user_config=args.diffusion_user_config())
+    return MultiTalkIngress.options(user_config=args.ingress_user_config()).bind(
         AudioEncoder.bind(stage_settings),
         ImageEncoder.bind(stage_settings),
         TextEncoder.bind(stage_settings),
-        Diffusion.options(**diffusion_deployment_options(stage_settings)).bind(stage_settings),
+        diffusion.bind(stage_settings),
         VaeDecoder.bind(stage_settings),
         Speech.bind(stage_settings),
         args.ingress_settings(),

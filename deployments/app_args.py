@@ -25,6 +25,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from .live_settings import LIVE_INGRESS_FIELDS, LiveSettings
 from .service import ServiceSettings
 
 StageName = Literal["audio", "image", "text", "diffusion", "decode", "speech"]
@@ -160,30 +161,29 @@ class AppArgs(StageSettings):
 
     @model_validator(mode="after")
     def _model_everywhere(self):
-        if self.model == "infinitetalk":
-            from multitalk.infinitetalk import DEFAULTS, INFINITETALK_LIMITS
-
-            ingress = self.ingress
-            updates = {"model": self.model}
-            if "limits" not in ingress.model_fields_set:
-                updates["limits"] = INFINITETALK_LIMITS  # 10 minutes of audio
-            # Its own defaults (streaming, 9 motion frames, infinitetalk-480) under the
-            # configured request defaults; the request and its preset still win.
-            defaults = {k: v for k, v in DEFAULTS.items() if k != "frames"}
-            updates["request_defaults"] = {**defaults, **ingress.request_defaults}
-            self.ingress = ingress.model_copy(update=updates)
+        if self.model != "multitalk":
+            self.ingress = self.ingress.model_copy(update={"model": self.model})
         return self
 
     @model_validator(mode="after")
-    def _presets_name_known_loras(self):
-        from multitalk.modules.lora_runtime import normalize_lora_set
-
-        for name, preset in self.ingress.presets.items():
-            try:
-                normalize_lora_set(preset.get("loras"), known=self.loras)
-            except ValueError as e:
-                raise ValueError(f"ingress.presets.{name}: {e}") from None
+    def _live_settings_valid(self):
+        self.live_settings()  # presets naming unknown LoRAs etc. fail the build, naming them
         return self
+
+    def live_settings(self) -> LiveSettings:
+        """The live settings the args set (``ingress.presets``, ``request_defaults``,
+        ``limits`` and ``loras``): the deployments' initial ``user_config``
+        (``deployments/live_settings.py``); what the args leave out stays unset."""
+        given = {f: getattr(self.ingress, f) for f in LIVE_INGRESS_FIELDS if f in self.ingress.model_fields_set}
+        if self.loras:
+            given["loras"] = dict(self.loras)
+        return LiveSettings(**given)
+
+    def ingress_user_config(self) -> dict[str, Any]:
+        return self.live_settings().model_dump(mode="json", exclude_unset=True)
+
+    def diffusion_user_config(self) -> dict[str, Any]:
+        return {"loras": dict(self.loras)}
 
     def stage_settings(self) -> StageSettings:
         settings = StageSettings.model_validate(self.model_dump(include=set(StageSettings.model_fields)))
@@ -196,12 +196,14 @@ class AppArgs(StageSettings):
         return settings
 
     def ingress_settings(self) -> dict[str, Any]:
-        """The ingress deployment's settings: its own, the store, the models root it reports
-        on and the LoRA names requests may pick."""
+        """The ingress deployment's settings: its own (less the live ones, which come
+        through ``user_config``), the store, the models root it reports on, and the live
+        settings the args set (``live_args``: refused if a config's ``user_config``
+        replaces them with other values)."""
         return {
-            **self.ingress.model_dump(exclude_unset=True),
+            **self.ingress.model_dump(exclude_unset=True, exclude=set(LIVE_INGRESS_FIELDS)),
             "store": self.store.model_dump(exclude_none=True),
             "models_root": self.models_root,
             "cache_dir": self.cache_dir,
-            "lora_names": sorted(self.loras),
+            "live_args": self.ingress_user_config(),
         }

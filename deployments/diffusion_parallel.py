@@ -193,6 +193,10 @@ class RankActor:
     def ping(self) -> int:
         return self.rank
 
+    def set_loras(self, registry: dict, root: str) -> dict:
+        """The replica's live LoRA set, on this rank's DiT (``DiffusionStage.set_lora_registry``)."""
+        return self.stage.set_lora_registry(registry, root)
+
     def cancel(self) -> None:
         self._cancel.set()
 
@@ -305,6 +309,11 @@ class RankGroup:
 
     async def cancel(self) -> None:
         await asyncio.gather(*[r.cancel.remote() for r in self.ranks], return_exceptions=True)
+
+    async def set_loras(self, registry: dict, root: str) -> dict:
+        """Every rank holds the same LoRAs (they sample in lockstep); rank 0's changes."""
+        changes = await asyncio.gather(*[r.set_loras.remote(registry, root) for r in self.ranks])
+        return changes[0]
 
     async def sample(self, job, audio, image, text):
         """Async generator of rank 0's events; every rank runs the same sampling."""

@@ -16,6 +16,7 @@ from typing import Optional, Union
 from ray import serve
 
 from .routes import create_app
+from .live_settings import LiveSettings, check_one_place
 from .schemas import JobRequest, JobStatus
 from .serve_stages import ServeStages
 from .service import JobService, ServiceSettings
@@ -36,6 +37,7 @@ class MultiTalkIngress:
         replica_logging()  # the [job <id>] lines into this replica's Serve log
         settings = dict(settings or {})
         store = store_from_settings(settings.pop("store", None))
+        self._live_args = settings.pop("live_args", {})  # the live settings the app args set
         if "replica_id" not in settings:
             # Serve's own replica id: job records name their owner as Serve's logs and
             # actor names do (SERVE_REPLICA::<app>#MultiTalkIngress#<id>).
@@ -46,6 +48,16 @@ class MultiTalkIngress:
         self.service = JobService(store=store, stages=ServeStages(audio, image, text, diffusion, decode, speech),
                                   settings=ServiceSettings.from_dict(settings))
         logger.info("ingress replica %s: store %s", self.service.settings.replica_id, store.describe())
+
+    def reconfigure(self, user_config: dict) -> None:
+        """Serve's ``user_config``: the live settings (``deployments/live_settings.py``),
+        applied without a restart; a bad one fails the deploy, naming the field."""
+        check_one_place(self._live_args, user_config, "MultiTalkIngress")
+        live = LiveSettings.model_validate(user_config or {})
+        self.service.apply_live(live)
+        logger.info("live settings applied: presets %s, request defaults %s, LoRAs %s, limits %s",
+                    sorted(live.presets), live.request_defaults, sorted(live.loras),
+                    "set" if live.limits is not None else "the model's defaults")
 
     def __serve_build_asgi_app__(self):
         return create_app(self.service)

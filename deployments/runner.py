@@ -154,10 +154,13 @@ class JobRunner:
         beat: Optional[asyncio.Task] = None
         deadline: Optional[asyncio.TimerHandle] = None
         try:
+            # The lease is kept from the moment the job is ours, also while it waits for a slot:
+            # a queued job without heartbeats looks orphaned to the other ingress replicas after
+            # lease_s, and one of them would claim a job its live owner is about to run.
+            beat = asyncio.ensure_future(self.leases.heartbeat(
+                rec, tracker.take_dirty, lambda why: self.cancel(rec.id, CancelReason(why))))
             async with self._slots:
                 await self._mark_started(rec, log)
-                beat = asyncio.ensure_future(self.leases.heartbeat(
-                    rec, tracker.take_dirty, lambda why: self.cancel(rec.id, CancelReason(why))))
                 if self.settings.job_timeout_s:
                     deadline = asyncio.get_running_loop().call_later(
                         self.settings.job_timeout_s, self.cancel, rec.id, CancelReason.DEADLINE)

@@ -27,6 +27,7 @@ from . import volume
 from .admission import Admission, Overloaded  # noqa: F401 - Overloaded: part of this module's API
 from .jobs import JobRecord, JobStore, valid_job_id
 from .leases import Leases
+from .live_settings import LiveSettings
 from .request_options import check_layer
 from .runner import CancelReason, GenerateFn, JobRunner, RunnerSettings, job_log
 from .schemas import ErrorInfo, JobRequest, JobState
@@ -122,6 +123,18 @@ class JobService:
         self._models_root: Optional[str] = None
         self._voices: Optional[list[str]] = None
         self._models_report: Optional[tuple[float, dict]] = None
+
+    def apply_live(self, live: "LiveSettings") -> None:
+        """New live settings (``deployments/live_settings.py``; the ingress's ``reconfigure``):
+        presets, request defaults, limits and LoRA names for the jobs submitted from now on.
+        Jobs already accepted keep the options they were resolved with."""
+        values = live.for_model(self.settings.model)
+        self.settings = self.settings.model_copy(update=values)
+        adm = self.admission
+        adm.presets, adm.request_defaults = values["presets"], values["request_defaults"]
+        adm.limits, adm.lora_names = values["limits"], values["lora_names"]
+        self.runner.limits = values["limits"]
+        self._models_report = None  # /v1/models lists the presets and LoRAs
 
     # --- lifecycle -------------------------------------------------------------------
     async def start(self) -> None:

@@ -140,6 +140,30 @@ class Diffusion(_StageReplica):
                     self._par.ranks, self._par.cfg_degree, self._par.sp_degree, self._par.ulysses,
                     self._par.ring_degree)
 
+    async def reconfigure(self, user_config: dict) -> None:
+        """Serve's ``user_config``: ``{"loras": {name: file under the models root}}``, the
+        LoRAs jobs may pick (``deployments/live_settings.py``). Applied between two samplings
+        (under the sampling lock) on every rank, without reloading the DiT."""
+        from .live_settings import check_one_place
+        from .volume import resolve_models_root
+
+        user_config = dict(user_config or {})
+        unknown = sorted(set(user_config) - {"loras"})
+        if unknown:
+            raise ValueError(f"Diffusion user_config: unknown keys {unknown}; it takes 'loras' only")
+        registry = dict(user_config.get("loras") or {})
+        from_args = (self.settings.stage_options.get("diffusion") or {}).get("lora_registry") or {}
+        check_one_place({"loras": dict(from_args)} if from_args else {}, user_config, "Diffusion")
+        root = await asyncio.to_thread(
+            resolve_models_root, {"models_root": self.settings.models_root, "cache_dir": self.settings.cache_dir})
+        async with self._lock:
+            if self._group is not None:
+                changes = await self._group.set_loras(registry, root)
+            else:
+                changes = await asyncio.to_thread(self.stage.set_lora_registry, registry, root)
+        if changes["added"] or changes["removed"]:
+            logger.info("Diffusion LoRAs: added %s, removed %s", changes["added"], changes["removed"])
+
     async def check_health(self) -> None:
         """With ranks: ping every rank; a dead one makes this replica unhealthy (Serve replaces it)."""
         if self._group is not None:

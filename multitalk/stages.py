@@ -364,6 +364,23 @@ class DiffusionStage:
             self.lora_runtime = LoraRuntime(self.model, self.device, self.dtype)
         return self.lora_runtime.register(name, path).describe()
 
+    def set_lora_registry(self, registry: dict, root) -> dict[str, list[str]]:
+        """Make the LoRAs a job may pick exactly ``registry`` (``{name: path}``, relative to
+        ``root``): new names are read and checked now, dropped ones forgotten, a name whose
+        file changed is read again. Returns ``{"added": [...], "removed": [...]}``."""
+        from .modules.lora_runtime import resolve_registry
+
+        wanted = {name: str(path.resolve()) for name, path in resolve_registry(registry, root).items()}
+        held = {} if self.lora_runtime is None else {
+            n: str(Path(e.file.path).resolve()) for n, e in self.lora_runtime.loras.items()}
+        removed = sorted(n for n in held if wanted.get(n) != held[n])
+        added = sorted(n for n in wanted if held.get(n) != wanted[n])
+        for name in removed:
+            self.lora_runtime.unregister(name)
+        for name in added:
+            self.register_lora(name, wanted[name])
+        return {"added": added, "removed": removed}
+
     @property
     def lora_names(self) -> list[str]:
         return [] if self.lora_runtime is None else self.lora_runtime.names

@@ -80,8 +80,14 @@ def test_gpu_serve_config_resources():
     assert 0 < gpus["AudioEncoder"] < 1 and 0 < gpus["ImageEncoder"] < 1
     assert gpus["AudioEncoder"] + gpus["ImageEncoder"] <= 1
     assert 0 < gpus["TextEncoder"] < 1 and 0 < gpus["VaeDecoder"] < 1
-    # The encoders and the decoder fit on one GPU together.
-    assert sum(gpus[n] for n in ("AudioEncoder", "ImageEncoder", "TextEncoder", "VaeDecoder")) <= 1
+    # The encoders, the decoder and Speech fit on one GPU together: fractions adding up to more
+    # than 1 would take a second GPU away from Diffusion on every node they land on.
+    assert sum(gpus[n] for n in ("AudioEncoder", "ImageEncoder", "TextEncoder", "VaeDecoder", "Speech")) <= 1
+    # HA: the two ingress replicas never share a node; live settings come through user_config,
+    # the LoRA names the ingress offers are the files Diffusion holds (one YAML anchor).
+    assert deps["MultiTalkIngress"]["num_replicas"] == 2 and deps["MultiTalkIngress"]["max_replicas_per_node"] == 1
+    assert deps["Diffusion"]["user_config"]["loras"] is deps["MultiTalkIngress"]["user_config"]["loras"]
+    assert not {"presets", "request_defaults", "limits"} & set(app.args.get("ingress", {})) and "loras" not in app.args
     for n in ("AudioEncoder", "ImageEncoder", "TextEncoder"):
         assert deps[n]["autoscaling_config"]["min_replicas"] == 0
     assert deps["Diffusion"]["autoscaling_config"]["min_replicas"] >= 1
@@ -132,6 +138,7 @@ def test_cluster_yaml_against_ray_schema():
     assert [types[t]["resources"]["GPU"] for t in ("g5.12xlarge", "p4d.24xlarge", "p5.48xlarge")] == [4, 8, 8]
     assert cfg["provider"]["type"] == "aws" and cfg["docker"]["image"] and cfg["idle_timeout_minutes"] > 0
     assert all("IamInstanceProfile" in t["node_config"] for t in cfg["available_node_types"].values())
+    assert "-e RAY_SERVE_USE_PACK_SCHEDULING_STRATEGY=1" in cfg["docker"]["run_options"]  # read by the controller
     warm = " ".join(cfg["worker_setup_commands"])
     assert "multitalk.checkpoints.remote warm s3://" in warm
 
@@ -148,6 +155,7 @@ def test_rayservice_serve_config_matches():
     cluster = rs["spec"]["rayClusterConfig"]
     head = cluster["headGroupSpec"]
     assert head["rayStartParams"]["num-gpus"] == "0"
+    assert {"name": "RAY_SERVE_USE_PACK_SCHEDULING_STRATEGY", "value": "1"} in head["template"]["spec"]["containers"][0]["env"]
     assert not any("nvidia.com/gpu" in (c.get("resources", {}).get("limits") or {})
                    for c in head["template"]["spec"]["containers"])
     gpus = []

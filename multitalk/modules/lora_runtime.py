@@ -195,6 +195,17 @@ class LoraRuntime:
                     len(lora.deltas), lora.nbytes / 1e6)
         return entry
 
+    def unregister(self, name: str) -> None:
+        """Forget a LoRA (a deployment's live settings dropped it); if the applied set uses
+        it, the base weights are restored first."""
+        if name not in self.loras:
+            raise KeyError(f"no LoRA named {name!r}")
+        if any(n == name for n, _ in self.current):
+            self._restore()
+            self.current = ()
+        del self.loras[name]
+        logger.info("LoRA %r unregistered", name)
+
     @property
     def names(self) -> list[str]:
         return sorted(self.loras)

@@ -1,0 +1,379 @@
+"""The production Serve config on Ray's own multi-node harness, on one machine.
+
+``ray.cluster_utils.Cluster`` runs several real raylets on this host; a raylet may declare
+GPUs it does not have, so Serve places ``num_gpus`` replicas on it exactly as on a GPU
+cluster (torch sees no CUDA: the overlay runs every stage on the CPU). With
+``autoscaling=True`` the head also runs Ray's real autoscaler (the monitor process) over
+the ``fake_multinode`` provider, which launches and removes raylets on this host the way
+the AWS provider launches instances (the provider config is written here: the pip wheel
+does not ship the ``example.yaml`` that ``AutoscalingCluster`` opens).
+
+What is deployed is ``serve_config.yaml`` itself merged with ONE overlay
+(``tests/data/cluster_cpu_overlay.yaml``, see :func:`serve_config`); the node types are
+``cluster.yaml``'s, with their CPU and GPU counts scaled down (:func:`node_types`).
+
+Kept small for a shared 2-core machine: a few hundred MB of object store per raylet, no
+prestarted workers, and ``RAY_TMPDIR`` pointing at a folder of its own, so that the
+``ray_current_cluster`` file this cluster writes never makes another process's
+``ray.init()`` join it. Nothing here runs ``ray stop`` (host-wide); nodes are killed by
+their own process ids. Cluster, ``remove_node`` and the fake provider are Ray developer
+APIs: Ray is pinned in pyproject.toml.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+OVERLAY = HERE / "data" / "cluster_cpu_overlay.yaml"
+APP = "multitalk"
+
+# cluster.yaml's node types, scaled down: CPUs / 6 (rounded up), GPUs / 2 (at least 1). A
+# p4d.24xlarge (96 CPUs, 8 GPUs) becomes a raylet declaring 16 CPUs and 4 GPUs: it holds the
+# encoders' shared GPU, the Speech fraction and two whole-GPU Diffusion replicas.
+CPU_SCALE = 6
+GPU_SCALE = 2
+OBJECT_STORE_BYTES = 200 * 2**20
+# Raylets start no idle workers ahead of demand (each would be a Python process on 2 cores).
+QUIET_RAYLETS = {"prestart_worker_first_driver": False, "enable_worker_prestart": False}
+# Node death seen after ~4 s instead of Ray's default 20-55 s (the suite's drills; the bench
+# keeps the defaults, as production does).
+FAST_HEALTH_CHECKS = {"health_check_initial_delay_ms": 1000, "health_check_period_ms": 1000,
+                      "health_check_timeout_ms": 1000, "health_check_failure_threshold": 3}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --------------------------------------------------------------------------- the config
+def merge(base: Any, overlay: Any) -> Any:
+    """``overlay`` merged into ``base``: dicts key by key, lists of named items (applications,
+    deployments) item by item by ``name``; anything else is replaced."""
+    if isinstance(base, dict) and isinstance(overlay, dict):
+        out = dict(base)
+        for key, value in overlay.items():
+            out[key] = merge(base[key], value) if key in base else copy.deepcopy(value)
+        return out
+    if (isinstance(base, list) and isinstance(overlay, list)
+            and all(isinstance(i, dict) and "name" in i for i in base + overlay)):
+        out = [copy.deepcopy(i) for i in base]
+        index = {item["name"]: n for n, item in enumerate(out)}
+        for item in overlay:
+            if item["name"] in index:
+                out[index[item["name"]]] = merge(out[index[item["name"]]], item)
+            else:
+                out.append(copy.deepcopy(item))
+        return out
+    return copy.deepcopy(overlay)
+
+
+def serve_config(port: int, cache_dir: str, store: dict, *extra: dict) -> dict:
+    """``serve_config.yaml`` + the CPU overlay + what differs per run (port, cache, store),
+    then ``extra`` overlays (a test's variant, e.g. :func:`sequence_parallel_variant`)."""
+    config = yaml.safe_load((REPO / "serve_config.yaml").read_text())
+    config = merge(config, yaml.safe_load(OVERLAY.read_text()))
+    per_run = {
+        "http_options": {"host": "127.0.0.1", "port": port},
+        "applications": [{"name": APP, "runtime_env": {"env_vars": {"MULTITALK_CACHE_DIR": cache_dir}},
+                          "args": {"cache_dir": cache_dir, "store": store}}],
+    }
+    config = merge(config, per_run)
+    for more in extra:
+        config = merge(config, more)
+    return config
+
+
+def sequence_parallel_variant(sp_degree: int = 2) -> dict:
+    """serve_config.yaml's commented sequence-parallel Diffusion (the block under "Replace
+    ray_actor_options with:"), for ``sp_degree`` ranks: bundle 0 holds the replica actor."""
+    import re
+
+    text = (REPO / "serve_config.yaml").read_text()
+    block = []
+    for line in text[text.index("Replace ray_actor_options with:"):].splitlines()[1:]:
+        m = re.match(r"^\s*# ?(.*)$", line)
+        if not m:
+            break
+        block.append(m.group(1))
+    diffusion = yaml.safe_load("\n".join(block))
+    diffusion["placement_group_bundles"] = diffusion["placement_group_bundles"][:sp_degree]
+    return {"applications": [{"name": APP,
+                              "args": {"parallel": {"sp_degree": sp_degree, "ulysses_degree": sp_degree,
+                                                    "ring_degree": 1}},
+                              "deployments": [{"name": "Diffusion", **diffusion}]}]}
+
+
+def _scaled(resources: dict) -> dict:
+    out = {}
+    for name, amount in resources.items():
+        if name == "CPU":
+            out[name] = max(1, -(-int(amount) // CPU_SCALE))
+        elif name == "GPU" or amount == resources.get("GPU"):  # accelerator resources follow the GPUs
+            out[name] = max(1, int(amount) // GPU_SCALE) if amount else 0
+        else:
+            out[name] = amount
+    return out
+
+
+def node_types() -> dict[str, dict]:
+    """``cluster.yaml``'s worker node types, scaled down: ``{name: {resources, min_workers,
+    max_workers}}`` (resources as a raylet declares them)."""
+    cluster = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    out = {}
+    for name, spec in cluster["available_node_types"].items():
+        if name == cluster["head_node_type"]:
+            continue
+        out[name] = {"resources": _scaled(spec["resources"]), "min_workers": spec.get("min_workers", 0),
+                     "max_workers": spec.get("max_workers", 1)}
+    return out
+
+
+def head_resources() -> dict:
+    cluster = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    return _scaled(cluster["available_node_types"][cluster["head_node_type"]]["resources"])
+
+
+def serve_env() -> dict[str, str]:
+    """The ``RAY_*`` environment cluster.yaml gives every node's container (``-e`` docker
+    options): e.g. the Serve controller's pack scheduling."""
+    cluster = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    out = {}
+    for option in cluster.get("docker", {}).get("run_options", []):
+        if option.startswith("-e RAY_"):
+            key, _, value = option[3:].partition("=")
+            out[key] = value
+    return out
+
+
+def autoscaler_config(gcs_address: str, idle_timeout_minutes: float = 0.1,
+                      types: Optional[dict] = None) -> dict:
+    """The fake_multinode provider's cluster config (what ``ray up`` would get on AWS), from
+    :func:`node_types`: the real autoscaler adds and removes these raylets on this host."""
+    workers = {name: {"resources": {**spec["resources"], "object_store_memory": OBJECT_STORE_BYTES},
+                      "node_config": {}, "min_workers": spec["min_workers"], "max_workers": spec["max_workers"]}
+               for name, spec in (types or node_types()).items()}
+    return {
+        "cluster_name": "multitalk-fake",
+        "max_workers": sum(t["max_workers"] for t in workers.values()),
+        "upscaling_speed": 1.0,
+        "idle_timeout_minutes": idle_timeout_minutes,
+        "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
+                     "disable_launch_config_check": True, "gcs_address": gcs_address},
+        "available_node_types": {"ray.head.default": {"resources": head_resources(), "node_config": {},
+                                                      "max_workers": 0}, **workers},
+        "head_node_type": "ray.head.default",
+        "auth": {}, "docker": {}, "file_mounts": {}, "cluster_synced_files": [],
+        "file_mounts_sync_continuously": False, "rsync_exclude": [], "rsync_filter": [],
+        "initialization_commands": [], "setup_commands": [], "head_setup_commands": [],
+        "worker_setup_commands": [], "head_start_ray_commands": [], "worker_start_ray_commands": [],
+    }
+
+
+# --------------------------------------------------------------------------- the cluster
+class LocalCluster:
+    """A head raylet (CPU only, like cluster.yaml's head) plus GPU worker raylets, Serve, and
+    the application deployed from a config dict. Use as a context manager."""
+
+    def __init__(self, workdir: Path, *, autoscaling: bool = False, health_checks: Optional[dict] = None,
+                 env: Optional[dict] = None):
+        self.workdir = Path(workdir)
+        self.autoscaling = autoscaling
+        self.system_config = {**QUIET_RAYLETS, **(health_checks or {})}
+        self.env = dict(env or {})
+        self.cluster = None
+        self.static_nodes: dict[str, Any] = {}  # node id -> ray Node (added with add_node)
+        self._saved_env: dict[str, Optional[str]] = {}
+
+    # --- lifecycle ------------------------------------------------------------------
+    def __enter__(self) -> "LocalCluster":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _set_env(self, values: dict) -> None:
+        for key, value in values.items():
+            self._saved_env.setdefault(key, os.environ.get(key))
+            os.environ[key] = value
+
+    def start(self) -> None:
+        import ray
+        from ray.autoscaler._private.fake_multi_node.node_provider import FAKE_HEAD_NODE_ID
+        from ray.cluster_utils import Cluster
+
+        # A short temp root of our own: Unix socket paths must stay under 108 bytes, and the
+        # cluster's address file lands here instead of the host-wide /tmp/ray.
+        self.tmp_root = tempfile.mkdtemp(prefix="mtc-", dir="/tmp")
+        paths = [str(REPO), str(HERE)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+        env = {"RAY_TMPDIR": self.tmp_root, "PYTHONPATH": os.pathsep.join(paths), **serve_env(), **self.env}
+        head_args: dict[str, Any] = {
+            "num_cpus": head_resources()["CPU"], "num_gpus": 0, "object_store_memory": OBJECT_STORE_BYTES,
+            "include_dashboard": False, "_system_config": self.system_config,
+        }
+        if self.autoscaling:
+            from ray._private.services import get_node_ip_address
+
+            port = free_port()
+            config_path = self.workdir / "autoscaler.yaml"
+            config_path.write_text(yaml.safe_dump(autoscaler_config(f"{get_node_ip_address()}:{port}")))
+            # The monitor (a child of the head) inherits these: the fake provider refuses to
+            # run without RAY_FAKE_CLUSTER, and updates every second instead of every 5.
+            env.update({"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"})
+            head_args.update(autoscaling_config=str(config_path), gcs_server_port=port,
+                             env_vars={"RAY_OVERRIDE_NODE_ID_FOR_TESTING": FAKE_HEAD_NODE_ID})
+        self._set_env(env)
+        self.cluster = Cluster(initialize_head=True, head_node_args=head_args)
+        ray.init(address=self.cluster.address, namespace="serve", log_to_driver=False)
+
+    def stop(self) -> None:
+        import ray
+
+        try:
+            if ray.is_initialized():
+                try:
+                    from ray import serve
+
+                    serve.shutdown()
+                finally:
+                    ray.shutdown()
+        finally:
+            try:
+                if self.autoscaling:
+                    self._stop_autoscaled_nodes()
+                if self.cluster is not None:
+                    self.cluster.shutdown()
+            finally:
+                if not os.environ.get("MULTITALK_KEEP_CLUSTER_LOGS"):
+                    shutil.rmtree(self.tmp_root, ignore_errors=True)
+                for key, value in self._saved_env.items():
+                    if value is None:
+                        os.environ.pop(key, None)
+                    else:
+                        os.environ[key] = value
+
+    # --- nodes ----------------------------------------------------------------------
+    def add_node(self, node_type: str) -> str:
+        """Start a worker raylet of ``node_type`` (scaled from cluster.yaml); its node id."""
+        resources = dict(node_types()[node_type]["resources"])
+        node = self.cluster.add_node(num_cpus=resources.pop("CPU"), num_gpus=resources.pop("GPU", 0),
+                                     resources=resources, object_store_memory=OBJECT_STORE_BYTES)
+        self.static_nodes[node.node_id] = node
+        return node.node_id
+
+    def nodes(self) -> list[dict]:
+        """The live nodes: ``[{node_id, resources, head}]``."""
+        import ray
+
+        return [{"node_id": n["NodeID"], "resources": n["Resources"],
+                 "head": n["Resources"].get("node:__internal_head__", 0) > 0}
+                for n in ray.nodes() if n["Alive"]]
+
+    def kill_node(self, node_id: str) -> float:
+        """SIGKILL every process of a worker node (its raylet first), as a machine that dies;
+        Ray notices through its health checks. Returns the time of the kill."""
+        node = self.static_nodes.pop(node_id, None)
+        killed_at = time.time()
+        if node is not None:
+            self.cluster.remove_node(node, allow_graceful=False)
+            return killed_at
+        for pid in self._node_pids(node_id):  # a raylet the autoscaler started: by its pids
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return killed_at
+
+    @staticmethod
+    def _node_pids(node_id: str) -> list[int]:
+        """Raylet (and agents) of ``node_id``: the processes whose command line names it."""
+        pids = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if node_id in cmdline and ("raylet" in cmdline or "agent" in cmdline):
+                pids.append(int(entry))
+        return sorted(pids, key=lambda p: "raylet" not in Path(f"/proc/{p}/cmdline").read_bytes().decode(
+            errors="replace"))
+
+    def _stop_autoscaled_nodes(self) -> None:
+        """Raylets the fake provider started live in the monitor's process tree; the monitor
+        dies with the head, its nodes do not: stop them by their pids."""
+        import ray
+
+        head = getattr(self.cluster, "head_node", None)
+        ids = [n["NodeID"] for n in (ray.nodes() if ray.is_initialized() else [])]
+        for node_id in ids:
+            if head is not None and node_id == head.node_id:
+                continue
+            for pid in self._node_pids(node_id):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+    # --- Serve ------------------------------------------------------------------------
+    def deploy(self, config: dict) -> None:
+        """``serve deploy`` of ``config`` (a Serve config as a dict), not waiting."""
+        from ray.serve._private import api as serve_api
+        from ray.serve.config import ProxyLocation
+        from ray.serve.schema import ServeDeploySchema
+
+        schema = ServeDeploySchema.model_validate(config)
+        client = serve_api.serve_start(http_options=schema.http_options.model_dump(),
+                                       proxy_location=ProxyLocation(schema.proxy_location))
+        client.deploy_apps(schema, _blocking=False)
+
+    def wait_running(self, timeout: float = 300.0, app: str = APP,
+                     until: Optional[Callable[[], bool]] = None) -> float:
+        """Wait until ``app`` is RUNNING (and ``until()`` holds); seconds waited."""
+        from ray import serve
+
+        t0 = time.monotonic()
+        while True:
+            status = serve.status().applications.get(app)
+            if status is not None and status.status == "DEPLOY_FAILED":
+                raise RuntimeError(f"{app}: deploy failed: {status.message}")
+            if status is not None and status.status == "RUNNING" and (until is None or until()):
+                return time.monotonic() - t0
+            if time.monotonic() - t0 > timeout:
+                raise TimeoutError(f"{app} not running after {timeout:.0f} s: {status}")
+            time.sleep(0.5)
+
+    def replicas(self, app: str = APP) -> list[dict]:
+        """Every replica of ``app`` the controller knows: ``[{deployment, replica_id, state,
+        node_id, pid, actor_name}]``."""
+        from ray.serve.context import _get_global_client
+
+        details = _get_global_client().get_serve_details()
+        out = []
+        for name, dep in (details.get("applications", {}).get(app, {}).get("deployments") or {}).items():
+            for r in dep.get("replicas", []):
+                out.append({"deployment": name, "replica_id": r["replica_id"], "state": r["state"],
+                            "node_id": r.get("node_id"), "pid": r.get("pid"), "actor_name": r.get("actor_name")})
+        return out
+
+    def running(self, deployment: str, app: str = APP) -> list[dict]:
+        return [r for r in self.replicas(app) if r["deployment"] == deployment and r["state"] == "RUNNING"]
+
+
+def dump(obj: Any) -> str:
+    return json.dumps(obj, indent=1, sort_keys=True, default=str)
