@@ -159,32 +159,49 @@ def test_threads_share_the_lock_and_resume(uploaded, tmp_path):
 
 
 def test_corrupt_download_is_refused(uploaded, tmp_path):
-    """A body that differs from the object (same size) fails the ETag/SHA check; nothing is
-    left in place."""
+    """A body that differs from the object (same size, one bit flipped in every GET of a
+    config.json, past the transfer manager) fails the ETag/SHA check; nothing is left in place."""
+    import io
 
-    class Corrupting:
-        def __init__(self, client):
-            self.c = client
+    from botocore.response import StreamingBody
 
-        def __getattr__(self, name):
-            return getattr(self.c, name)
+    client = remote.s3_client()
 
-        def get_object(self, **kw):
-            resp = self.c.get_object(**kw)
-            if kw["Key"].endswith("config.json") and "Range" in kw:
-                data = resp["Body"].read()
-                import io
+    def mark(params=None, context=None, **kwargs):  # the request's context travels to after-call
+        context["corrupt"] = params["Key"].endswith("config.json")
 
-                body = io.BytesIO(bytes([data[0] ^ 1]) + data[1:])
-                body.close = lambda: None
-                resp["Body"] = body
-            return resp
+    def corrupt(parsed=None, context=None, **kwargs):
+        if context.get("corrupt") and parsed.get("Body") is not None:
+            data = parsed["Body"].read()
+            parsed["Body"] = StreamingBody(io.BytesIO(bytes([data[0] ^ 1]) + data[1:]), len(data))
 
+    client.meta.events.register("before-parameter-build.s3.GetObject", mark)
+    client.meta.events.register("after-call.s3.GetObject", corrupt)
     cache = tmp_path / "cache"
     with pytest.raises(remote.RemoteWeightsError, match="config.json"):
-        remote.mirror(uploaded["url"], cache, client=Corrupting(remote.s3_client()), part_size=PART)
+        remote.mirror(uploaded["url"], cache, client=client, part_size=PART)
     mirror = remote.mirror_path(uploaded["url"], cache)
     assert not (mirror / remote.MARKER).exists() and not list(mirror.rglob(".*.part-*"))
+
+
+def test_downloads_go_through_the_transfer_manager(uploaded, tmp_path, monkeypatch):
+    """Every object comes down through boto3's ``download_file`` with one TransferConfig
+    (ranges of the part size, several at once), not through a downloader of our own."""
+    calls = []
+    client = remote.s3_client()
+    real = client.download_file
+
+    def download_file(bucket, key, filename, Config=None, **kw):
+        calls.append((key, Config))
+        return real(bucket, key, filename, Config=Config, **kw)
+
+    monkeypatch.setattr(client, "download_file", download_file)
+    stats = remote.mirror(uploaded["url"], tmp_path / "cache", client=client, workers=3, part_size=PART)
+    assert sorted(k for k, _ in calls) == sorted(k for k in uploaded["etags"] if not k.endswith("/"))
+    assert stats.downloaded_files == len(calls)
+    config = calls[0][1]
+    assert config.multipart_chunksize == PART and config.multipart_threshold == PART and config.max_concurrency == 3
+    assert stats.get_requests > len(calls)  # the shards above PART came down in several ranged GETs
 
 
 @pytest.mark.slow

@@ -10,9 +10,10 @@ is first mirrored to local disk and the local mirror is what the loaders see::
 How:
 
 * list the objects under the prefix (``list_objects_v2``, paginated);
-* download each one with parallel ranged GETs (``get_object(Range=...)`` in a thread
-  pool; small objects are one GET), written with ``pwrite`` into a temp file next to the
-  target, then ``fsync`` + atomic ``os.replace``;
+* download each one with boto3's transfer manager (``download_file`` with a
+  ``TransferConfig``: parallel ranged GETs of ``part_size``, retries of broken streams,
+  ``IfMatch`` on every range, a temp file renamed when complete; small objects are one
+  GET) into a temp name next to the target, verify it, then ``fsync`` + atomic ``os.replace``;
 * verify every file: its size, the ETag when it is a plain MD5 (single-part upload,
   not SSE-KMS), and the SHA-256 when the prefix holds a ``SHA256SUMS`` manifest
   (``sha256sum`` output format: ``<hex>  <relative path>``);
@@ -26,8 +27,8 @@ How:
 
 boto3 is configured from the environment: ``AWS_REGION`` / ``AWS_DEFAULT_REGION``,
 ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` (MinIO, moto, ...), the standard credential
-chain (env keys, instance profile, IRSA), botocore *standard* retries; reads that break
-mid-body are retried here per part.
+chain (env keys, instance profile, IRSA), botocore *standard* retries; the transfer
+manager retries reads that break mid-body (``num_download_attempts``).
 
 Command line (cluster ``setup_commands`` warm the cache before Serve starts)::
 
@@ -45,7 +46,6 @@ import shutil
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Optional
@@ -59,7 +59,7 @@ MANIFEST = "SHA256SUMS"
 DEFAULT_WORKERS = 16
 DEFAULT_PART_SIZE = 64 << 20  # 64 MiB ranges: ~150 GETs for the 9.9 GB adapter
 _READ_CHUNK = 4 << 20
-_PART_ATTEMPTS = 4
+_PART_ATTEMPTS = 5  # the transfer manager's attempts per range (a body that breaks mid-read)
 
 
 class RemoteWeightsError(RuntimeError):
@@ -191,125 +191,90 @@ def _is_plain_md5(etag: str) -> bool:
 
 
 class _Downloader:
+    """boto3's transfer manager (``download_file`` with a :class:`TransferConfig`: parallel
+    ranged GETs of ``part_size``, its own retries of broken streams, a temp file renamed when
+    complete, ``IfMatch`` on every range so an object changed mid-download fails), then our
+    checks before the file takes its place in the mirror."""
+
     def __init__(self, client, bucket: str, dest: Path, workers: int, part_size: int):
-        self.client = client
-        self.bucket = bucket
-        self.dest = dest
-        self.part_size = max(int(part_size), 1 << 10)
-        self.pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="s3-mirror")
-        self.lock = threading.Lock()
+        from boto3.s3.transfer import TransferConfig
+
+        self.client, self.bucket, self.dest = client, bucket, dest
+        part_size = max(int(part_size), 1 << 10)
+        self.config = TransferConfig(multipart_threshold=part_size, multipart_chunksize=part_size,
+                                     max_concurrency=max(1, workers), num_download_attempts=_PART_ATTEMPTS,
+                                     use_threads=True, preferred_transfer_client="classic")
         self.get_requests = 0
         self.kms: set[str] = set()
+        self._current = ""
+        self._lock = threading.Lock()
+        # Counted and inspected through botocore's events: the transfer manager makes the calls.
+        events = client.meta.events
+        events.register("before-call.s3.GetObject", self._count_get)
+        events.register("after-call.s3.HeadObject", self._note_encryption)
 
-    def close(self):
-        self.pool.shutdown(wait=True, cancel_futures=True)
+    def close(self) -> None:
+        events = self.client.meta.events
+        events.unregister("before-call.s3.GetObject", self._count_get)
+        events.unregister("after-call.s3.HeadObject", self._note_encryption)
 
-    def _part(self, obj: _Object, tmp: Path, start: int, end: int, md5=None) -> None:
-        """GET bytes [start, end] of ``obj`` into ``tmp`` at ``start``; retried on broken reads."""
-        from botocore.exceptions import BotoCoreError, ClientError
+    def _count_get(self, **kwargs) -> None:
+        with self._lock:
+            self.get_requests += 1
 
-        last: Optional[BaseException] = None
-        for attempt in range(_PART_ATTEMPTS):
-            h = hashlib.md5() if md5 is not None else None
-            try:
-                with self.lock:
-                    self.get_requests += 1
-                extra = {"IfMatch": f'"{obj.etag}"'} if obj.etag else {}
-                resp = self.client.get_object(Bucket=self.bucket, Key=obj.key, Range=f"bytes={start}-{end}", **extra)
-                if resp.get("ServerSideEncryption") == "aws:kms":
-                    self.kms.add(obj.key)
-                body = resp["Body"]
-                fd = os.open(tmp, os.O_WRONLY)
-                try:
-                    pos = start
-                    while True:
-                        chunk = body.read(_READ_CHUNK)
-                        if not chunk:
-                            break
-                        os.pwrite(fd, chunk, pos)
-                        if h is not None:
-                            h.update(chunk)
-                        pos += len(chunk)
-                finally:
-                    os.close(fd)
-                    body.close()
-                if pos != end + 1:
-                    raise RemoteWeightsError(f"{obj.key}: got {pos - start} bytes for range {start}-{end}")
-                if h is not None:
-                    md5.append(h)
-                return
-            except ClientError as e:
-                code = str(e.response.get("Error", {}).get("Code", ""))
-                if code in ("PreconditionFailed", "412"):
-                    raise RemoteWeightsError(f"{obj.key} changed in the bucket while it was being mirrored") from e
-                if code in ("NoSuchKey", "404", "AccessDenied", "403", "InvalidRange"):
-                    raise RemoteWeightsError(f"cannot read s3://{self.bucket}/{obj.key}: {e}") from e
-                last = e
-            except (BotoCoreError, OSError, RemoteWeightsError) as e:  # broken stream, timeouts
-                last = e
-            time.sleep(min(0.5 * 2 ** attempt, 8.0))
-            logger.warning("retrying %s bytes %d-%d (attempt %d): %s", obj.key, start, end, attempt + 2, last)
-        raise RemoteWeightsError(f"download of s3://{self.bucket}/{obj.key} failed: {last}") from last
+    def _note_encryption(self, parsed=None, **kwargs) -> None:
+        """The transfer manager's HeadObject of the object being fetched (one at a time)."""
+        if parsed and parsed.get("ServerSideEncryption") == "aws:kms":  # the ETag is then no MD5
+            with self._lock:
+                self.kms.add(self._current)
 
     def fetch(self, objects: list[_Object], on_done) -> None:
-        """Download ``objects``; ``on_done(obj)`` after each is verified and in place."""
-        jobs = []
+        """Download ``objects`` one after another (each over ``workers`` ranges); ``on_done(obj)``
+        after each is verified and in place. Nothing half-written is ever left at a target name."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
         for obj in objects:
             target = self.dest / obj.rel
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = target.parent / f".{target.name}.part-{os.getpid()}-{threading.get_ident()}"
-            with open(tmp, "wb") as f:
-                f.truncate(obj.size)
-            ranges = [(s, min(s + self.part_size, obj.size) - 1) for s in range(0, obj.size, self.part_size)]
-            # A single-range object gets its MD5 while it streams in; others are hashed after.
-            md5s: Optional[list] = [] if len(ranges) == 1 else None
-            futures = [self.pool.submit(self._part, obj, tmp, s, e, md5s) for s, e in ranges]
-            jobs.append((obj, tmp, target, futures, md5s))
-        error: Optional[BaseException] = None
-        for obj, tmp, target, futures, md5s in jobs:
             try:
-                if error is not None:  # an earlier file failed: stop this one's parts too
-                    for f in futures:
-                        f.cancel()
-                    wait(futures)
-                    continue
-                for f in futures:
-                    f.result()
-                self._verify(obj, tmp, md5s[0].hexdigest() if md5s else None)
+                self._current = obj.key
+                try:
+                    self.client.download_file(self.bucket, obj.key, str(tmp), Config=self.config)
+                except ClientError as e:
+                    code = str(e.response.get("Error", {}).get("Code", ""))
+                    if code in ("PreconditionFailed", "412"):
+                        raise RemoteWeightsError(f"{obj.key} changed in the bucket while it was being mirrored") from e
+                    raise RemoteWeightsError(f"cannot read s3://{self.bucket}/{obj.key}: {e}") from e
+                except (BotoCoreError, OSError) as e:  # retries spent on a broken connection
+                    raise RemoteWeightsError(f"download of s3://{self.bucket}/{obj.key} failed: {e}") from e
+                self._verify(obj, tmp)
                 with open(tmp, "rb+") as fh:
                     os.fsync(fh.fileno())
                 os.replace(tmp, target)
                 on_done(obj)
-            except BaseException as e:  # collect the other files' futures, then raise the first error
-                error = e
-                for f in futures:
-                    f.cancel()
-                wait(futures)
             finally:
                 tmp.unlink(missing_ok=True)
-        if error is not None:
-            raise error
 
-    def _verify(self, obj: _Object, tmp: Path, md5_hex: Optional[str]) -> None:
+    def _verify(self, obj: _Object, tmp: Path) -> None:
         size = tmp.stat().st_size
         if size != obj.size:
             raise RemoteWeightsError(f"{obj.key}: size {size} != {obj.size} listed")
         check_md5 = _is_plain_md5(obj.etag) and obj.key not in self.kms
-        if (check_md5 and md5_hex is None) or obj.sha256:
-            md5 = hashlib.md5() if check_md5 and md5_hex is None else None
-            sha = hashlib.sha256() if obj.sha256 else None
-            with open(tmp, "rb") as f:
-                while chunk := f.read(_READ_CHUNK):
-                    if md5 is not None:
-                        md5.update(chunk)
-                    if sha is not None:
-                        sha.update(chunk)
-            if md5 is not None:
-                md5_hex = md5.hexdigest()
-            if sha is not None and sha.hexdigest() != obj.sha256:
-                raise RemoteWeightsError(f"{obj.key}: sha256 {sha.hexdigest()} != {obj.sha256} (SHA256SUMS)")
-        if check_md5 and md5_hex != obj.etag.lower():
-            raise RemoteWeightsError(f"{obj.key}: MD5 {md5_hex} != ETag {obj.etag}")
+        if not (check_md5 or obj.sha256):
+            return
+        md5 = hashlib.md5() if check_md5 else None
+        sha = hashlib.sha256() if obj.sha256 else None
+        with open(tmp, "rb") as f:
+            while chunk := f.read(_READ_CHUNK):
+                if md5 is not None:
+                    md5.update(chunk)
+                if sha is not None:
+                    sha.update(chunk)
+        if sha is not None and sha.hexdigest() != obj.sha256:
+            raise RemoteWeightsError(f"{obj.key}: sha256 {sha.hexdigest()} != {obj.sha256} (SHA256SUMS)")
+        if md5 is not None and md5.hexdigest() != obj.etag.lower():
+            raise RemoteWeightsError(f"{obj.key}: MD5 {md5.hexdigest()} != ETag {obj.etag}")
 
 
 def _read_json(path: Path) -> dict:
