@@ -25,6 +25,25 @@ from .storage import store_from_settings
 logger = logging.getLogger("multitalk.serve")
 
 
+def live_ingress_replicas():
+    """In a replica: a function listing the ids of this deployment's replicas the cluster
+    still runs (their actors are alive in the GCS; ``None`` outside Serve). Job records name
+    their owner by this id (``deployments/leases.py``)."""
+    try:
+        ctx = serve.get_replica_context()
+    except Exception:  # noqa: BLE001 - outside a replica (tests)
+        return None
+    prefix = f"SERVE_REPLICA::{ctx.app_name}#{ctx.deployment}#"
+
+    def live() -> set[str]:
+        import ray
+
+        return {a["name"][len(prefix):] for a in ray.util.list_named_actors(all_namespaces=True)
+                if a["name"].startswith(prefix)}
+
+    return live
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64)
 @serve.ingress()
 class MultiTalkIngress:
@@ -46,7 +65,7 @@ class MultiTalkIngress:
             except Exception:  # noqa: BLE001 - outside a replica (tests): a random id
                 pass
         self.service = JobService(store=store, stages=ServeStages(audio, image, text, diffusion, decode, speech),
-                                  settings=ServiceSettings.from_dict(settings))
+                                  settings=ServiceSettings.from_dict(settings), live_replicas=live_ingress_replicas())
         logger.info("ingress replica %s: store %s", self.service.settings.replica_id, store.describe())
 
     def reconfigure(self, user_config: dict) -> None:

@@ -220,10 +220,12 @@ class JobStore:
                 records.append(rec)
         return sorted(records, key=lambda r: r.created_at)
 
-    def orphans(self, lease_s: float, owner: Optional[str] = None) -> list[JobRecord]:
+    def orphans(self, lease_s: float, owner: Optional[str] = None,
+                live_owners: Optional[set[str]] = None) -> list[JobRecord]:
         """Unfinished jobs nobody is running, and finished ones whose webhook nobody is
-        delivering: their owner's heartbeat is older than ``lease_s`` (or they have no
-        owner). ``owner``'s own jobs are never orphans."""
+        delivering: they have no owner, their owner's heartbeat is older than ``lease_s``, or
+        their owner is not among ``live_owners`` (the replicas the cluster still runs; None:
+        not known). ``owner``'s own jobs are never orphans."""
         now = time.time()
         found = []
         for key in self.store.list(ACTIVE_PREFIX):
@@ -235,7 +237,8 @@ class JobStore:
             if owner is not None and rec.owner == owner:
                 continue
             beat = rec.heartbeat_at or rec.updated_at
-            if rec.owner is None or now - beat > lease_s:
+            gone = live_owners is not None and rec.owner not in live_owners
+            if rec.owner is None or gone or now - beat > lease_s:
                 found.append(rec)
         return sorted(found, key=lambda r: r.created_at)
 

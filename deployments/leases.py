@@ -4,8 +4,9 @@ A job record names its owner (an ingress replica) and carries the owner's last h
 :meth:`Leases.heartbeat` runs beside every job this replica runs: it writes the job's
 progress (throttled) and the heartbeat, and stops the job when a client's cancel marker
 appears or when another replica has taken the job over. :meth:`Leases.recover` takes over
-the jobs nobody runs any more (their owner's heartbeat is older than ``lease_s``, or the
-record was re-queued at a shutdown), with an atomic claim in the store
+the jobs nobody runs any more (their owner's heartbeat is older than ``lease_s``, their
+owner is no longer one of the cluster's ingress replicas, or the record was re-queued at a
+shutdown), with an atomic claim in the store
 (:meth:`deployments.jobs.JobStore.claim`), so exactly one replica runs each of them. A
 finished job whose webhook delivery had not ended is taken over the same way, and the new
 owner delivers the webhook instead of re-running the job.
@@ -25,12 +26,19 @@ logger = logging.getLogger("multitalk.serve")
 
 class Leases:
     def __init__(self, jobs: JobStore, replica_id: str, lease_s: float = 60.0, persist_interval_s: float = 2.0,
-                 job_log: Optional[Callable[[str], logging.LoggerAdapter]] = None):
+                 job_log: Optional[Callable[[str], logging.LoggerAdapter]] = None,
+                 live_replicas: Optional[Callable[[], set[str]]] = None):
         self.jobs = jobs
         self.replica_id = replica_id
         self.lease_s = lease_s
         self.persist_interval_s = persist_interval_s
         self._log = job_log or (lambda job_id: logging.LoggerAdapter(logger, {}))
+        # The ingress replicas the cluster still runs (Serve's replica ids; blocking): a job
+        # whose owner is not among them is taken over at once, even if its heartbeat is fresh.
+        # A heartbeat only says the owner's process runs: a replica whose node the cluster has
+        # declared dead (raylet killed, network partition) may still run and renew its leases
+        # while its jobs can never finish.
+        self.live_replicas = live_replicas
 
     async def persist(self, rec: JobRecord) -> None:
         """Write ``rec`` with a fresh heartbeat (a snapshot: the live record keeps changing)."""
@@ -67,8 +75,14 @@ class Leases:
         """Claim the unfinished jobs nobody runs (heartbeat older than ``lease_s``; 0: every
         unowned one) and hand each one won to ``schedule``; a finished job won for its
         webhook goes to ``redeliver``."""
+        live = None
+        if self.live_replicas is not None:
+            try:
+                live = await asyncio.to_thread(self.live_replicas)
+            except Exception:  # noqa: BLE001 - not known now: the leases alone decide
+                logger.warning("could not list the live ingress replicas", exc_info=True)
         try:
-            orphans = await asyncio.to_thread(self.jobs.orphans, lease_s, self.replica_id)
+            orphans = await asyncio.to_thread(self.jobs.orphans, lease_s, self.replica_id, live)
         except Exception:
             logger.exception("could not list job records for recovery")
             return

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import logging
 import os
 import sys
-import logging
+import time
 from typing import Any, Callable, Optional
 
 logger = logging.getLogger("multitalk.serve")
@@ -83,7 +84,9 @@ def load_replica_stage(name: str, settings, adjust: Optional[Callable[[dict], di
 
     from .volume import resolve_models_root
 
+    started = time.monotonic()
     root = resolve_models_root({"models_root": settings.models_root, "cache_dir": settings.cache_dir})
+    root_s = time.monotonic() - started  # an s3:// root: this node's mirror (downloaded once per node)
     cls = stage_class(name, settings.stage_classes)  # imports torch for the real stages
     pin_torch_threads(settings)  # before loading: the load itself runs on these threads
     device = resolve_device(settings.device)
@@ -93,5 +96,9 @@ def load_replica_stage(name: str, settings, adjust: Optional[Callable[[dict], di
     logger.info("%s stage: loading %s from %s on %s (%s), options %s", name, cls.__name__, root, device, dtype,
                 options)
     STAGE_LOADS[name] += 1
-    return load_stage(name, root, device=device, dtype=resolve_dtype(dtype), options=options,
-                      stage_classes=settings.stage_classes)
+    started = time.monotonic()
+    stage = load_stage(name, root, device=device, dtype=resolve_dtype(dtype), options=options,
+                       stage_classes=settings.stage_classes)
+    # Cold start figures (bench/cluster.py reads them): the models root (mirror) and the load.
+    logger.info("%s stage: models root ready in %.2f s, loaded in %.2f s", name, root_s, time.monotonic() - started)
+    return stage

@@ -100,7 +100,8 @@ class JobService:
     """Owns the jobs of one ingress replica (see the module docstring)."""
 
     def __init__(self, store: Store, stages: Any, settings: Optional[ServiceSettings] = None,
-                 generate_fn: Optional[GenerateFn] = None, local_store: Optional[LocalStore] = None):
+                 generate_fn: Optional[GenerateFn] = None, local_store: Optional[LocalStore] = None,
+                 live_replicas: Optional[Callable[[], set[str]]] = None):
         self.settings = s = settings or ServiceSettings()
         self.store = store
         self.jobs = JobStore(store)
@@ -111,7 +112,7 @@ class JobService:
         self.admission = Admission(store, s.limits, s.allowed_buckets, s.max_queued_jobs,
                                    s.max_queued_jobs_per_tenant, s.retry_after_s, s.precheck_inputs,
                                    s.presets, s.request_defaults, self.speech_voices, s.lora_names, s.model)
-        self.leases = Leases(self.jobs, s.replica_id, s.lease_s, s.persist_interval_s, job_log)
+        self.leases = Leases(self.jobs, s.replica_id, s.lease_s, s.persist_interval_s, job_log, live_replicas)
         self.webhooks = Webhooks(s.webhooks)
         generate_fn = generate_fn or (import_attr(s.driver) if s.driver else driver_for(s.model).generate)
         self.runner = JobRunner(stages, self.admission, self.leases, store, self.local_store,

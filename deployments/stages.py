@@ -35,13 +35,14 @@ class _StageReplica:
     stage_name: str = ""
 
     def __init__(self, settings: Any):
+        from . import metrics
+
+        metrics.replica_logging()  # our [job <id>] lines into the replica's Serve log
+        metrics.replica_logging("multitalk.checkpoints.remote")  # an s3:// root's mirror, with its timing
         self.settings = StageSettings.model_validate(settings)
         self.stage = load_replica_stage(self.stage_name, self.settings)
         self._lock = asyncio.Lock()
-        from . import metrics
-
         metrics.watch_gpu_memory()  # GPU memory gauge; nothing without CUDA
-        metrics.replica_logging()  # our [job <id>] lines into the replica's Serve log
 
     async def _run(self, fn: Callable, *args, job_id: Optional[str] = None):
         async with self._lock:
@@ -58,10 +59,16 @@ class _StageReplica:
         operators and the deploy tests)."""
         from .replica import STAGE_LOADS
 
+        import ray
+
         dtype, options = self.settings.options_for(self.stage_name)
+        ctx = ray.get_runtime_context()
         return {"stage": self.stage_name, "class": type(self.stage).__module__ + ":" + type(self.stage).__name__,
                 "dtype": dtype, "options": options, "settings": self.settings.model_dump(mode="json"),
-                "replica": serve.get_replica_context().replica_id.unique_id, "loads": STAGE_LOADS[self.stage_name]}
+                "replica": serve.get_replica_context().replica_id.unique_id, "loads": STAGE_LOADS[self.stage_name],
+                # Where Ray placed it: the node, the resources it holds, the GPU(s) its fraction is of.
+                "node_id": ctx.get_node_id(), "resources": ctx.get_assigned_resources(),
+                "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
 
     def check_health(self) -> None:
         """Serve calls this periodically; loading succeeded if we are here."""
@@ -128,17 +135,25 @@ class Diffusion(_StageReplica):
         if self._par.ranks <= 1:
             _StageReplica.__init__(self, self.settings)
             return
+        from .metrics import replica_logging
+
+        replica_logging()  # our lines (ranks ready, LoRA changes) into this replica's Serve log
+        replica_logging("multitalk.checkpoints.remote")
+        started = time.monotonic()
         root = await asyncio.to_thread(
             resolve_models_root, {"models_root": self.settings.models_root, "cache_dir": self.settings.cache_dir})
+        root_s = time.monotonic() - started
         self.settings = self.settings.model_copy(update={"models_root": root})
         validate_parallel(self._par, await asyncio.to_thread(dit_num_heads, root))  # a bad config fails here
         self.stage = None
         self._lock = asyncio.Lock()
         self._group = RankGroup(self.settings, self._par)
+        started = time.monotonic()
         await self._group.start()
-        logger.info("Diffusion: %d ranks ready (guidance %d x sequence %d: ulysses %d x ring %d)",
-                    self._par.ranks, self._par.cfg_degree, self._par.sp_degree, self._par.ulysses,
-                    self._par.ring_degree)
+        logger.info("Diffusion: %d ranks ready (guidance %d x sequence %d: ulysses %d x ring %d); "
+                    "models root ready in %.2f s, ranks loaded in %.2f s", self._par.ranks, self._par.cfg_degree,
+                    self._par.sp_degree, self._par.ulysses, self._par.ring_degree, root_s,
+                    time.monotonic() - started)
 
     async def reconfigure(self, user_config: dict) -> None:
         """Serve's ``user_config``: ``{"loras": {name: file under the models root}}``, the
@@ -156,6 +171,11 @@ class Diffusion(_StageReplica):
         check_one_place({"loras": dict(from_args)} if from_args else {}, user_config, "Diffusion")
         root = await asyncio.to_thread(
             resolve_models_root, {"models_root": self.settings.models_root, "cache_dir": self.settings.cache_dir})
+        if self._group is None and not hasattr(self.stage, "set_lora_registry"):
+            if registry:  # another stage class (stage_classes) without per-request LoRAs
+                raise ValueError(f"Diffusion user_config names LoRAs, but {type(self.stage).__name__} "
+                                 f"takes none (no set_lora_registry)")
+            return
         async with self._lock:
             if self._group is not None:
                 changes = await self._group.set_loras(registry, root)

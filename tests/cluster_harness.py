@@ -97,7 +97,7 @@ def serve_config(port: int, cache_dir: str, store: dict, *extra: dict) -> dict:
     return config
 
 
-def sequence_parallel_variant(sp_degree: int = 2) -> dict:
+def sequence_parallel_variant(sp_degree: int = 2, max_replicas: Optional[int] = None) -> dict:
     """serve_config.yaml's commented sequence-parallel Diffusion (the block under "Replace
     ray_actor_options with:"), for ``sp_degree`` ranks: bundle 0 holds the replica actor."""
     import re
@@ -111,6 +111,8 @@ def sequence_parallel_variant(sp_degree: int = 2) -> dict:
         block.append(m.group(1))
     diffusion = yaml.safe_load("\n".join(block))
     diffusion["placement_group_bundles"] = diffusion["placement_group_bundles"][:sp_degree]
+    if max_replicas is not None:  # the example is fixed at one replica; a test may let it autoscale
+        diffusion["autoscaling_config"] = {**diffusion["autoscaling_config"], "max_replicas": max_replicas}
     return {"applications": [{"name": APP,
                               "args": {"parallel": {"sp_degree": sp_degree, "ulysses_degree": sp_degree,
                                                     "ring_degree": 1}},
@@ -243,18 +245,17 @@ class LocalCluster:
     def stop(self) -> None:
         import ray
 
+        worker_ids = []
         try:
             if ray.is_initialized():
-                try:
-                    from ray import serve
-
-                    serve.shutdown()
-                finally:
-                    ray.shutdown()
+                head = getattr(self.cluster, "head_node", None)
+                worker_ids = [n["NodeID"] for n in ray.nodes() if head is None or n["NodeID"] != head.node_id]
+                ray.shutdown()  # no graceful serve.shutdown: every process of the cluster is killed next
         finally:
             try:
-                if self.autoscaling:
-                    self._stop_autoscaled_nodes()
+                for node_id in worker_ids:  # the autoscaler's raylets outlive the head: stop them by pid
+                    if node_id not in self.static_nodes:
+                        self._kill_node_processes(node_id)
                 if self.cluster is not None:
                     self.cluster.shutdown()
             finally:
@@ -291,12 +292,33 @@ class LocalCluster:
         if node is not None:
             self.cluster.remove_node(node, allow_graceful=False)
             return killed_at
-        for pid in self._node_pids(node_id):  # a raylet the autoscaler started: by its pids
+        self._kill_node_processes(node_id)
+        return killed_at
+
+    def _kill_node_processes(self, node_id: str) -> None:
+        """A raylet the autoscaler started (a child of the monitor): its processes by their
+        pids, the raylet's children too (workers, agents). Its parent never reaps the raylet,
+        and a worker whose raylet is a zombie lives on: kill them all, as a machine that dies."""
+        pids = self._node_pids(node_id)
+        pids += [p for raylet in pids for p in self._children(raylet) if p not in pids]
+        for pid in pids:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        return killed_at
+
+    @staticmethod
+    def _children(pid: int) -> list[int]:
+        out = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    stat = Path(f"/proc/{entry}/stat").read_text()
+                except OSError:
+                    continue
+                if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(entry))
+        return out
 
     @staticmethod
     def _node_pids(node_id: str) -> list[int]:
@@ -313,22 +335,6 @@ class LocalCluster:
                 pids.append(int(entry))
         return sorted(pids, key=lambda p: "raylet" not in Path(f"/proc/{p}/cmdline").read_bytes().decode(
             errors="replace"))
-
-    def _stop_autoscaled_nodes(self) -> None:
-        """Raylets the fake provider started live in the monitor's process tree; the monitor
-        dies with the head, its nodes do not: stop them by their pids."""
-        import ray
-
-        head = getattr(self.cluster, "head_node", None)
-        ids = [n["NodeID"] for n in (ray.nodes() if ray.is_initialized() else [])]
-        for node_id in ids:
-            if head is not None and node_id == head.node_id:
-                continue
-            for pid in self._node_pids(node_id):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
 
     # --- Serve ------------------------------------------------------------------------
     def deploy(self, config: dict) -> None:
@@ -377,3 +383,75 @@ class LocalCluster:
 
 def dump(obj: Any) -> str:
     return json.dumps(obj, indent=1, sort_keys=True, default=str)
+
+
+# --------------------------------------------------------------------------- jobs
+TERMINAL = ("COMPLETED", "FAILED", "CANCELLED")
+
+
+class Jobs:
+    """Jobs submitted over HTTP (through whichever node's proxy answers) and followed in the
+    local store's records, which every ingress replica writes."""
+
+    def __init__(self, url: str, store_dir: Path):
+        self.url, self.store_dir = url, Path(store_dir)
+
+    def submit(self, body: dict, attempts: int = 5) -> str:
+        """POST /v1/jobs with an Idempotency-Key, again after a connection error (a proxy on a
+        dying node): the key makes a retried submission the same job."""
+        import uuid
+
+        import requests
+
+        key = uuid.uuid4().hex
+        for attempt in range(attempts):
+            try:
+                r = requests.post(f"{self.url}/v1/jobs", json=body, headers={"Idempotency-Key": key}, timeout=60)
+            except requests.RequestException:
+                time.sleep(1 + attempt)
+                continue
+            if r.status_code == 202:
+                return r.json()["id"]
+            raise AssertionError(f"submit answered {r.status_code}: {r.text}")
+        raise AssertionError(f"submit failed {attempts} times")
+
+    def record(self, job_id: str) -> Optional[dict]:
+        try:
+            return json.loads((self.store_dir / "jobs" / f"{job_id}.json").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def wait(self, ids: list[str], timeout: float, poll_s: float = 0.5,
+             until: Optional[Callable[[dict[str, dict]], bool]] = None) -> dict[str, dict]:
+        """Records of ``ids`` once all are finished (or ``until(records)`` holds)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            records = {j: self.record(j) for j in ids}
+            if until is not None and until(records):
+                return records
+            if until is None and all(r and r["state"] in TERMINAL for r in records.values()):
+                return records
+            if time.monotonic() > deadline:
+                states = {j[:8]: (r or {}).get("state") for j, r in records.items()}
+                raise TimeoutError(f"jobs not finished after {timeout:.0f} s: {states}")
+            time.sleep(poll_s)
+
+
+def replica_log(cluster: LocalCluster, deployment: str, replica_id: str, app: str = APP) -> str:
+    """A replica's Serve log (every node's logs are in the one session folder of this host)."""
+    path = Path(cluster.tmp_root, "ray", "session_latest", "logs", "serve", f"replica_{app}_{deployment}_{replica_id}.log")
+    return path.read_text(errors="replace") if path.is_file() else ""
+
+
+def completions(cluster: LocalCluster) -> dict[str, int]:
+    """How many times each job completed, from every ingress replica's log (the dead nodes'
+    too: one machine, one session folder): a job run twice to completion counts 2."""
+    import collections
+    import re
+
+    counts: collections.Counter = collections.Counter()
+    logs = Path(cluster.tmp_root, "ray", "session_latest", "logs", "serve")
+    for path in logs.glob("replica_*MultiTalkIngress*.log"):
+        for match in re.finditer(r"\[job ([0-9a-f-]{36})\] completed:", path.read_text(errors="replace")):
+            counts[match.group(1)] += 1
+    return dict(counts)

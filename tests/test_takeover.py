@@ -167,3 +167,35 @@ def test_a_job_queued_behind_a_slot_stays_with_its_live_owner(tmp_path):
     assert not stolen and all(r.state == JobState.COMPLETED for r in done)
     assert counter.runs == ["replica-a", "replica-a"]
     assert JobStore(store).get(queued_id).lease == 0 and not store.list(f"jobs/claims/{queued_id}/")
+
+
+def test_a_job_whose_owner_the_cluster_no_longer_runs_is_taken_over_at_once(tmp_path):
+    """The owner's heartbeat is fresh (its process still runs: a killed raylet left it alive,
+    or its node is cut off), but Serve no longer counts it among the ingress replicas: the
+    job is claimed at once instead of never (the OBSERVED drill's four running jobs)."""
+    store = LocalStore(tmp_path / "store")
+    jobs = JobStore(store)
+    for name, data in {"1.wav": b"RIFFone", "multi1.png": b"\x89PNG"}.items():
+        store.put(name, data)
+    rec, _ = jobs.create(JobRequest(image="multi1.png", audio=["1.wav"], prompt="p"))
+    rec.state, rec.owner, rec.heartbeat_at = JobState.IN_PROGRESS, "replica-a", time.time()
+    jobs.save(rec)
+    live = {"replica-a", "replica-b"}
+    counter = CountingGenerate()
+    b = JobService(store=store, stages=FakeStages(), generate_fn=counter("replica-b"), live_replicas=lambda: set(live),
+                   settings=ServiceSettings(exclusive=False, lease_s=60.0, persist_interval_s=0.05,
+                                            replica_id="replica-b", precheck_inputs=False))
+
+    async def scenario():
+        await b.recover(60.0)  # a is alive and beating: nothing to take
+        kept = rec.id not in b.runner.tasks
+        live.discard("replica-a")  # a's node was declared dead; Serve replaced it
+        await b.recover(60.0)
+        done = await b.wait(rec.id, timeout=20)
+        await b.stop()
+        return kept, done
+
+    kept, done = asyncio.run(scenario())
+    assert kept and done.state == JobState.COMPLETED and counter.runs == ["replica-b"]
+    stored = jobs.get(rec.id)
+    assert stored.owner == "replica-b" and stored.lease == 1
