@@ -21,7 +21,7 @@ STRICT_PACK placement group). Per drill: submitted / completed / failed / lost /
 duplicated (completed twice), takeovers, stage retries spent, and when the node was
 declared dead, the replacement replica ran, and the last job finished.
 
-    .venv/bin/python bench/cluster.py autoscale [--jobs 8] [--steps 16]
+    .venv/bin/python bench/cluster.py autoscale [--jobs 8] [--steps 60]
     .venv/bin/python bench/cluster.py kill [--jobs 6] [--steps 30]
     .venv/bin/python bench/cluster.py all [--json out.json]
 
@@ -113,28 +113,33 @@ class Sampler:
 
     def __init__(self, cluster: ch.LocalCluster, jobs: ch.Jobs, ids: list[str]):
         self.cluster, self.jobs, self.ids = cluster, jobs, ids
-        self.rows: list[tuple[float, int, int, int, int]] = []
+        self.rows: list[tuple[float, int, int, int, int, str]] = []
         self._stop = threading.Event()
         self.t0 = time.time()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
+    def _sample(self) -> None:
+        try:
+            reps = [r for r in self.cluster.replicas() if r["deployment"] == "Diffusion"]
+            running = sum(r["state"] == "RUNNING" for r in reps)
+            starting = sum(r["state"] in ("STARTING", "PENDING_MIGRATION") for r in reps)
+            workers = [n for n in self.cluster.nodes() if not n["head"]]
+            types = "+".join(sorted(_node_type(n["resources"]) for n in workers))
+            done = sum(1 for j in self.ids if (self.jobs.record(j) or {}).get("state") in ch.TERMINAL)
+            self.rows.append((time.time() - self.t0, running, starting, len(workers), done, types))
+        except Exception:  # noqa: BLE001 - a sample missed while the controller is busy
+            pass
+
     def _run(self) -> None:
         while not self._stop.is_set():
-            try:
-                reps = [r for r in self.cluster.replicas() if r["deployment"] == "Diffusion"]
-                running = sum(r["state"] == "RUNNING" for r in reps)
-                starting = sum(r["state"] in ("STARTING", "PENDING_MIGRATION") for r in reps)
-                nodes = sum(not n["head"] for n in self.cluster.nodes())
-                done = sum(1 for j in self.ids if (self.jobs.record(j) or {}).get("state") in ch.TERMINAL)
-                self.rows.append((time.time() - self.t0, running, starting, nodes, done))
-            except Exception:  # noqa: BLE001 - a sample missed while the controller is busy
-                pass
+            self._sample()
             self._stop.wait(1.0)
 
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(5)
+        self._sample()  # the state the wait ended on
 
     def changes(self) -> list[tuple[float, int, int, int, int]]:
         out = []
@@ -145,6 +150,14 @@ class Sampler:
 
     def first_time(self, pred) -> Optional[float]:
         return next((r[0] for r in self.rows if pred(r)), None)
+
+
+def _node_type(resources: dict) -> str:
+    """cluster.yaml's node type of a raylet, from the accelerator resource it declares."""
+    for name, short in (("H100", "p5"), ("A100", "p4d"), ("A10G", "g5")):
+        if resources.get(name):
+            return short
+    return "?"
 
 
 def job_figures(cluster: ch.LocalCluster, records: dict[str, dict], submitted: int) -> dict[str, Any]:
@@ -262,15 +275,20 @@ def cold_start(cluster: ch.LocalCluster, before: set[str], burst_at: float) -> d
     logs = serve_logs(cluster)
     controller = [line for p in logs.glob("controller_*.log") for line in log_lines(p)]
     decision = first(controller, "Upscaling Deployment(name='Diffusion'", burst_at)
-    new = [p for p in logs.glob("replica_*_Diffusion_*.log") if p.stem.rsplit("_", 1)[-1] not in before]
-    if not new or decision is None:
-        return {"error": "no new Diffusion replica in the logs"}
-    lines = log_lines(sorted(new, key=lambda p: p.stat().st_mtime)[0])
+    new = [log_lines(p) for p in logs.glob("replica_*_Diffusion_*.log") if p.stem.rsplit("_", 1)[-1] not in before]
+    served = [lines for lines in new if first(lines, "Diffusion.sample started")]
+    if not served or decision is None:  # (a replica started and stopped again before serving does not count)
+        return {"error": "no new Diffusion replica served a job"}
+    lines = min(served, key=lambda lines: first(lines, "Diffusion.sample started"))
     started, finished = first(lines, "Started initializing replica"), first(lines, "Finished initializing replica")
     sampled = first(lines, "Diffusion.sample started")
     timing = next((m for _, m in lines if "models root ready in" in m), "")
     root_s, load_s = (float(x) for x in re.findall(r"in ([\d.]+) s", timing)[:2]) if timing else (None, None)
-    mirrored = next((m for _, m in lines if m.startswith("mirrored s3://") and "GiB in" in m), "")
+    # The new node's mirror: made by whichever replica there resolved the root first (the
+    # others wait on its lock), so looked for in every replica's log since the burst.
+    mirrors = [m for p in logs.glob("replica_*.log") for t, m in log_lines(p)
+               if t >= burst_at and m.startswith("mirrored s3://") and "GiB in" in m]
+    mirrored = max(mirrors, key=lambda m: float(re.search(r"([\d.]+) GiB in", m).group(1)), default="")
     rate = re.search(r"\(([\d.]+) MiB/s\)", mirrored)
     rel = lambda t: None if t is None else round(t - decision, 1)  # noqa: E731
     return {"replica_process_started_s": rel(started), "models_root_s": root_s, "load_s": load_s,
@@ -279,13 +297,16 @@ def cold_start(cluster: ch.LocalCluster, before: set[str], burst_at: float) -> d
 
 
 def load_rate(path: Path) -> Optional[float]:
-    """MB/s of a safetensors load of the mirrored blob (just written: page cache, an upper bound)."""
+    """MB/s of reading the mirrored blob's tensor into memory through safetensors (every byte
+    copied; the file was just written, so from the page cache: an upper bound for a disk)."""
     if not path.is_file():
         return None
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
     t = time.monotonic()
-    load_file(str(path))
+    with safe_open(str(path), framework="pt") as f:
+        total = sum(int(f.get_tensor(k).clone().numel()) for k in f.keys())
+    assert total
     return round(path.stat().st_size / 1e6 / (time.monotonic() - t), 1)
 
 
@@ -369,9 +390,9 @@ def drill(cluster: ch.LocalCluster, jobs: ch.Jobs, args, target: str) -> dict[st
 def report(results: dict[str, Any]) -> None:
     a = results.get("autoscale")
     if a:
-        print("\nautoscale: t(s)  Diffusion running  starting  GPU nodes  jobs done")
-        for t, running, starting, nodes, done in a["timeline"]:
-            print(f"  {t:7.1f}  {running:3d}  {starting:3d}  {nodes:3d}  {done:3d}")
+        print("\nautoscale: t(s)  Diffusion running  starting  GPU nodes (types)  jobs done")
+        for t, running, starting, nodes, done, types in a["timeline"]:
+            print(f"  {t:7.1f}  {running:3d}  {starting:3d}  {nodes:3d} ({types})  {done:3d}")
         print(json.dumps({k: v for k, v in a.items() if k != "timeline"}, indent=1))
     for name in ("gpu_node", "ingress_node", "sp_node"):
         if name in results.get("kill", {}):
@@ -382,7 +403,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("what", choices=("autoscale", "kill", "all"))
     parser.add_argument("--jobs", type=int, default=None, help="jobs per burst (autoscale 8, kill 6)")
-    parser.add_argument("--steps", type=int, default=None, help="sampler steps per job (autoscale 16, kill 30)")
+    parser.add_argument("--steps", type=int, default=None, help="sampler steps per job (autoscale 60, kill 30)")
     parser.add_argument("--blob-mb", type=int, default=256, help="extra MB in the S3 set, for the mirror bandwidth")
     parser.add_argument("--fast-health-checks", action="store_true", help="node death seen in ~4 s, not Ray's 20-55 s")
     parser.add_argument("--json", help="write the figures here")
@@ -391,7 +412,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                                "fast" if args.fast_health_checks else "Ray defaults"}
     with tempfile.TemporaryDirectory(prefix="mt-cluster-") as tmp:
         if args.what in ("autoscale", "all"):
-            a = argparse.Namespace(**{**vars(args), "jobs": args.jobs or 8, "steps": args.steps or 16})
+            a = argparse.Namespace(**{**vars(args), "jobs": args.jobs or 8, "steps": args.steps or 60})
             results["autoscale"] = autoscale(a, Path(tmp) / "autoscale")
         if args.what in ("kill", "all"):
             k = argparse.Namespace(**{**vars(args), "jobs": args.jobs or 6, "steps": args.steps or 30})

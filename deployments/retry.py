@@ -12,8 +12,18 @@ here and nowhere else:
   in place (chunk level, ``deployments.serve_stages``), and a job whose failure cannot be
   retried in place (an encoder replica died: its response travels un-awaited into the
   DiT call) is re-run from the start (job level, ``deployments.runner``). Both draw from
-  the same budget: ``max_stage_retries`` retries per job in all (default 6), waiting 1,
-  2, 4, 8, 15, 15 s before them (about 45 s, the time Serve needs to replace a replica).
+  the same budget: retries go on for ``stage_retry_window_s`` after the job's first
+  transient failure (default 150 s), waiting 1, 2, 4, 8, then 15 s between them, and at
+  most ``max_stage_retries`` times (default 16).
+
+Why a window: a call to a replica on a machine that died either hangs or fails fast
+(the actor unreachable) until Ray's health checks declare the node dead, 20-55 s with
+Ray's defaults (``health_check_period_ms`` 3 s, ``health_check_timeout_ms`` 10 s,
+``health_check_failure_threshold`` 5), and Serve only then stops routing to it. Retries
+must outlast that (the cluster drills, ``bench/cluster.py``); once Serve knows, a call waits
+in its router for a replacement replica however long it takes to start, without failing:
+the job's deadline (``job_timeout_s``), not the retries, has to cover a cold start. A
+cluster with slower health checks needs a longer window (docs/DEPLOY.md).
 
 Ray wraps an exception raised in another process (``RayTaskError`` with ``.cause``), so
 every check walks the cause chain (:func:`cause_chain`).
@@ -22,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Iterator, Optional
 
@@ -78,15 +89,22 @@ class RetryBudget:
     """The retries one job may spend (see the module docstring); not thread-safe (one job's
     calls run on one event loop)."""
 
-    retries: int = 6
+    retries: int = 16
     backoff_s: float = 1.0
     max_backoff_s: float = 15.0
+    window_s: Optional[float] = 150.0  # retry for this long after the first transient failure
     used: int = 0
+    first_failure: Optional[float] = None  # time.monotonic() of the first transient failure
 
     def next_delay(self, exc: BaseException) -> Optional[float]:
         """Seconds to wait before retrying after ``exc``, or ``None``: do not retry
         (not transient, or the budget is spent). Spends one retry when it answers."""
-        if self.used >= self.retries or not is_transient(exc):
+        if not is_transient(exc):
+            return None
+        now = time.monotonic()
+        if self.first_failure is None:
+            self.first_failure = now
+        if self.used >= self.retries or (self.window_s is not None and now - self.first_failure > self.window_s):
             return None
         self.used += 1
         return min(self.backoff_s * 2 ** (self.used - 1), self.max_backoff_s)

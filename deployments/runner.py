@@ -94,8 +94,9 @@ class RunnerSettings:
     max_concurrent_jobs: int = 2
     job_timeout_s: Optional[float] = 3600.0
     requeue_on_shutdown: bool = True
-    max_stage_retries: int = 6
+    max_stage_retries: int = 16
     stage_retry_backoff_s: float = 1.0
+    stage_retry_window_s: float = 150.0
     presign_expires_s: int = 3600
 
 
@@ -148,7 +149,8 @@ class JobRunner:
     # --- one job ---------------------------------------------------------------------
     async def _run(self, rec: JobRecord) -> None:
         log = job_log(rec.id)
-        budget = RetryBudget(self.settings.max_stage_retries, self.settings.stage_retry_backoff_s)
+        budget = RetryBudget(self.settings.max_stage_retries, self.settings.stage_retry_backoff_s,
+                             window_s=self.settings.stage_retry_window_s)
         stages = self.stages.for_job(rec.id, retries=budget)
         tracker = ProgressTracker(rec, log)
         beat: Optional[asyncio.Task] = None

@@ -63,8 +63,11 @@ class ServiceSettings(BaseModel):
     # --- hardening (docs/SECURITY.md) ---
     max_body_bytes: int = 50 * 1024 * 1024  # request bodies over this answer 413 (0: no cap)
     # Retries of one job in all, in place or by re-running it (deployments/retry.py).
-    max_stage_retries: int = 6
+    max_stage_retries: int = 16
     stage_retry_backoff_s: float = 1.0  # doubled on each retry, at most 15 s
+    # Transient failures are retried for this long after the first one: it must outlast the
+    # cluster's node-death detection (Ray's health checks: 20-55 s by default).
+    stage_retry_window_s: float = 150.0
     job_timeout_s: Optional[float] = 3600.0  # running job deadline -> FAILED "deadline exceeded"
     requeue_on_shutdown: bool = True  # running jobs go back to IN_QUEUE when the ingress stops
     precheck_inputs: bool = True  # decode the media at submit: a bad file is a 4xx now, not a FAILED job

@@ -247,10 +247,12 @@ class LocalCluster:
 
         worker_ids = []
         try:
-            if ray.is_initialized():
-                head = getattr(self.cluster, "head_node", None)
-                worker_ids = [n["NodeID"] for n in ray.nodes() if head is None or n["NodeID"] != head.node_id]
-                ray.shutdown()  # no graceful serve.shutdown: every process of the cluster is killed next
+            head = getattr(self.cluster, "head_node", None)
+            worker_ids = [n["NodeID"] for n in ray.nodes() if head is None or n["NodeID"] != head.node_id]
+        except Exception:  # noqa: BLE001 - not connected: only the nodes we added are known
+            pass
+        try:
+            ray.shutdown()  # no graceful serve.shutdown: every process of the cluster is killed next
         finally:
             try:
                 for node_id in worker_ids:  # the autoscaler's raylets outlive the head: stop them by pid
@@ -258,6 +260,13 @@ class LocalCluster:
                         self._kill_node_processes(node_id)
                 if self.cluster is not None:
                     self.cluster.shutdown()
+                # Whatever is left of this cluster (its session folder is under our temp root).
+                for pid in self._pids_matching(self.tmp_root):
+                    for p in [pid, *self._children(pid)]:
+                        try:
+                            os.kill(p, signal.SIGKILL)
+                        except ProcessLookupError:
+                            pass
             finally:
                 if not os.environ.get("MULTITALK_KEEP_CLUSTER_LOGS"):
                     shutil.rmtree(self.tmp_root, ignore_errors=True)
@@ -321,20 +330,57 @@ class LocalCluster:
         return out
 
     @staticmethod
-    def _node_pids(node_id: str) -> list[int]:
-        """Raylet (and agents) of ``node_id``: the processes whose command line names it."""
-        pids = []
+    def _pids_matching(text: str, kinds: tuple[str, ...] = ()) -> list[int]:
+        """Processes whose command line contains ``text`` (and one of ``kinds``), raylets first."""
+        found = []
         for entry in os.listdir("/proc"):
-            if not entry.isdigit():
+            if not entry.isdigit() or int(entry) == os.getpid():
                 continue
             try:
-                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             except OSError:
                 continue
-            if node_id in cmdline and ("raylet" in cmdline or "agent" in cmdline):
-                pids.append(int(entry))
-        return sorted(pids, key=lambda p: "raylet" not in Path(f"/proc/{p}/cmdline").read_bytes().decode(
-            errors="replace"))
+            if text in cmdline and (not kinds or any(k in cmdline for k in kinds)):
+                found.append(("raylet" not in cmdline, int(entry)))
+        return [pid for _, pid in sorted(found)]
+
+    def _node_pids(self, node_id: str) -> list[int]:
+        """Raylet (and agents) of ``node_id``: the processes whose command line names it."""
+        return self._pids_matching(node_id, ("raylet", "agent"))
+
+    @staticmethod
+    def _children(pid: int) -> list[int]:
+        out = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    stat = Path(f"/proc/{entry}/stat").read_text()
+                except OSError:
+                    continue
+                if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(entry))
+        return out
+
+    @staticmethod
+    def _pids_matching(text: str) -> list[int]:
+        """Processes whose command line contains ``text``, raylets first."""
+        found = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit() or int(entry) == os.getpid():
+                continue
+            try:
+                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if text in cmdline:
+                found.append((("raylet" not in cmdline), int(entry), cmdline))
+        return [pid for _, pid, _ in sorted(found)]
+
+    def _node_pids(self, node_id: str) -> list[int]:
+        """Raylet (and agents) of ``node_id``: the processes whose command line names it."""
+        return [pid for pid in self._pids_matching(node_id)
+                if any(k in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+                       for k in ("raylet", "agent"))]
 
     # --- Serve ------------------------------------------------------------------------
     def deploy(self, config: dict) -> None:

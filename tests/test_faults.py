@@ -8,6 +8,7 @@ import asyncio
 import http.server
 import threading
 import time
+from unittest.mock import patch
 
 import pytest
 from fastapi.testclient import TestClient
@@ -17,7 +18,7 @@ from inputs import body, make
 from deployments.routes import create_app
 from deployments.auth import KeyRing
 from deployments.jobs import JobStore
-from deployments.retry import is_transient
+from deployments.retry import RetryBudget, is_transient
 from deployments.schemas import JobState
 from deployments.service import JobService, ServiceSettings
 from deployments.storage import LocalStore
@@ -141,6 +142,24 @@ def test_stage_retries_exhausted_fail_with_reason(tmp_path):
         st = wait_state(client, client.post("/v1/jobs", json=body()).json()["id"])
     assert st["state"] == "FAILED" and "ActorDiedError" in st["error"]["message"], st
     assert stages.calls.count("diffusion-died") == 3  # 1 + 2 retries
+
+
+def test_retries_outlast_a_node_death_detection_window():
+    """Calls that fail fast while Ray has not yet declared a dead node dead (its replicas
+    still routed to) are retried for the whole window, not for a count of quick retries; once
+    the window has passed, the next failure ends the job."""
+    from ray.exceptions import ActorUnavailableError
+
+    clock = [0.0]
+    budget = RetryBudget(retries=100, backoff_s=1.0, max_backoff_s=15.0, window_s=60.0)
+    waited = []
+    with patch("deployments.retry.time.monotonic", lambda: clock[0]):
+        while (delay := budget.next_delay(ActorUnavailableError("unreachable", None))) is not None:
+            waited.append(delay)
+            clock[0] += delay + 0.5  # the call itself fails after half a second
+    assert sum(waited) >= 55 - 0.5 * len(waited)  # Ray's default detection takes up to 55 s
+    assert waited[:5] == [1, 2, 4, 8, 15] and max(waited) == 15 and clock[0] > 60
+    assert not RetryBudget(window_s=60).next_delay(ValueError("a bug"))  # not transient: never retried
 
 
 def test_retryable_classification():
