@@ -244,6 +244,7 @@ class LocalCluster:
 
     def stop(self) -> None:
         import ray
+        from ray._private import auto_init_hook
 
         worker_ids = []
         try:
@@ -251,30 +252,32 @@ class LocalCluster:
             worker_ids = [n["NodeID"] for n in ray.nodes() if head is None or n["NodeID"] != head.node_id]
         except Exception:  # noqa: BLE001 - not connected: only the nodes we added are known
             pass
+        # Serve's handle threads in this process would connect again after the shutdown (to this
+        # cluster, keeping its head from being removed; later to whatever ray.init() finds or
+        # starts): Ray's implicit init stays off in this process from here on.
+        auto_init_hook.enable_auto_connect = False
         try:
             ray.shutdown()  # no graceful serve.shutdown: every process of the cluster is killed next
+            for node_id in worker_ids:  # the autoscaler's raylets outlive the head: stop them by pid
+                if node_id not in self.static_nodes:
+                    self._kill_node_processes(node_id)
+            if self.cluster is not None:
+                self.cluster.shutdown()
         finally:
-            try:
-                for node_id in worker_ids:  # the autoscaler's raylets outlive the head: stop them by pid
-                    if node_id not in self.static_nodes:
-                        self._kill_node_processes(node_id)
-                if self.cluster is not None:
-                    self.cluster.shutdown()
-                # Whatever is left of this cluster (its session folder is under our temp root).
-                for pid in self._pids_matching(self.tmp_root):
-                    for p in [pid, *self._children(pid)]:
-                        try:
-                            os.kill(p, signal.SIGKILL)
-                        except ProcessLookupError:
-                            pass
-            finally:
-                if not os.environ.get("MULTITALK_KEEP_CLUSTER_LOGS"):
-                    shutil.rmtree(self.tmp_root, ignore_errors=True)
-                for key, value in self._saved_env.items():
-                    if value is None:
-                        os.environ.pop(key, None)
-                    else:
-                        os.environ[key] = value
+            # Whatever is left of this cluster (its session folder is under our temp root).
+            for pid in self._pids_matching(self.tmp_root):
+                for p in [pid, *self._children(pid)]:
+                    try:
+                        os.kill(p, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+            if not os.environ.get("MULTITALK_KEEP_CLUSTER_LOGS"):
+                shutil.rmtree(self.tmp_root, ignore_errors=True)
+            for key, value in self._saved_env.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
 
     # --- nodes ----------------------------------------------------------------------
     def add_node(self, node_type: str) -> str:
