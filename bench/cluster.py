@@ -234,9 +234,10 @@ def autoscale(args, work: Path) -> dict[str, Any]:
             log(f"deployed in {out['deploy_s']} s; warm-up job done; burst of {args.jobs} jobs")
             shutil.rmtree(mirror_path(url, mirror_cache))  # the next node starts with an empty disk
             before = {r["replica_id"] for r in cluster.replicas() if r["deployment"] == "Diffusion"}
-            burst_at = time.time()
-            ids = [jobs.submit({**BODY, "sampling": {"steps": args.steps, "seed": i}}) for i in range(args.jobs)]
-            sampler = Sampler(cluster, jobs, ids)
+            ids: list[str] = []
+            sampler = Sampler(cluster, jobs, ids)  # t = 0: the burst begins
+            burst_at = sampler.t0
+            ids += [jobs.submit({**BODY, "sampling": {"steps": args.steps, "seed": i}}) for i in range(args.jobs)]
             records = jobs.wait(ids, 1800)
             done_at = time.time()
             log("burst done; waiting for the scale-down")
@@ -247,11 +248,14 @@ def autoscale(args, work: Path) -> dict[str, Any]:
             out.update(jobs=job_figures(cluster, records, len(ids)), timeline=sampler.changes(),
                        burst_s=round(done_at - burst_at, 1), scale_down_after_burst_s=round(down_at - done_at, 1))
             out["scale_up"] = {
-                "second_node_s": sampler.first_time(lambda r: r[3] >= 2),
-                "second_replica_running_s": sampler.first_time(lambda r: r[1] >= 2),
+                "node_added_s": sampler.first_time(lambda r: r[3] > sampler.rows[0][3]),
+                "replica_added_running_s": sampler.first_time(lambda r: r[1] > sampler.rows[0][1]),
                 "max_replicas": max(r[1] for r in sampler.rows), "max_worker_nodes": max(r[3] for r in sampler.rows)}
-            out["scale_down"] = {"replicas_at_min_s": _last_change(sampler.rows, 1, done_at - sampler.t0),
-                                 "node_removed_s": _last_change(sampler.rows, 3, done_at - sampler.t0)}
+            out["scale_down"] = {  # seconds after the burst began (the burst lasted burst_s)
+                "replicas_back_to_min_s": _last_change(sampler.rows, 1),
+                "nodes_back_to_min_s": _last_change(sampler.rows, 3),
+                "decision_s": _decision(cluster, "Downscaling", burst_at)}
+            out["scale_up"]["decision_s"] = _decision(cluster, "Upscaling", burst_at)
             out["cold_start"] = cold_start(cluster, before, burst_at)
         out["load_rate_mb_s"] = load_rate(mirror_path(url, mirror_cache) / "bench" / "blob.safetensors")
     finally:
@@ -260,14 +264,21 @@ def autoscale(args, work: Path) -> dict[str, Any]:
     return out
 
 
-def _last_change(rows, column: int, after: float) -> Optional[float]:
-    """Seconds after the burst ended when ``column`` last changed (its final value reached)."""
+def _last_change(rows, column: int) -> Optional[float]:
+    """When ``column`` last changed to its final value (seconds after the burst began)."""
     final = rows[-1][column]
     t = None
     for prev, row in zip(rows, rows[1:]):
-        if row[0] >= after and row[column] == final and prev[column] != final:
-            t = row[0] - after
+        if row[column] == final and prev[column] != final:
+            t = row[0]
     return None if t is None else round(t, 1)
+
+
+def _decision(cluster: ch.LocalCluster, verb: str, burst_at: float) -> Optional[float]:
+    """The controller's first ``Upscaling``/``Downscaling`` of Diffusion after the burst began."""
+    lines = [line for p in serve_logs(cluster).glob("controller_*.log") for line in log_lines(p)]
+    t = first(sorted(lines), f"{verb} Deployment(name='Diffusion'", burst_at)
+    return None if t is None else round(t - burst_at, 1)
 
 
 def cold_start(cluster: ch.LocalCluster, before: set[str], burst_at: float) -> dict[str, Any]:
