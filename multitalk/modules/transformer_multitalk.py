@@ -32,7 +32,7 @@ from diffusers.models.modeling_utils import ModelMixin
 
 from .attention import AttentionKernel, LocalAttention
 from .audio_adapter import AudioCrossAttention, AudioProjModel, reference_attention_map, window_audio_per_latent_frame
-from .rope import apply_video_rope, video_rope_freqs, video_rope_grid
+from .rope import VideoRotaryCache, apply_video_rope
 
 
 def sinusoidal_embedding_1d(dim: int, position: torch.Tensor) -> torch.Tensor:
@@ -359,16 +359,10 @@ class MultiTalkTransformer3DModel(ModelMixin, ConfigMixin):
                 norm_output_audio=norm_output_audio,
                 norm_fp32=audio_norm_fp32,
             )
-        # Not a buffer: the official state dict has no rope tensors.
-        self._rope_freqs: Optional[torch.Tensor] = None
+        # The self-attention rotations per token grid, on the device the tokens are on.
+        self.rope = VideoRotaryCache(dim // num_heads)
 
     # ------------------------------------------------------------------ helpers
-    @property
-    def rope_freqs(self) -> torch.Tensor:
-        if self._rope_freqs is None:
-            self._rope_freqs = video_rope_freqs(self.config.dim // self.config.num_heads)
-        return self._rope_freqs
-
     @property
     def has_audio(self) -> bool:
         return self.audio_proj is not None
@@ -468,7 +462,7 @@ class MultiTalkTransformer3DModel(ModelMixin, ConfigMixin):
         return DiTInputs(
             grid=grid, tokens=tokens, e=embedded[0][0], e0=embedded[0][1],
             context=torch.cat([c for _, _, c in embedded], dim=0), audio_tokens=audio_tokens, people=people,
-            masks=masks, rotations=video_rope_grid(self.rope_freqs, grid),
+            masks=masks, rotations=self.rope.rotations(grid, tokens.device),
         )
 
     def forward(
