@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Callable, Literal, Optional
+from typing import Any, Callable, Literal, Optional
 
 # "multitalk-480" / "multitalk-720" (the official buckets) or a scaled "multitalk-N"
 # (multitalk.utils.image.bucket_table): a name, checked where the size is resolved.
@@ -194,9 +194,15 @@ ProgressCallback = Callable[[Progress], None]
 
 @dataclass
 class GenerationResult:
-    """The finished video: mp4 bytes (H.264 25 fps + AAC of the input speech)."""
+    """The finished video (H.264 25 fps + AAC of the input speech): the mp4's bytes in
+    ``video``, or the mp4 as a file in ``video_file`` (``video`` is then ``None``).
 
-    video: bytes
+    The chunk loops return a file (``multitalk.utils.video_output.VideoFile``: a served job
+    uploads it from disk, never holding the whole video in memory; it is removed when the
+    result is released or garbage-collected); ``MultiTalkPipeline.generate`` reads it into
+    ``video``. :meth:`mp4_bytes` gives the bytes either way."""
+
+    video: Optional[bytes]
     num_frames: int
     fps: int
     width: int
@@ -208,3 +214,12 @@ class GenerationResult:
     # Jobs that gave text: the synthesised soundtrack the video carries (16 kHz mono WAV).
     speech_wav: Optional[bytes] = None
     loras: list[dict] = field(default_factory=list)  # the set applied: [{"name", "scale"}], sorted by name
+    video_file: Any = None
+
+    def mp4_bytes(self) -> bytes:
+        return self.video if self.video is not None else self.video_file.read_bytes()
+
+    def release(self) -> None:
+        """Remove the video file (if any) now rather than at garbage collection."""
+        if self.video_file is not None:
+            self.video_file.release()

@@ -12,7 +12,7 @@ AudioStage      wav2vec2                               speech → features [P, F
 ImageStage      CLIP vision + VAE encoder              pixels → :class:`ImageConditioning`
 TextStage       UMT5 (+ prompt-embedding cache)        prompts → :class:`TextEmbeddings`
 DiffusionStage  MultiTalk DiT + flow-matching sampler  :class:`ChunkJob` → latents
-DecodeStage     VAE decoder                            latents → pixels [3, T, H, W]
+DecodeStage     VAE decoder (+ colour correction)      latents → :class:`DecodedChunk` (uint8 frames)
 SpeechStage     Kokoro-82M (optional, text to speech)  :class:`SpeechRequest` → 16 kHz tracks
 ==============  ====================================  ======================================
 """
@@ -22,7 +22,7 @@ import logging
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -104,6 +104,34 @@ class ChunkJob:
     # and ``adapter`` ("single"/"multi") picks the stage's InfiniteTalk adapter (None: as loaded).
     clean_motion: bool = False
     adapter: Optional[str] = None
+
+
+@dataclass
+class DecodeRequest:
+    """What the chunk loop wants from one chunk's decoded frames.
+
+    ``first``/``count``: the frames that go into the video (a chunk after the first skips the
+    ``motion_frames`` it continues from; the last may be cut at the video's end);
+    ``motion_frames``: the chunk's last frames, kept as float pixels to condition the next
+    chunk (0: the last chunk); ``color``: the job's colour-correction target
+    (:class:`multitalk.utils.color.ColorTarget`, ``None``: none).
+    """
+
+    first: int = 0
+    count: Optional[int] = None
+    motion_frames: int = 0
+    color: Any = None
+
+
+@dataclass
+class DecodedChunk:
+    """A chunk's frames for the video, uint8 ``[T, H, W, 3]`` RGB (colour-corrected), and its
+    motion frames ``[3, M, H, W]`` float32 in [-1, 1] for the next chunk (or ``None``). Served,
+    ``motion`` is a reference the next chunk's encoder call resolves: the motion frames go
+    from the decoder to the image encoder without passing through the ingress."""
+
+    frames: np.ndarray
+    motion: Any = None
 
 
 def audio_windows(features: torch.Tensor, start: int, frames: int, window: int = AUDIO_WINDOW) -> torch.Tensor:
@@ -508,7 +536,31 @@ class DecodeStage:
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """``[16, N_t, h, w]`` → ``[3, 1 + 4(N_t-1), 8h, 8w]`` float32 in [-1, 1] on CPU."""
-        return self.vae.decode(latents[None].float(), tiled=self.tiled)[0].float().cpu()
+        return self.pixels(latents).cpu()
+
+    @torch.no_grad()
+    def pixels(self, latents: torch.Tensor) -> torch.Tensor:
+        """``[16, N_t, h, w]`` → ``[3, 1 + 4(N_t-1), 8h, 8w]`` float32 in [-1, 1] on the VAE's device."""
+        return self.vae.decode(latents[None].float(), tiled=self.tiled)[0].float()
+
+    @torch.no_grad()
+    def decode_chunk(self, latents: torch.Tensor, request: DecodeRequest) -> DecodedChunk:
+        """One chunk of the chunk loop: decode, colour-correct (on this stage's device) and
+        hand back the frames the video needs as uint8 and the motion frames the next chunk
+        needs as float (see :class:`DecodeRequest`)."""
+        from .utils.video import frames_to_uint8
+
+        pixels = self.postprocess(self.pixels(latents), request)
+        motion = pixels[:, pixels.shape[1] - request.motion_frames:].cpu().clone() if request.motion_frames else None
+        stop = None if request.count is None else request.first + request.count
+        frames = frames_to_uint8(pixels[:, request.first:stop])
+        return DecodedChunk(frames, motion)
+
+    def postprocess(self, pixels: torch.Tensor, request: DecodeRequest) -> torch.Tensor:
+        """Decoded float pixels → the float pixels of the video (colour correction)."""
+        from .utils.color import color_match
+
+        return color_match(pixels, request.color)
 
 
 class SpeechStage:
