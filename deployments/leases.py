@@ -31,11 +31,29 @@ class Leases:
         self.lease_s = lease_s
         self.persist_interval_s = persist_interval_s
         self._log = job_log or (lambda job_id: logging.LoggerAdapter(logger, {}))
+        self._writing: dict[str, asyncio.Future] = {}  # per job: its record write in flight
 
     async def persist(self, rec: JobRecord) -> None:
-        """Write ``rec`` with a fresh heartbeat (a snapshot: the live record keeps changing)."""
+        """Write ``rec`` with a fresh heartbeat (a snapshot: the live record keeps changing).
+
+        A job's writes land in the order they were made: a heartbeat cancelled while its
+        write runs in a worker thread must not land after the job's final record (the runner
+        forgets a finished job, so the store's copy is what is answered from then on)."""
+        previous = self._writing.get(rec.id)
+        if previous is not None:
+            await asyncio.wait({previous})
         rec.heartbeat_at = time.time()
-        await asyncio.to_thread(self.jobs.save, rec.model_copy(deep=True))
+        write = asyncio.ensure_future(asyncio.to_thread(self.jobs.save, rec.model_copy(deep=True)))
+        self._writing[rec.id] = write
+
+        def landed(done: asyncio.Future, job_id: str = rec.id) -> None:
+            if self._writing.get(job_id) is done:
+                del self._writing[job_id]
+            if not done.cancelled():
+                done.exception()  # retrieved: its awaiter (if still there) reports it
+
+        write.add_done_callback(landed)
+        await asyncio.shield(write)
 
     async def heartbeat(self, rec: JobRecord, take_dirty: Callable[[], bool],
                         stop: Callable[[str], None]) -> None:

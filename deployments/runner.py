@@ -1,12 +1,14 @@
 """The job runner: runs each accepted job as an asyncio task in the ingress replica.
 
-One job: fetch its inputs from the store, run the library's driver
-(``multitalk.driver.generate``) over the stages (deployment handles in production), upload
-the mp4, and land every outcome in the job record: COMPLETED with the result, FAILED
+One job: fetch its inputs from the store, run the library's chunk loop
+(``multitalk.driver.generate`` or the model's) over the stages (deployment handles in
+production), upload the mp4 from the file the loop wrote (in parts, never whole in memory),
+and land every outcome in the job record: COMPLETED with the result, FAILED
 with the error (the field named for an input error), CANCELLED, or back IN_QUEUE when the
 ingress shuts down. Beside it run the job's heartbeat (``deployments.leases``) and its
 deadline. A job that fails transiently (a replica died) is re-run within its retry
 budget (``deployments.retry``). Why a job stopped early is one :class:`CancelReason`.
+Once a job's final record is saved, the runner forgets it: its maps hold running jobs only.
 """
 from __future__ import annotations
 
@@ -109,7 +111,9 @@ class JobRunner:
         self.on_finished = on_finished  # called with each record persisted in a final state
         self.store, self.local_store = store, local_store
         self.generate_fn, self.limits, self.settings = generate_fn, limits, settings
-        self.records: dict[str, JobRecord] = {}  # the live copies of the jobs this replica runs
+        # The jobs this replica runs, until their final record is saved: live copies, tasks,
+        # and the events their waiters hold.
+        self.records: dict[str, JobRecord] = {}
         self.tasks: dict[str, asyncio.Task] = {}
         self.done: dict[str, asyncio.Event] = {}
         self._reasons: dict[str, CancelReason] = {}
@@ -153,6 +157,7 @@ class JobRunner:
         tracker = ProgressTracker(rec, log)
         beat: Optional[asyncio.Task] = None
         deadline: Optional[asyncio.TimerHandle] = None
+        result: Optional[GenerationResult] = None
         try:
             async with self._slots:
                 await self._mark_started(rec, log)
@@ -174,6 +179,8 @@ class JobRunner:
                 beat.cancel()
             if deadline is not None:
                 deadline.cancel()
+            if result is not None:
+                result.release()  # the mp4 file, uploaded or not
             await self._close(rec, log)
 
     async def _mark_started(self, rec: JobRecord, log: logging.LoggerAdapter) -> None:
@@ -240,7 +247,10 @@ class JobRunner:
     async def _upload(self, rec: JobRecord, result: GenerationResult) -> ResultInfo:
         key = self.admission.output_key_for(rec)
         target = self.output_store(rec)
-        await asyncio.to_thread(target.put, key, result.video, "video/mp4")
+        if result.video_file is not None:  # from the file, in parts (S3: the transfer manager's multipart upload)
+            await asyncio.to_thread(target.put_file, key, result.video_file.path, "video/mp4")
+        else:
+            await asyncio.to_thread(target.put, key, result.video, "video/mp4")
         url = await asyncio.to_thread(target.presigned_url, key, self.settings.presign_expires_s)
         speech_key = speech_url = None
         if getattr(result, "speech_wav", None):  # text to speech: the synthesised soundtrack beside the video
@@ -288,11 +298,12 @@ class JobRunner:
         rec.state = JobState.FAILED
 
     async def _close(self, rec: JobRecord, log: logging.LoggerAdapter) -> None:
-        """Persist the outcome (unless another replica owns the job now) and forget the task."""
+        """Persist the outcome (unless another replica owns the job now) and forget the job:
+        from here on its record in the store is the truth. A record that could not be saved
+        stays here, so that this replica still answers for the job."""
         reason = self._reasons.pop(rec.id, None)
-        if reason is CancelReason.SUPERSEDED:  # the record is the new owner's now
-            self.records.pop(rec.id, None)
-        else:
+        saved = True
+        if reason is not CancelReason.SUPERSEDED:  # else the record is the new owner's now
             rec.finished_at = time.time() if rec.state.terminal else None
             if rec.started_at and rec.finished_at:
                 rec.timings["total"] = round(rec.finished_at - rec.started_at, 3)
@@ -300,8 +311,11 @@ class JobRunner:
             try:
                 await self.leases.persist(rec)
             except Exception:
+                saved = False
                 log.exception("could not persist the final record")
             if rec.state.terminal and self.on_finished is not None:
                 self.on_finished(rec)
         self.tasks.pop(rec.id, None)
-        self.done[rec.id].set()
+        if saved:
+            self.records.pop(rec.id, None)
+        self.done.pop(rec.id).set()

@@ -72,6 +72,11 @@ class Store(Protocol):
 
     def put(self, key: str, data: bytes, content_type: Optional[str] = None) -> None: ...
 
+    def put_file(self, key: str, path: str, content_type: Optional[str] = None) -> None:
+        """Store the file at ``path`` under ``key`` without reading it into memory whole
+        (S3: a multipart upload for large files)."""
+        ...
+
     def exists(self, key: str) -> bool: ...
 
     def size(self, key: str) -> int:
@@ -138,15 +143,19 @@ class LocalStore:
 
         return chunks()
 
-    def _write(self, key: str, data: bytes, place: Callable[[str, Path], None]) -> None:
-        """Write ``data`` to a temporary file beside ``key``'s, then ``place(tmp, path)`` it:
-        readers (another ingress replica polling a job record) never see a half-written file."""
+    def _write(self, key: str, data: "bytes | Callable[[object], None]", place: Callable[[str, Path], None]) -> None:
+        """Write ``data`` (bytes, or a function writing to the open file) to a temporary file
+        beside ``key``'s, then ``place(tmp, path)`` it: readers (another ingress replica
+        polling a job record) never see a half-written file."""
         p = self.path(key)
         p.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=".tmp-")
         try:
             with os.fdopen(fd, "wb") as f:
-                f.write(data)
+                if callable(data):
+                    data(f)
+                else:
+                    f.write(data)
             place(tmp, p)
         finally:
             try:
@@ -156,6 +165,15 @@ class LocalStore:
 
     def put(self, key: str, data: bytes, content_type: Optional[str] = None) -> None:
         self._write(key, data, os.replace)
+
+    def put_file(self, key: str, path: str, content_type: Optional[str] = None) -> None:
+        import shutil
+
+        def copy(target) -> None:
+            with open(path, "rb") as source:
+                shutil.copyfileobj(source, target, 1 << 20)
+
+        self._write(key, copy, os.replace)
 
     def exists(self, key: str) -> bool:
         return self.path(key).is_file()
@@ -212,6 +230,9 @@ class S3Store:
 
     ``prefix`` is prepended to every key, so several deployments can share a bucket.
     Retries use botocore's *standard* mode (exponential backoff on throttling and 5xx).
+    Files (finished videos) go up through boto3's transfer manager: a multipart upload in
+    ``multipart_chunksize`` parts once a file reaches ``multipart_threshold``, a few parts at
+    a time (``upload_concurrency``), read from disk as they are sent.
     """
 
     kind = "s3"
@@ -224,8 +245,12 @@ class S3Store:
         prefix: str = "",
         max_attempts: int = 4,
         client=None,
+        multipart_threshold: int = 8 << 20,
+        multipart_chunksize: int = 8 << 20,
+        upload_concurrency: int = 4,
     ):
         import boto3
+        from boto3.s3.transfer import TransferConfig
         from botocore.config import Config
 
         if not bucket:
@@ -244,6 +269,8 @@ class S3Store:
                 signature_version="s3v4",
             ),
         )
+        self.transfer = TransferConfig(multipart_threshold=multipart_threshold, multipart_chunksize=multipart_chunksize,
+                                       max_concurrency=upload_concurrency)
 
     def _k(self, key: str) -> str:
         return self.prefix + validate_key(key)
@@ -273,6 +300,10 @@ class S3Store:
     def put(self, key: str, data: bytes, content_type: Optional[str] = None) -> None:
         extra = {"ContentType": content_type} if content_type else {}
         self.client.put_object(Bucket=self.bucket, Key=self._k(key), Body=data, **extra)
+
+    def put_file(self, key: str, path: str, content_type: Optional[str] = None) -> None:
+        extra = {"ContentType": content_type} if content_type else {}
+        self.client.upload_file(path, self.bucket, self._k(key), ExtraArgs=extra or None, Config=self.transfer)
 
     def create(self, key: str, data: bytes, content_type: Optional[str] = None) -> bool:
         from botocore.exceptions import ClientError

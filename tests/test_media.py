@@ -428,3 +428,36 @@ def test_color_match():
     half = color_match(video, ColorTarget.of(reference, 0.5))
     torch.testing.assert_close(half, (video + matched) / 2, atol=1e-5, rtol=0)
     _raises("color_correction", ColorTarget.of, reference, 1.5)
+
+
+def test_probe_reads_containers_and_streams_by_structure(tmp_path):
+    """PyAV, not ffmpeg's banner text: codecs, sizes, rates, rotation and durations are
+    fields; its wheel decodes what the project reads."""
+    import subprocess
+
+    import av
+
+    from multitalk.utils.ffmpeg import ffmpeg_exe
+    from multitalk.utils.probe import UnreadableMedia, probe
+
+    for name in ("h264", "hevc", "vp8", "vp9", "av1", "mpeg4", "aac", "mp3", "opus", "flac", "pcm_s16le"):
+        assert av.codec.Codec(name, "r").is_decoder, name
+    mp4 = tmp_path / "a.mp4"
+    mp4.write_bytes(write_mp4(np.zeros((10, 32, 48, 3), np.uint8), _tone(0.4)))
+    info = probe(str(mp4))
+    video, audio = info.first("video"), info.first("audio")
+    assert info.container.startswith("mov,mp4") and info.duration == pytest.approx(0.4, abs=0.05)
+    assert (video.codec, video.width, video.height, video.fps, video.rotation) == ("h264", 48, 32, 25.0, 0)
+    assert (audio.codec, audio.sample_rate) == ("aac", 16000)
+    rotated = tmp_path / "rotated.mp4"
+    subprocess.run([ffmpeg_exe(), "-v", "error", "-display_rotation", "90", "-i", str(mp4), "-c", "copy",
+                    str(rotated)], check=True)
+    turned = probe(str(rotated)).first("video")
+    assert (turned.rotation, turned.width, turned.height) == (90, 32, 48)  # as displayed
+    png = tmp_path / "still.png"
+    Image.new("RGB", (20, 10)).save(png)
+    assert probe(str(png)).container == "png_pipe"
+    text = tmp_path / "notes.txt"
+    text.write_text("not media")
+    with pytest.raises(UnreadableMedia):
+        probe(str(text))

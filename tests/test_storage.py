@@ -182,3 +182,25 @@ def test_s3_resolve_input(moto_endpoint):
     assert e.value.status == 404 and "nope.wav" in e.value.message
     with pytest.raises(InputError):
         resolve_input("s3://mt-inputs/../secret", store, "audio_1")
+
+
+def test_files_are_stored_without_reading_them_whole(tmp_path, moto_endpoint):
+    """A finished video goes up from its file: locally copied into place, to S3 through the
+    transfer manager as a multipart upload (three 5 MiB parts here), content type kept."""
+    data = os.urandom(11 << 20)
+    path = tmp_path / "video.mp4"
+    path.write_bytes(data)
+    local = LocalStore(tmp_path / "store")
+    local.put_file("outputs/a.mp4", str(path), "video/mp4")
+    assert local.get("outputs/a.mp4") == data and not list((tmp_path / "store" / "outputs").glob(".tmp-*"))
+
+    make_bucket(moto_endpoint, "mt-files")
+    store = S3Store("mt-files", endpoint_url=moto_endpoint, prefix="svc", multipart_threshold=5 << 20,
+                    multipart_chunksize=5 << 20)
+    calls = []
+    store.client.meta.events.register("before-call.s3", lambda model, **kw: calls.append(model.name))
+    store.put_file("outputs/a.mp4", str(path), "video/mp4")
+    assert calls.count("CreateMultipartUpload") == 1 and calls.count("UploadPart") == 3
+    assert calls.count("CompleteMultipartUpload") == 1 and "PutObject" not in calls
+    head = store.client.head_object(Bucket="mt-files", Key="svc/outputs/a.mp4")
+    assert head["ContentType"] == "video/mp4" and store.get("outputs/a.mp4") == data

@@ -24,7 +24,8 @@ import numpy as np
 
 from multitalk.api import InputError
 
-from .ffmpeg import AUDIO_STREAM_RE, ffmpeg_exe, header_duration, read_header
+from .ffmpeg import ffmpeg_exe
+from .probe import UnreadableMedia, probe
 
 TARGET_LUFS = -23.0
 # Peak below this (about -80 dBFS) counts as "no speech at all".
@@ -119,12 +120,13 @@ def _decode_with_ffmpeg(data: bytes, field: str, max_seconds: float, sample_rate
         source = os.path.join(tmp, "input")
         with open(source, "wb") as handle:
             handle.write(data)
-        header = read_header(source, timeout=60)
-        if "Invalid data found" in header or "Stream #" not in header:
-            raise InputError(field, "not a recognised audio or video file")
-        if not AUDIO_STREAM_RE.search(header):
+        try:
+            info = probe(source)
+        except UnreadableMedia:
+            raise InputError(field, "not a recognised audio or video file") from None
+        if info.first("audio") is None:
             raise InputError(field, "the file has no audio track")
-        seconds = header_duration(header)
+        seconds = info.duration
         if seconds is not None and seconds > max_seconds:
             raise InputError(field, f"audio is {seconds:.1f} s long; the limit is {max_seconds:g} s", 413)
         # -t caps the decode for containers whose header carries no duration; the

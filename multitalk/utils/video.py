@@ -1,16 +1,14 @@
 """Output video: mp4 writing (H.264 + AAC) and probing.
 
-Everything goes through the imageio-ffmpeg binary (``imageio_ffmpeg.get_ffmpeg_exe()``)
-in subprocesses; raw frames are streamed on stdin, the speech is handed over as a wav in
-a private temporary directory that is always removed.
+Encoding goes through the imageio-ffmpeg binary in subprocesses (one x264 run per chunk,
+:mod:`multitalk.utils.segments`; the mp4 remuxed from them, :mod:`multitalk.utils.video_output`);
+probing reads the file's structure with PyAV (:mod:`multitalk.utils.probe`).
 
 Colour correction lives in :mod:`multitalk.utils.color` (it runs where frames are decoded).
 """
 from __future__ import annotations
 
 import os
-import re
-import subprocess
 import tempfile
 import wave
 from pathlib import Path
@@ -19,12 +17,6 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-from multitalk.api import InputError
-
-from .ffmpeg import (
-    AUDIO_STREAM_RE, VIDEO_STREAM_RE, ffmpeg_exe, header_duration, read_header, stderr_tail, stream_fps,
-    stream_sample_rate, stream_size,
-)  # fmt: skip
 
 SPEECH_SAMPLE_RATE = 16000
 
@@ -136,51 +128,25 @@ def probe_mp4(data_or_path: Union[bytes, str, os.PathLike]) -> dict:
     (exact count of decoded frames), ``width``, ``height`` (pixels), ``duration``
     (container seconds), ``audio_codec`` ("aac", or None without audio),
     ``audio_sample_rate`` (Hz or None), ``audio_duration`` (seconds of decoded audio
-    samples, or None). Raises ValueError when ffmpeg cannot read the file.
-    (Parses ffprobe's stream and format sections into one dict; the field-by-field fallbacks are what makes it long.)
+    samples, or None). Raises ValueError when the file cannot be read.
     """
-    ffmpeg = ffmpeg_exe()
+    from .probe import decoded_counts, probe
+
     with tempfile.TemporaryDirectory(prefix="multitalk-probe-") as tmp:
         if isinstance(data_or_path, (bytes, bytearray, memoryview)):
             source = os.path.join(tmp, "input.mp4")
             Path(source).write_bytes(bytes(data_or_path))
         else:
             source = os.fspath(data_or_path)
-        text = read_header(source)
-        if "Stream #" not in text:
-            raise ValueError(f"not a readable media file: {stderr_tail(text, 500)}")
-
-        info: dict = {
-            "video_codec": None, "fps": None, "num_frames": 0, "width": None, "height": None,
-            "duration": header_duration(text), "audio_codec": None, "audio_sample_rate": None,
-            "audio_duration": None,
-        }  # fmt: skip
-        video = VIDEO_STREAM_RE.search(text)
-        if video:
-            info["video_codec"] = video.group(1)
-            info["width"], info["height"] = stream_size(video.group(2)) or (None, None)
-            info["fps"] = stream_fps(video.group(2))
-            # Exact frame count: decode everything, passthrough timing so the null muxer
-            # neither duplicates nor drops frames, read the final progress report.
-            count = subprocess.run(
-                [ffmpeg, "-hide_banner", "-nostats", "-loglevel", "error", "-progress", "pipe:1",
-                 "-i", source, "-map", "0:v:0", "-fps_mode", "passthrough", "-f", "null", "-"],
-                capture_output=True, timeout=600,
-            )  # fmt: skip
-            frames = re.findall(r"^frame=(\d+)", count.stdout.decode("utf-8", "replace"), flags=re.MULTILINE)
-            if count.returncode != 0 or not frames:
-                raise ValueError(f"video stream could not be decoded: {stderr_tail(count.stderr, 500)}")
-            info["num_frames"] = int(frames[-1])
-        audio = AUDIO_STREAM_RE.search(text)
-        if audio:
-            info["audio_codec"] = audio.group(1)
-            info["audio_sample_rate"] = stream_sample_rate(audio.group(2))
-            if info["audio_sample_rate"]:
-                decoded = subprocess.run(
-                    [ffmpeg, "-hide_banner", "-loglevel", "error", "-i", source, "-map", "0:a:0",
-                     "-ac", "1", "-f", "s16le", "pipe:1"],
-                    capture_output=True, timeout=600,
-                )  # fmt: skip
-                if decoded.returncode == 0:
-                    info["audio_duration"] = len(decoded.stdout) / 2 / info["audio_sample_rate"]
-    return info
+        info = probe(source)
+        video, audio = info.first("video"), info.first("audio")
+        try:
+            frames, audio_seconds = decoded_counts(source)
+        except Exception as error:  # noqa: BLE001 - reported as the file being unreadable
+            raise ValueError(f"the file could not be decoded: {error}") from None
+    return {
+        "video_codec": video.codec if video else None, "fps": video.fps if video else None, "num_frames": frames,
+        "width": video.width if video else None, "height": video.height if video else None,
+        "duration": info.duration, "audio_codec": audio.codec if audio else None,
+        "audio_sample_rate": audio.sample_rate if audio else None, "audio_duration": audio_seconds,
+    }
