@@ -80,7 +80,7 @@ def random_stages(device: str, dtype: torch.dtype, batch_guidance: bool, scale: 
         Wav2Vec2FeatureExtractor, Wav2Vec2Model,
     )
 
-    from multitalk.driver import LocalStages
+    from multitalk.generation.local import LocalStages
     from multitalk.modules import audio_encoder, text_encoder, vae
     from multitalk.modules.audio_encoder import AudioEncoder
     from multitalk.modules.image_encoder import ImageEncoder

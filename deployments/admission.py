@@ -169,7 +169,8 @@ class Admission:
         return request
 
     def _check_options(self, request: JobRequest) -> None:
-        from multitalk.driver import validate, validate_speech
+        from multitalk.generation.planning import validate
+        from multitalk.generation.speech import validate_speech
         from multitalk.modules.lora_runtime import normalize_lora_set
 
         normalize_lora_set(request.loras, known=self.lora_names)  # names and scales: 422 now

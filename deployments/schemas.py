@@ -140,7 +140,7 @@ class _JobInputs(BaseModel):
     @field_validator("sampling", check_fields=False)
     @classmethod
     def _runnable_sampling(cls, v):
-        from multitalk.driver import validate_sampling
+        from multitalk.generation.planning import validate_sampling
 
         validate_sampling(v)  # the configured step cap is checked at submit (Limits)
         return v

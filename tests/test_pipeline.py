@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from multitalk.api import GenerationRequest, InputError, SamplingOptions
-from multitalk.driver import plan_chunks
+from multitalk.generation.planning import plan_chunks
 from multitalk.utils.video import probe_mp4
 
 

@@ -94,10 +94,32 @@ class ColorTarget:
         return cls(tuple(mean[0].tolist()), tuple(std[0].tolist()), float(strength))
 
 
+def _lab_planes(rgb: torch.Tensor) -> torch.Tensor:
+    """:func:`rgb_to_lab` on channel planes: ``[3, ...]`` in [0, 1] → ``[3, ...]`` LAB (the
+    frames' own layout: no transposes of the working set)."""
+    linear = torch.where(rgb > 0.04045, torch.pow((rgb + 0.055) / 1.055, 2.4), rgb / 12.92)
+    m = _matrix(_XYZ_FROM_RGB / _D65_WHITE[:, None], rgb)
+    f = torch.stack([m[i, 0] * linear[0] + m[i, 1] * linear[1] + m[i, 2] * linear[2] for i in range(3)])
+    f = torch.where(f > 0.008856, f.clamp_min(0.0).pow(1.0 / 3.0), 7.787 * f + 16.0 / 116.0)
+    return torch.stack([116.0 * f[1] - 16.0, 500.0 * (f[0] - f[1]), 200.0 * (f[1] - f[2])])
+
+
+def _rgb_planes(lab: torch.Tensor) -> torch.Tensor:
+    """:func:`lab_to_rgb` on channel planes ``[3, ...]``."""
+    fy = (lab[0] + 16.0) / 116.0
+    f = torch.stack([lab[1] / 500.0 + fy, fy, torch.clamp_min(fy - lab[2] / 200.0, 0.0)])
+    xyz = torch.where(f > 0.2068966, f * f * f, (f - 16.0 / 116.0) / 7.787)
+    m = _matrix(_RGB_FROM_XYZ * _D65_WHITE, lab)
+    linear = torch.stack([m[i, 0] * xyz[0] + m[i, 1] * xyz[1] + m[i, 2] * xyz[2] for i in range(3)])
+    gamma = 1.055 * torch.pow(linear.clamp_min(0.0), 1.0 / 2.4) - 0.055
+    return torch.where(linear > 0.0031308, gamma, linear * 12.92).clamp_(0.0, 1.0)
+
+
 def color_match(video: torch.Tensor, target: "ColorTarget | None") -> torch.Tensor:
     """``video`` ``[3, T, H, W]`` in [-1, 1] pulled towards ``target`` (see the module
     docstring): ``[3, T, H, W]`` float32 in [-1, 1] on ``video``'s device; ``video``
-    itself when ``target`` is ``None``."""
+    itself when ``target`` is ``None``. Each channel's shift and scale are computed in
+    float64 from the statistics and applied in float32."""
     if target is None:
         return video
     device = video.device
@@ -105,16 +127,16 @@ def color_match(video: torch.Tensor, target: "ColorTarget | None") -> torch.Tens
     ref_std = torch.tensor(target.std, dtype=torch.float64, device=device)
     out = torch.empty(video.shape, dtype=torch.float32, device=device)
     for start in range(0, video.shape[1], FRAMES_PER_BATCH):
-        frames = video[:, start:start + FRAMES_PER_BATCH].to(torch.float32).permute(1, 2, 3, 0)  # [n, H, W, 3]
-        frames_01 = ((frames + 1.0) / 2.0).clamp(0.0, 1.0)
-        lab = rgb_to_lab(frames_01)
-        mean, std = _channel_stats(lab)  # [n, 3] float64
-        flat = std < FLAT_STD
-        scale = ref_std / torch.where(flat, torch.ones_like(std), std)
-        # (lab - mean) * scale + ref_mean in float64, rounded once; a flat channel becomes the reference mean.
-        matched_lab = (lab.double() - mean[:, None, None]) * scale[:, None, None] + ref_mean
-        matched_lab = torch.where(flat[:, None, None], ref_mean, matched_lab).to(torch.float32)
-        matched = lab_to_rgb(matched_lab)
-        corrected = (1.0 - target.strength) * frames_01 + target.strength * matched
-        out[:, start:start + frames.shape[0]] = (corrected * 2.0 - 1.0).permute(3, 0, 1, 2)
+        frames_01 = ((video[:, start:start + FRAMES_PER_BATCH].to(torch.float32) + 1.0) / 2.0).clamp_(0.0, 1.0)
+        lab = _lab_planes(frames_01)  # [3, n, H, W]
+        flat = lab.flatten(2).double()
+        mean, std = flat.mean(dim=2), flat.std(dim=2, correction=0)  # [3, n]
+        del flat
+        flat_channel = std < FLAT_STD  # such a channel becomes the reference mean
+        scale = torch.where(flat_channel, torch.zeros_like(std), ref_std[:, None] / torch.where(flat_channel, 1.0, std))
+        shift = ref_mean[:, None] - mean * scale
+        lab.mul_(scale.float()[..., None, None]).add_(shift.float()[..., None, None])
+        matched = _rgb_planes(lab)
+        out[:, start:start + frames_01.shape[1]] = ((1.0 - target.strength) * frames_01
+                                                   + target.strength * matched) * 2.0 - 1.0
     return out
