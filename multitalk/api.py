@@ -52,7 +52,7 @@ class InputError(ValueError):
 @dataclass
 class Limits:
     """Request bounds: the one set of caps every front door applies (the library's
-    :func:`multitalk.driver.validate`, the service's admission, the CLI). The service
+    :func:`multitalk.generation.planning.validate`, the service's admission, the CLI). The service
     configures them (``ingress.limits`` in the serve config); the defaults suit a GPU
     deployment of the 14B model."""
 
@@ -144,7 +144,7 @@ class GenerationRequest:
     ``frames``: frames per clip (4n+1). In ``streaming`` mode clips of ``frames`` frames
     are chained (25 motion frames carried over) until the audio ends. ``None``: the
     official 81, except that a clip is shortened to the longest one the speech allows
-    (:func:`multitalk.driver.fit_frames`).
+    (:func:`multitalk.generation.planning.fit_frames`).
     ``video``: InfiniteTalk video-to-video: the source video's bytes (mp4/webm/mkv/mov...),
     given instead of ``image`` (``image=None``); :mod:`multitalk.infinitetalk` runs it.
     """

@@ -2,7 +2,7 @@
 
 Every stage loads from a models root (or a :class:`CheckpointSet`) and exposes plain
 tensor-in / tensor-out methods, so the same objects run in-process
-(:class:`multitalk.driver.LocalStages`) and inside Ray Serve deployments
+(:class:`multitalk.generation.local.LocalStages`) and inside Ray Serve deployments
 (``deployments/``, one thin wrapper per stage).
 
 ==============  ====================================  ======================================
