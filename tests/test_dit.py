@@ -260,3 +260,8 @@ def test_rope_rotations_are_built_once_per_grid_on_the_tokens_device():
     with torch.no_grad():
         assert torch.equal(model(**inp), first)
     assert model.rope.built == 2
+    import copy
+
+    twin = copy.deepcopy(model)  # a copied model gets a cache of its own
+    with torch.no_grad():
+        assert torch.equal(twin(**inp), first) and twin.rope.built == 1

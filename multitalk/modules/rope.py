@@ -107,6 +107,13 @@ class VideoRotaryCache:
         with self._lock:
             self._grids.clear()
 
+    def __getstate__(self) -> dict:
+        # A copied (or pickled) model starts with an empty cache of its own.
+        return {"head_dim": self.head_dim, "max_seq_len": self.max_seq_len, "max_grids": self.max_grids}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(**state)
+
 
 def apply_video_rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
     """Rotate ``x`` ``[B, S, H, D]`` by ``rotations`` ``[S, 1, D/2, 2]`` (cos, sin); returns float32.
