@@ -189,7 +189,7 @@ class JobRunner:
                         budget: RetryBudget) -> GenerationResult:
         """Fetch the inputs and run the driver; re-run within ``budget`` after a transient failure."""
         t0 = time.monotonic()
-        media = await asyncio.to_thread(self.admission.fetch_inputs, rec.request, rec.source)
+        media = await asyncio.to_thread(self.admission.fetch_inputs, rec.request, rec.source, rec.tenant)
         rec.timings["fetch_inputs"] = round(time.monotonic() - t0, 3)
         gen_request = rec.request.with_media(media)
 

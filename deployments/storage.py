@@ -386,22 +386,45 @@ def parse_s3_url(ref: str, field: str) -> tuple[str, str]:
     return bucket, key
 
 
-def check_input(ref: str, store: Store, field: str, allowed_buckets: tuple[str, ...] = ()) -> str:
+def allow_list_covers(allowed: tuple[str, ...], bucket: str, key: str) -> bool:
+    """Whether an ``allowed_buckets`` entry covers ``s3://bucket/key``: an entry is a whole
+    ``bucket`` or ``bucket/prefix``, the prefix a folder (``ext/pub`` covers ``pub/a.wav``,
+    not ``public/a.wav``)."""
+    for entry in allowed:
+        name, _, prefix = entry.strip().strip("/").partition("/")
+        if name == bucket and (not prefix or key.startswith(prefix.rstrip("/") + "/")):
+            return True
+    return False
+
+
+def check_input(ref: str, store: Store, field: str, allowed_buckets: tuple[str, ...] = (),
+                confine: Optional[Callable[[str], None]] = None) -> str:
     """Validate an input reference and check it exists; return the canonical reference.
 
-    Accepted: ``s3://bucket/key`` (``bucket`` must be the store's own bucket or one of
-    ``allowed_buckets``) or a key/simple file name in ``store`` (looked up as given,
-    then under ``inputs/``). Raises :class:`InputError` (422 bad reference, 404 missing).
+    Accepted: ``s3://bucket/key`` inside the store's own bucket and prefix, or covered by an
+    ``allowed_buckets`` entry (:func:`allow_list_covers`), or a key/simple file name in
+    ``store`` (looked up as given, then under ``inputs/``). ``confine(key)`` sees every key
+    inside this store (relative to its prefix) before its existence is checked, and raises
+    to refuse it (``deployments.admission``: job records, other tenants' areas). Raises
+    :class:`InputError` (422 bad reference, 403 not allowed, 404 missing).
     """
     if not isinstance(ref, str) or not ref.strip():
         raise InputError(field, "missing input reference")
     ref = ref.strip()
+    confine = confine or (lambda key: None)
     scheme = urllib.parse.urlparse(ref).scheme.lower()
     if scheme == "s3":
         bucket, key = parse_s3_url(ref, field)
         validate_key(key, field)
         own = isinstance(store, S3Store) and bucket == store.bucket
-        if not own and bucket not in allowed_buckets:
+        if own and key.startswith(store.prefix):
+            confine(key[len(store.prefix):])
+        elif not allow_list_covers(allowed_buckets, bucket, key):
+            if own:
+                raise InputError(field, f"'{ref}' is outside this service's prefix", 403)
+            if any(entry.strip().strip("/").partition("/")[0] == bucket for entry in allowed_buckets):
+                raise InputError(field, f"'{ref}' is outside the prefixes of bucket '{bucket}' this service "
+                                        "reads from", 403)
             raise InputError(field, f"bucket '{bucket}' is not one this service reads from", 403)
         if not isinstance(store, S3Store):
             raise InputError(field, "s3:// references need an S3 store (set AWS_S3_BUCKET_NAME)")
@@ -412,10 +435,10 @@ def check_input(ref: str, store: Store, field: str, allowed_buckets: tuple[str, 
         raise InputError(field, f"'{scheme}://' references are not accepted; use s3://bucket/key or a file name")
     validate_key(ref, field)
     try:
-        if store.exists(ref):
-            return ref
-        if store.exists("inputs/" + ref):
-            return "inputs/" + ref
+        for key in (ref, "inputs/" + ref):
+            confine(key)
+            if store.exists(key):
+                return key
     except InputError as e:  # symlink escaping a LocalStore root: report the right field
         raise InputError(field, e.message, e.status) from None
     raise InputError(field, f"'{ref}' not found in {store.describe()}", 404)
@@ -437,13 +460,15 @@ def resolve_input(
     store: Store,
     field: str = "input",
     allowed_buckets: tuple[str, ...] = (),
+    confine: Optional[Callable[[str], None]] = None,
 ) -> bytes:
-    """Fetch an input's bytes: uploaded bytes pass through, references are read from the store."""
+    """Fetch an input's bytes: uploaded bytes pass through, references are read from the
+    store after the same checks as :func:`check_input`."""
     if isinstance(ref, (bytes, bytearray, memoryview)):
         if not len(ref):
             raise InputError(field, "empty upload")
         return bytes(ref)
-    canonical = check_input(ref, store, field, allowed_buckets)
+    canonical = check_input(ref, store, field, allowed_buckets, confine)
     try:
         if canonical.startswith("s3://"):
             bucket, key = parse_s3_url(canonical, field)
