@@ -78,6 +78,10 @@ class Leases:
         """This replica holds the job no more."""
         self._written.pop(job_id, None)
 
+    def close(self) -> None:
+        """The replica stops: no more lease I/O (a call stuck on a dead store is left behind)."""
+        self._io.shutdown(wait=False, cancel_futures=True)
+
     # --- writes ------------------------------------------------------------------------
     async def persist(self, rec: JobRecord) -> Optional[str]:
         """Write ``rec`` (a snapshot: the live record keeps changing) with a fresh heartbeat,

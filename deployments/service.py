@@ -149,6 +149,8 @@ class JobService:
         await self.runner.stop()
         for task in self._deliveries:  # the record says what was not delivered
             task.cancel()
+        await asyncio.gather(*self._deliveries, return_exceptions=True)
+        self.leases.close()
 
     # --- submit ----------------------------------------------------------------------
     async def save_upload(self, field_name: str, filename: Optional[str], data: bytes,
