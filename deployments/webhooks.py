@@ -202,9 +202,9 @@ class Webhooks:
             retry = False
             try:
                 # Resolved once, in a worker thread; the POST goes to these addresses only.
-                addresses = await loop.run_in_executor(None, self._check_addresses, host, "webhook")
+                addresses, signature = await loop.run_in_executor(None, self._prepare, host, tenant, body)
                 headers = {"Content-Type": "application/json", DELIVERY_HEADER: delivery_id,
-                           SIGNATURE_HEADER: sign(self.secret_for(tenant) or "", body)}
+                           SIGNATURE_HEADER: signature}
                 status = await self._post(info.url, host, addresses, body, headers)
                 info.status_code, info.error = status, None
                 if 200 <= status < 300:
@@ -225,6 +225,11 @@ class Webhooks:
         if info.delivered_at is None:
             logger.warning("webhook %s not delivered after %d attempt(s): %s", info.url, info.attempts, info.error)
         return info
+
+    def _prepare(self, host: str, tenant: Optional[str], body: bytes) -> tuple[list[str], str]:
+        """One attempt's blocking part (a worker thread): the checked addresses of ``host``, and
+        the signature with the tenant's current secret (its file may be read again)."""
+        return self._check_addresses(host, "webhook"), sign(self.secret_for(tenant) or "", body)
 
     async def _post(self, url: str, host: str, addresses: list[str], body: bytes, headers: dict) -> int:
         """One POST of ``body`` to ``url``, connected to one of ``addresses`` (checked for
