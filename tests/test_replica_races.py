@@ -217,12 +217,12 @@ def test_a_job_waiting_for_a_slot_is_held_by_its_owner(stores):
     _inputs(store_a)
     runs, slow = Runs(), FakeStages()
     slow.step_delay = 0.05
-    a = _replica(store_a, "replica-a", runs, stages=slow, lease_s=1.2, max_concurrent_jobs=1)
-    b = _replica(store_b, "replica-b", runs, lease_s=1.2)
+    a = _replica(store_a, "replica-a", runs, stages=slow, lease_s=2.0, max_concurrent_jobs=1)
+    b = _replica(store_b, "replica-b", runs, lease_s=2.0)
 
     async def scenario():
         await asyncio.gather(a.start(), b.start())
-        first = await a.submit(_request("first", steps=60))  # about 3 s: 2.5 leases
+        first = await a.submit(_request("first", steps=90))  # about 4.5 s: over 2 leases
         second = await a.submit(_request("second"))
         done = await a.wait(second.id, timeout=20)
         await asyncio.gather(a.stop(), b.stop())
@@ -322,7 +322,9 @@ def test_heartbeats_go_on_while_the_default_thread_pool_is_busy(tmp_path):
         return await fake_generate(request, stages, progress, limits)
 
     service = JobService(store=store, stages=FakeStages(), generate_fn=busy_generate,
-                         settings=ServiceSettings(exclusive=False, lease_s=1.2, persist_interval_s=0.05,
+                         # One replica (no fencing: a stall of this loaded machine must not stop the job);
+                         # a heartbeat every 0.4 s.
+                         settings=ServiceSettings(exclusive=True, lease_s=1.2, persist_interval_s=0.05,
                                                   precheck_inputs=False))
 
     async def scenario():
