@@ -195,7 +195,10 @@ class JobStore:
             record._version = version
         except BaseException:
             if idempotency_key:  # free the key, so that the client's retry is not kept waiting
-                self.store.delete(self._idem_key(idempotency_key))
+                try:
+                    self.store.delete(self._idem_key(idempotency_key))
+                except Exception:  # noqa: BLE001 - the store failed already; the reservation expires
+                    pass
             raise
         for scope in {_index_scope(None), _index_scope(tenant)}:
             self.store.put(f"{INDEX_PREFIX}{scope}/{_index_name(record)}", b"", "text/plain")
