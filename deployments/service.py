@@ -110,7 +110,8 @@ class JobService:
         self.admission = Admission(store, s.limits, s.allowed_buckets, s.max_queued_jobs,
                                    s.max_queued_jobs_per_tenant, s.retry_after_s, s.precheck_inputs,
                                    s.presets, s.request_defaults, self.speech_voices, s.lora_names, s.model)
-        self.leases = Leases(self.jobs, s.replica_id, s.lease_s, s.persist_interval_s, job_log)
+        self.leases = Leases(self.jobs, s.replica_id, s.lease_s, s.persist_interval_s, job_log,
+                             fence=not s.exclusive)
         self.webhooks = Webhooks(s.webhooks)
         generate_fn = generate_fn or (import_attr(s.driver) if s.driver else driver_for(s.model).generate)
         self.runner = JobRunner(stages, self.admission, self.leases, store, self.local_store,
@@ -148,6 +149,8 @@ class JobService:
         await self.runner.stop()
         for task in self._deliveries:  # the record says what was not delivered
             task.cancel()
+        await asyncio.gather(*self._deliveries, return_exceptions=True)
+        self.leases.close()
 
     # --- submit ----------------------------------------------------------------------
     async def save_upload(self, field_name: str, filename: Optional[str], data: bytes,
@@ -167,14 +170,13 @@ class JobService:
             request = request.model_copy(update={"webhook": url})
         if tenant is not None and idempotency_key:
             idempotency_key = f"{tenant}/{idempotency_key}"  # keys are per tenant
-        rec, created = await asyncio.to_thread(self.jobs.create, request, idempotency_key, source,
-                                               "generate", None, tenant)
+        rec, created = await asyncio.to_thread(self.jobs.create, request, idempotency_key, source, "generate",
+                                               None, tenant, self.settings.replica_id, applied)
         log = job_log(rec.id)
         if not created:
             log.info("idempotent retry (key %r): returning the existing job", idempotency_key)
             return self.runner.records.get(rec.id, rec)
-        rec.owner, rec.options_applied = self.settings.replica_id, applied
-        await self.leases.persist(rec)
+        self.leases.track(rec)
         log.info("queued: %d audio track(s), mode %s, %s frames, %d steps",
                  len(request.audio), request.mode, request.frames, request.sampling.steps)
         self.runner.schedule(rec)
@@ -288,12 +290,9 @@ class JobService:
             job_log(job_id).info("cancel requested")
             await asyncio.wait({task}, timeout=30)
             return self.runner.records.get(job_id, rec)
-        # Another replica runs it: leave a marker its heartbeat picks up, and mark the
-        # record so clients see the cancellation now.
-        await asyncio.to_thread(self.jobs.request_cancel, job_id)
-        rec.state, rec.finished_at = JobState.CANCELLED, time.time()
-        await asyncio.to_thread(self.jobs.save, rec)
-        return rec
+        # Another replica holds it (or nobody does): the record says CANCELLED now, written
+        # conditionally; its owner sees the new version at its next heartbeat and stops.
+        return await asyncio.to_thread(self.jobs.cancel, job_id) or rec
 
     def output_store(self, rec: JobRecord) -> Store:
         return self.runner.output_store(rec)

@@ -98,6 +98,7 @@ def cmd_generate(args) -> int:
         color_correction=args.color_correction, video=Path(args.video).read_bytes() if args.video else None,
         speech=speech, **modal,
     )
+    from .checkpoints.discovery import MissingCheckpointError
     from .precision import PrecisionError
 
     try:
@@ -106,9 +107,9 @@ def cmd_generate(args) -> int:
             stage_dtypes=args.stage_dtype, allow_fp32_dit=args.allow_fp32_dit,
             attention_backend=args.attention_backend, tiled_vae=args.tiled_vae, batch_guidance=args.batch_guidance,
             quantize=args.quantize, low_vram=args.low_vram, compile=args.compile,
-            loras=[_lora_spec(x) for x in args.lora], model=model,
+            loras=[_lora_spec(x) for x in args.lora], model=model, allow_no_lip_sync=args.allow_no_lip_sync,
         )
-    except PrecisionError as e:
+    except (PrecisionError, MissingCheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     bar = tqdm(total=1, desc="prepare", unit="step")
@@ -291,6 +292,8 @@ def _add_generate(sub) -> None:
                         "e.g. --stage-dtype dit=bf16 --stage-dtype audio=fp32")
     s.add_argument("--allow-fp32-dit", action="store_true",
                    help="let the 14B DiT run in fp32 on a GPU (75.5 GB of weights; refused otherwise)")
+    s.add_argument("--allow-no-lip-sync", action="store_true",
+                   help="run a models folder without the MultiTalk adapter as plain WAN 2.1 I2V (refused otherwise)")
     s.add_argument("--attention-backend", help="diffusers attention backend: flash, _flash_3, sage, _native_cudnn ...")
     s.add_argument("--batch-guidance", action="store_true", help="run the 3 guidance passes as one batch (lossless)")
     s.add_argument("--quantize", choices=["int8", "fp8", "fp8_dynamic"],

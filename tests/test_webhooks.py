@@ -169,3 +169,121 @@ def test_refused_at_submit_for_disallowed_hosts(tmp_path, monkeypatch):
 def test_signature_is_hmac_of_timestamp_and_body():
     value = sign("k", b'{"a":1}', timestamp=1700000000)
     assert value == "t=1700000000,v1=" + hmac.new(b"k", b'1700000000.{"a":1}', hashlib.sha256).hexdigest()
+
+
+# --- the transport: connect where checked, resolve off the loop, secrets that rotate -------
+
+
+class Lookups:
+    """``socket.getaddrinfo`` for test names: ``answers(n)`` gives the address of the n-th
+    lookup of the name (from 1); every other name resolves for real. Records, per lookup,
+    whether it ran on a thread with a running event loop."""
+
+    def __init__(self, name, answers):
+        import socket
+
+        self.name, self.answers, self.real = name, answers, socket.getaddrinfo
+        self.calls: list[bool] = []
+
+    def __call__(self, host, port, *args, **kw):
+        import asyncio
+        import socket
+
+        if host != self.name:
+            return self.real(host, port, *args, **kw)
+        try:
+            asyncio.get_running_loop()
+            on_loop = True
+        except RuntimeError:
+            on_loop = False
+        self.calls.append(on_loop)
+        address = self.answers(len(self.calls))
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, port or 0))]
+
+
+def test_a_host_that_rebinds_to_loopback_is_never_contacted_there(tmp_path, monkeypatch, receiver):
+    """The allow-listed name answers a public address to the first two lookups (the check
+    at submit and the check before the POST) and loopback afterwards, as an attacker's DNS
+    with a zero TTL does. The POST goes to the address that was checked (unreachable here:
+    no network), the next attempt's check sees loopback and ends the delivery; the
+    receiver on loopback is never contacted, and no lookup blocks the event loop."""
+    import socket
+
+    url, rx = receiver
+    port = url.split(":")[2].split("/")[0]
+    lookups = Lookups("hooks.rebind.test", lambda n: "93.184.216.34" if n <= 2 else "127.0.0.1")
+    monkeypatch.setattr(socket, "getaddrinfo", lookups)
+    monkeypatch.setenv("MULTITALK_WEBHOOK_SECRETS", f"*:{SECRET}")
+    hooks = {"allowed_hosts": ["hooks.rebind.test"], "attempts": 2, "backoff_s": 0.05, "timeout_s": 1.0}
+    client, service, _ = make_client(tmp_path, webhooks=hooks)
+    with client:
+        job = {"image": "multi1.png", "audio": ["1.wav"], "frames": 9, "sampling": {"steps": 2},
+               "webhook": f"http://hooks.rebind.test:{port}/hook"}
+        job_id = client.post("/v1/jobs", json=job).json()["id"]
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            st = client.get(f"/v1/jobs/{job_id}").json()
+            if (st.get("webhook") or {}).get("ended_at") or rx.received:
+                break
+            time.sleep(0.05)
+    assert rx.received == [], "the webhook was POSTed to loopback"
+    assert st["webhook"]["delivered_at"] is None and st["webhook"]["ended_at"], st["webhook"]
+    assert "private or loopback" in st["webhook"]["error"], st["webhook"]
+    assert len(lookups.calls) == 3  # one at submit, one per attempt: the client never resolved again
+    assert not any(lookups.calls), "a lookup blocked the event loop"
+
+
+def test_the_post_goes_to_the_checked_address_under_the_hosts_name(tmp_path, monkeypatch, receiver):
+    import socket
+
+    url, rx = receiver
+    port = url.split(":")[2].split("/")[0]
+    lookups = Lookups("hooks.pinned.test", lambda n: "127.0.0.1")
+    monkeypatch.setattr(socket, "getaddrinfo", lookups)
+    monkeypatch.setenv("MULTITALK_WEBHOOK_SECRETS", f"*:{SECRET}")
+    hooks = {"allowed_hosts": ["hooks.pinned.test"], "allow_private": True, "backoff_s": 0.05}
+    client, service, _ = make_client(tmp_path, webhooks=hooks)
+    with client:
+        job = {"image": "multi1.png", "audio": ["1.wav"], "frames": 9, "sampling": {"steps": 2},
+               "webhook": f"http://hooks.pinned.test:{port}/hook"}
+        st = _wait_delivered(client, client.post("/v1/jobs", json=job).json()["id"])
+    assert st["webhook"]["status_code"] == 200 and len(rx.received) == 1
+    assert rx.received[0]["headers"]["Host"] == f"hooks.pinned.test:{port}"
+    assert len(lookups.calls) == 2 and not any(lookups.calls)
+
+
+def test_the_secrets_file_is_closed_and_read_again_when_it_changes(tmp_path, receiver):
+    """Rotation without a restart: the file is read (and closed) at start, and again once
+    it changed; deliveries after the change are signed with the new secret."""
+    import asyncio
+    import gc
+    import os
+    import warnings
+
+    from deployments.webhooks import WebhookInfo
+
+    url, rx = receiver
+    secrets = tmp_path / "webhook-secrets"
+    secrets.write_text("*:old-secret\n")
+    settings = WebhookSettings(allowed_hosts=("127.0.0.1",), allow_private=True, secrets_file=str(secrets))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        hooks = Webhooks(settings, env={})
+        gc.collect()
+
+    async def noop(info):
+        return None
+
+    def deliver():
+        return asyncio.run(hooks.deliver(WebhookInfo(url=url), {"id": "j"}, None, "j", noop))
+
+    assert deliver().status_code == 200
+    secrets.write_text("*:new-secret\n")
+    os.utime(secrets, ns=(time.time_ns() + 10**9,) * 2)
+    time.sleep(1.1)  # the file is checked at most once a second
+    assert deliver().status_code == 200
+    for delivery, secret in zip(rx.received, ("old-secret", "new-secret")):
+        t, mac = (part.split("=", 1)[1] for part in delivery["headers"][SIGNATURE_HEADER].split(","))
+        assert mac == hmac.new(secret.encode(), f"{t}.".encode() + delivery["body"], hashlib.sha256).hexdigest(), \
+            f"not signed with {secret}"
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)], [str(w.message) for w in caught]
