@@ -127,7 +127,7 @@ def test_job_request_validation():
     with pytest.raises(ValidationError):
         JobRequest(image="a.png", audio=[])
     with pytest.raises(ValidationError):
-        JobRequest(image="a.png", audio=["1", "2", "3"])
+        JobRequest(image="a.png", audio=["1", "2", "3", "4", "5"])  # at most four speakers
     with pytest.raises(ValidationError):
         _req(frames=80)
     with pytest.raises(ValidationError):
