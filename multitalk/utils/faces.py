@@ -189,3 +189,21 @@ def choose_speaker_boxes(image, speakers: int, bbox=None, speaker_order=None
         check_speaker_order(speaker_order, speakers)
         return None, None
     return speaker_boxes(detect_faces(image), speakers, (image.height, image.width), speaker_order), "faces"
+
+
+def boxes_for_image(data: bytes, speakers: int, speaker_order=None, max_pixels: int = 40_000_000) -> dict:
+    """What a job without ``bbox`` would run with, for an uploaded condition image (the web
+    page shows it to be adjusted before submitting): ``{"width", "height", "faces":
+    [{"box", "confidence"}], "boxes"}``, boxes in speaker order. Errors are the job's own
+    (:class:`~multitalk.api.InputError` naming ``condition_image``, ``bbox`` or ``speaker_order``)."""
+    from multitalk.api import MAX_SPEAKERS
+
+    from .image import load_image
+
+    if isinstance(speakers, bool) or not isinstance(speakers, int) or not 1 <= speakers <= MAX_SPEAKERS:
+        raise InputError("speakers", f"must be 1 to {MAX_SPEAKERS}, got {speakers!r}")
+    image = load_image(data, max_pixels=max_pixels)
+    faces = detect_faces(image)
+    boxes = speaker_boxes(faces, speakers, (image.height, image.width), speaker_order)
+    return {"width": image.width, "height": image.height,
+            "faces": [{"box": f.box, "confidence": round(f.confidence, 3)} for f in faces], "boxes": boxes}
