@@ -177,6 +177,9 @@ class GenerationRequest:
     # image (multitalk.utils.faces), left to right; ``speaker_order`` lists, for speaker 1,
     # 2, ..., which of those faces (1 = leftmost) they are.
     speaker_order: Optional[list[int]] = None
+    # InfiniteTalk dubbing: find the source video's shot cuts and take each chunk's reference
+    # frame from its own shot (the official --scene_seg; multitalk.utils.shots).
+    scene_cuts: bool = False
 
     def replace(self, **changes) -> "GenerationRequest":
         return dataclasses.replace(self, **changes)

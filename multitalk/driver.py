@@ -111,8 +111,9 @@ def precheck(request: GenerationRequest, limits: Limits) -> None:
     only its options and image to check; its speech exists after synthesis."""
     from .utils.image import load_image
 
-    if request.video is not None:
-        raise InputError("condition_video", "video-to-video needs the InfiniteTalk model; this one runs MultiTalk")
+    if request.video is not None or request.scene_cuts:
+        raise InputError("condition_video" if request.video is not None else "scene_cuts",
+                         "video-to-video needs the InfiniteTalk model; this one runs MultiTalk")
     if request.speech is not None:
         validate_speech(request, limits)
         load_image(request.image, max_pixels=limits.max_image_pixels)
@@ -266,8 +267,9 @@ async def generate(
     emit = progress or (lambda p: None)
     started = time.perf_counter()
     lora_set = normalize_lora_set(request.loras)  # syntax here; names and scales at the Diffusion stage
-    if request.video is not None:
-        raise InputError("condition_video", "video-to-video needs the InfiniteTalk model; this one runs MultiTalk")
+    if request.video is not None or request.scene_cuts:
+        raise InputError("condition_video" if request.video is not None else "scene_cuts",
+                         "video-to-video needs the InfiniteTalk model; this one runs MultiTalk")
     if request.speech is not None:
         request = await synthesize_speech(request, stages, limits, emit, timer)
     prepare_started = time.perf_counter()
