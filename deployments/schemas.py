@@ -72,6 +72,8 @@ OPTION_DOCS = {
     "bbox": "Per speaker [r0, c0, r1, c1] in image pixels, rows first; left out, two or more speakers get boxes "
             "found from the faces in the image (the result reports the boxes used)",
     "speaker_order": "Without bbox: for speaker 1, 2, ... which detected face (1 = leftmost) they are, e.g. [2, 1]",
+    "scene_cuts": "InfiniteTalk video-to-video: find the source's shot cuts and take each chunk's reference frame "
+                  "from its own shot (the official --scene_seg); off by default",
     "mode": "'clip': one clip; 'streaming': clips chained until the audio ends",
     "frames": "Frames per clip, 4n+1 (81 at 25 fps = 3.24 s); left out: 81, a clip shortened to fit shorter speech",
     "size": "multitalk-480, multitalk-720 (InfiniteTalk: infinitetalk-480/-720), or a scaled -N "

@@ -95,7 +95,7 @@ def cmd_generate(args) -> int:
     request = GenerationRequest(
         image=Path(args.image).read_bytes() if args.image else None, audio=audio, prompt=args.prompt,
         audio_type=args.audio_type, bbox=_bbox(args.bbox), speaker_order=args.speaker_order, frames=args.frames,
-        sampling=sampling,
+        sampling=sampling, scene_cuts=args.scene_cuts,
         color_correction=args.color_correction, video=Path(args.video).read_bytes() if args.video else None,
         speech=speech, **modal,
     )
@@ -281,6 +281,9 @@ def _add_generate(sub) -> None:
                    help="per speaker, source pixels, rows first (default: from the faces in the image)")
     s.add_argument("--speaker-order", nargs="+", type=int, metavar="FACE",
                    help="without --bbox: which detected face (1 = leftmost) each speaker is, e.g. 2 1")
+    s.add_argument("--scene-cuts", action="store_true",
+                   help="with --video: split the source at its shot cuts, each chunk's reference from its own shot "
+                        "(official --scene_seg)")
     s.add_argument("--prompt", default="")
     s.add_argument("--mode", choices=["clip", "streaming"], help="default: clip (MultiTalk), streaming (InfiniteTalk)")
     s.add_argument("--frames", type=int, default=81)

@@ -188,3 +188,35 @@ def test_two_three_and_four_speaker_jobs_without_boxes_complete(tiny_pipeline, f
         result = tiny_pipeline.generate(request)
         assert result.num_frames == 17 and result.boxes_source == "faces" and len(result.boxes) == people
         _check_boxes(result.boxes, sorted(detect_faces(image), key=lambda f: f.centre_col))
+
+
+@pytest.mark.fixtures
+def test_the_boxes_used_are_in_the_job_status_and_the_runpod_output(tmp_path, fixtures_dir):
+    """Served path without models: the job's real input preparation (faces found at submit and
+    at run time), the result mapped into the status (native and RunPod)."""
+    from fakes import VIDEO, wait_state
+    from inputs import make
+
+    from multitalk.api import GenerationResult
+    from multitalk.driver import prepare_inputs
+
+    async def prepare_only(request, stages, progress=None, limits=None, on_chunk=None):
+        prep = prepare_inputs(request, limits)
+        return GenerationResult(VIDEO, 17, 25, 64, 48, 1, True, boxes=prep.boxes, boxes_source=prep.boxes_source)
+
+    client, _, store = make(tmp_path, generate_fn=prepare_only)
+    store.put("multi1.png", (fixtures_dir / "multi1" / "multi1.png").read_bytes())
+    multi = _image(fixtures_dir, "multi1/multi1.png")
+    expected = speaker_boxes(detect_faces(multi), 2, (multi.height, multi.width))
+    with client:
+        r = client.post("/v1/jobs", json={"image": "multi1.png", "audio": ["1.wav", "2.wav"], "frames": 17})
+        assert r.status_code == 202, r.text
+        status = wait_state(client, r.json()["id"])
+        assert status["state"] == "COMPLETED", status
+        assert status["result"]["boxes"] == expected and status["result"]["boxes_source"] == "faces"
+        r = client.post("/run", json={"input": {"audio_1": "1.wav", "audio_2": "2.wav", "condition_image": "multi1.png",
+                                                "frames": 17, "speaker_order": [2, 1]}})
+        job = r.json()["id"]
+        wait_state(client, job)
+        output = client.get(f"/status/{job}").json()["output"]
+        assert output["boxes"] == expected[::-1] and output["boxes_source"] == "faces"
