@@ -259,6 +259,7 @@ class JobRunner:
             duration=round(result.num_frames / float(result.fps or 25), 3), fps=result.fps, width=result.width,
             height=result.height, chunks=result.chunks, lip_sync=result.lip_sync,
             warnings=list(result.warnings or []), loras=list(result.loras or []),
+            boxes=getattr(result, "boxes", None), boxes_source=getattr(result, "boxes_source", None),
         )
 
     def _cancelled(self, rec: JobRecord, reason: Optional[CancelReason], log: logging.LoggerAdapter) -> None:

@@ -27,6 +27,7 @@ from .schemas import OPTION_NAMES, JobRequest, JobState, option_fields
 
 # Errors carry the library's field names; RunPod callers get them in their input's names.
 RUNPOD_FIELD_NAMES = {"image": "condition_image", "video": "condition_video", "audio[0]": "audio_1", "audio[1]": "audio_2",
+                      "audio[2]": "audio_3", "audio[3]": "audio_4",
                       "output.key": "output_key", "sampling.steps": "sample_steps", **TTS_AUDIO_FIELDS}
 
 
@@ -48,6 +49,8 @@ class _GenerateFields(BaseModel):
     action: Literal["generate"]
     audio_1: Optional[str] = None  # or tts_audio
     audio_2: Optional[str] = None
+    audio_3: Optional[str] = None  # three and four speakers: beyond what the model was trained on
+    audio_4: Optional[str] = None
     # The official examples' text to speech: {text, human1_voice[, human2_voice]} (multitalk.api).
     tts_audio: Optional[dict[str, Any]] = None
     condition_image: Optional[str] = None
@@ -87,9 +90,16 @@ class _GenerateFields(BaseModel):
         return {
             **body,
             **visual,
-            "audio": [a for a in (self.audio_1, self.audio_2) if a],
+            "audio": self._audio_list(),
             "output": {"format": self.output_format, "key": self.output_key},
         }
+
+    def _audio_list(self) -> list[str]:
+        audios = [self.audio_1, self.audio_2, self.audio_3, self.audio_4]
+        for i in range(1, len(audios)):
+            if audios[i] and not audios[i - 1]:
+                raise InputError(f"audio_{i + 1}", f"given without audio_{i}: number the speakers from audio_1 up")
+        return [a for a in audios if a]
 
     def to_job_request(self) -> JobRequest:
         return JobRequest.model_validate(self.to_job_body())
@@ -161,6 +171,8 @@ def _generate_output(rec: JobRecord) -> dict:
         output["local_path"] = r.path
     if r.speech_key:
         output["speech_key"], output["speech_url"] = r.speech_key, r.speech_url
+    if r.boxes is not None:
+        output["boxes"], output["boxes_source"] = r.boxes, r.boxes_source
     return output
 
 

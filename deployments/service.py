@@ -214,6 +214,14 @@ class JobService:
             self._voices = volume.speech_voices(root)
         return self._voices
 
+    async def speaker_boxes(self, image: bytes, speakers: int, speaker_order=None) -> dict:
+        """The boxes a job without ``bbox`` would get for this condition image (faces found,
+        grown into speaker boxes; :func:`multitalk.utils.faces.boxes_for_image`)."""
+        from multitalk.utils.faces import boxes_for_image
+
+        return await asyncio.to_thread(boxes_for_image, image, speakers, speaker_order,
+                                       self.settings.limits.max_image_pixels)
+
     async def models_report(self, max_age_s: float = 300.0) -> dict:
         """``/v1/models``: the models root's components and the loaders' verdict (kept for
         ``max_age_s``: verifying a 14B set reads every header, a few seconds)."""

@@ -41,6 +41,7 @@ from .driver import (
     plan_chunks, prepare_inputs, synthesize_speech,
 )
 from .stages import ChunkJob
+from .utils.shots import chunk_references, detect_cuts
 from .utils.video_source import VIDEO_FIELD, VideoLimits, VideoSource
 
 # Defaults of the official generate_infinitetalk.py as its README runs it (the sampler's are
@@ -67,11 +68,13 @@ def bucket_name(size: str) -> str:
 
 
 def check_condition(request: GenerationRequest) -> None:
-    """Exactly one of ``image`` and ``video``."""
+    """Exactly one of ``image`` and ``video``; shot cuts only for a video."""
     if request.video is not None and request.image:
         raise InputError(VIDEO_FIELD, "give condition_image or condition_video, not both")
     if request.video is None and not request.image:
         raise InputError("condition_image", "a condition image (image-to-video) or video (video-to-video) is required")
+    if request.scene_cuts and request.video is None:
+        raise InputError("scene_cuts", "splits a source video at its shot cuts: give condition_video")
 
 
 def video_limits(limits: Limits) -> VideoLimits:
@@ -125,21 +128,36 @@ def reference_at(source: VideoSource, index: int, target_hw: tuple[int, int]) ->
 
 
 class _References:
-    """Each chunk's reference frame; the next one is decoded while the current chunk samples."""
+    """Each chunk's reference frame (``picks``: :func:`multitalk.utils.shots.chunk_references`);
+    the next one is decoded while the current chunk samples. With shot cuts, the first chunk
+    of a shot restarts from its reference and each chunk is colour-matched to its shot's."""
 
-    def __init__(self, prep: PreparedInputs, source: Optional[VideoSource], starts: list[int]):
-        self.prep, self.source, self.starts = prep, source, starts
+    def __init__(self, prep: PreparedInputs, source: Optional[VideoSource], picks: list):
+        self.prep, self.source, self.picks = prep, source, picks
         self._next: Optional[asyncio.Future] = None
+        self._colour = prep.reference
 
     async def get(self, index: int) -> torch.Tensor:
-        if index == 0 or self.source is None:
+        pick = self.picks[index]
+        if self.source is None or pick.frame == 0:
             frame = self.prep.reference[:, None]
-        else:
+        elif self._next is not None:
             frame = await self._next
-        if self.source is not None and index + 1 < len(self.starts):
+        else:  # the first chunk, in a shot after a cut
+            frame = await asyncio.to_thread(reference_at, self.source, pick.frame, self.prep.target_hw)
+        if self.source is not None and index + 1 < len(self.picks):
             self._next = asyncio.ensure_future(asyncio.to_thread(
-                reference_at, self.source, self.starts[index + 1], self.prep.target_hw))
+                reference_at, self.source, self.picks[index + 1].frame, self.prep.target_hw))
+        if self.restarts(index):
+            self._colour = frame[:, 0]
         return frame
+
+    def restarts(self, index: int) -> bool:
+        return index == 0 or self.picks[index].new_shot
+
+    def colour(self) -> torch.Tensor:
+        """What the current chunk is colour-matched to: its shot's first reference."""
+        return self._colour
 
     async def cancel(self) -> None:
         if self._next is not None and not self._next.done():
@@ -189,6 +207,11 @@ async def _run(request: GenerationRequest, stages: Stages, prep: PreparedInputs,
                        prep.audio_frames if streaming else request.frames)
     # Official: the streamed video is cut to the audio's length, a clip to its frames.
     total_frames = prep.audio_frames if streaming else request.frames
+    cuts = []
+    if request.scene_cuts and source is not None:
+        emit(Progress("prepare", message="finding shot cuts"))
+        cuts = await asyncio.to_thread(detect_cuts, source.path)
+    picks = chunk_references(plan.starts, request.frames, request.motion_frames, total_frames, cuts)
     warnings = [] if stages.lip_sync else ["no audio adapter found: the video is generated without lip sync"]
     emit(Progress("encode", message="audio and text encoders"))
     audio = stages.audio_encode(prep.tracks)
@@ -198,7 +221,7 @@ async def _run(request: GenerationRequest, stages: Stages, prep: PreparedInputs,
     height, width = prep.target_hw
     writer = VideoOutput(height, width, total_frames, speech, FPS,
                          chunk_frames(len(plan.starts), request.frames, request.motion_frames, total_frames), on_chunk)
-    references = _References(prep, source, plan.starts)
+    references = _References(prep, source, picks)
     try:
         motion_pixels: Optional[torch.Tensor] = None
         for index, start in enumerate(plan.starts):
@@ -239,7 +262,8 @@ async def _chunk(request, stages: Stages, prep: PreparedInputs, plan, index: int
     t0 = time.perf_counter()
     reference = await references.get(index)
     emit(Progress("encode", chunk=index + 1, total_chunks=chunks, message="reference frame"))
-    image = stages.reference_encode(reference, reference if index == 0 else motion_pixels, request.frames)
+    image = stages.reference_encode(reference, reference if references.restarts(index) else motion_pixels,
+                                    request.frames)
 
     def on_step(step: int, total: int) -> None:
         emit(Progress("diffusion", step=index * steps + step, total_steps=steps * chunks,
@@ -256,8 +280,8 @@ async def _chunk(request, stages: Stages, prep: PreparedInputs, plan, index: int
     t0 = time.perf_counter()
     pixels = await _await(stages.vae_decode(latents))
     timer.add("decode", time.perf_counter() - t0)
-    if request.color_correction > 0:  # against the first reference frame, as the official
+    if request.color_correction > 0:  # against the (shot's) first reference frame, as the official
         t0 = time.perf_counter()
-        pixels = await asyncio.to_thread(color_match, pixels, prep.reference, request.color_correction)
+        pixels = await asyncio.to_thread(color_match, pixels, references.colour(), request.color_correction)
         timer.add("color_correction", time.perf_counter() - t0)
     return pixels

@@ -127,7 +127,7 @@ def test_job_request_validation():
     with pytest.raises(ValidationError):
         JobRequest(image="a.png", audio=[])
     with pytest.raises(ValidationError):
-        JobRequest(image="a.png", audio=["1", "2", "3"])
+        JobRequest(image="a.png", audio=["1", "2", "3", "4", "5"])  # at most four speakers
     with pytest.raises(ValidationError):
         _req(frames=80)
     with pytest.raises(ValidationError):
@@ -155,6 +155,14 @@ def test_runpod_request_models():
     )
     assert two.input.to_job_request().audio == ["1.wav", "2.wav"]
     assert two.input.to_job_request().sampling.steps == 4
+    four = {f"audio_{i}": f"{i}.wav" for i in (1, 2, 3, 4)}
+    job = RunPodRequest.model_validate({"input": {**four, "condition_image": "m.png", "speaker_order": [2, 1, 3, 4]}})
+    assert job.input.to_job_request().audio == ["1.wav", "2.wav", "3.wav", "4.wav"]
+    assert job.input.to_job_request().speaker_order == [2, 1, 3, 4]
+    with pytest.raises(InputError) as e:  # speakers numbered without a gap
+        RunPodRequest.model_validate({"input": {"audio_1": "1.wav", "audio_3": "3.wav", "condition_image": "m.png"}}
+                                     ).input.to_job_request()
+    assert e.value.field == "audio_3"
     assert RunPodRequest.model_validate({"input": {"action": "model_check"}}).input.action == "model_check"
     with pytest.raises(ValidationError):
         RunPodRequest.model_validate({"input": {"action": "explode"}})

@@ -1,7 +1,7 @@
 """The native job API: ``/v1/jobs``.
 
 * ``POST /v1/jobs``            202 ``{id, state, status_url}``; JSON :class:`JobRequest`, or multipart
-                               with files ``image``, ``audio`` (1-2, or ``audio_2``) and a
+                               with files ``image``, ``audio`` (1-4, or ``audio_2``..``audio_4``) and a
                                ``request`` field holding the JSON options. ``Idempotency-Key`` header.
 * ``GET /v1/jobs``             recent jobs, newest first (``?limit=20&after=<cursor>``)
 * ``GET /v1/jobs/{id}``        :class:`JobStatus` (state, progress, timings, result + URL, error)
@@ -44,6 +44,8 @@ _MULTIPART_BODY = {
                         "video": {"type": "string", "format": "binary", "description": "InfiniteTalk: a video to dub"},
                         "audio": {"type": "array", "items": {"type": "string", "format": "binary"}},
                         "audio_2": {"type": "string", "format": "binary"},
+                        "audio_3": {"type": "string", "format": "binary"},
+                        "audio_4": {"type": "string", "format": "binary"},
                         "request": {"type": "string", "description": "JobRequest JSON without image/audio"},
                     },
                     "required": ["audio"],
@@ -96,8 +98,9 @@ async def _from_multipart(request: Request, service: JobService, tenant: Optiona
     if not visual:
         raise InputError("image", "missing image file (or video, a source video to dub)")
     audios = list(form.getlist("audio"))
-    if form.get("audio_2") is not None:
-        audios.append(form.get("audio_2"))
+    for name in ("audio_2", "audio_3", "audio_4"):
+        if form.get(name) is not None:
+            audios.append(form.get(name))
     audio_refs = [await _upload_or_reference(service, f"audio[{i}]", a, tenant) for i, a in enumerate(audios)]
     if not audio_refs:
         audio_refs = options.get("audio") or []
