@@ -31,6 +31,7 @@ from .request_options import check_layer
 from .runner import CancelReason, GenerateFn, JobRunner, RunnerSettings, job_log
 from .schemas import ErrorInfo, JobRequest, JobState
 from .storage import LocalStore, Store, store_from_settings
+from .webhook_signing import message_id
 from .webhooks import WebhookInfo, Webhooks, WebhookSettings
 
 
@@ -326,7 +327,8 @@ class JobService:
             rec.webhook = state
             await self.leases.persist(rec)
 
-        task = asyncio.ensure_future(self.webhooks.deliver(info, payload, rec.tenant, rec.id, on_update))
+        task = asyncio.ensure_future(self.webhooks.deliver(info, payload, rec.tenant, rec.id, on_update,
+                                                           message_id=message_id(rec.id, rec.attempts)))
         self._deliveries.add(task)
         task.add_done_callback(self._deliveries.discard)
 

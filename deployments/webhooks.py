@@ -7,11 +7,13 @@
   reserved, unless ``allow_private`` is set (an in-VPC receiver). Without an allow-list a
   webhook is refused: the service makes no outbound call its operator did not allow. The
   address check runs again just before each delivery (DNS may change in between).
-* **Signed.** ``X-MultiTalk-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(secret,
-  "<t>.<body>")>`` with the tenant's secret (``MULTITALK_WEBHOOK_SECRETS`` /
-  ``secrets_file``: ``tenant:secret`` entries, as the API keys; an open service uses the
-  entry of tenant ``*``). ``X-MultiTalk-Delivery`` is a per-job id receivers can dedupe on.
-  No secret for the tenant: the webhook is refused at submit.
+* **Signed.** Standard Webhooks headers (``webhook-id``, ``webhook-timestamp``,
+  ``webhook-signature``; ``deployments/webhook_signing.py``, which also adds the deprecated
+  ``X-MultiTalk-Signature``) with the tenant's secret (``MULTITALK_WEBHOOK_SECRETS`` /
+  ``secrets_file``: ``tenant:secret`` entries, as the API keys, ``whsec_...`` secrets
+  preferred; an open service uses the entry of tenant ``*``). ``webhook-id`` is signed and
+  names one message: receivers dedupe on it. No secret for the tenant: the webhook is
+  refused at submit.
 * **At least once, with retries.** The replica that finishes the job delivers it in the
   background (the job's completion never waits for it), retrying connection errors, 429
   and 5xx with doubling backoff (``attempts``, ``backoff_s``); other 4xx answers end the
@@ -20,14 +22,12 @@
   has not ended stays in the store's list of unfinished work: when its replica dies before
   the delivery ends, the replica that takes the job over (``deployments.leases``) delivers
   it instead of re-running the job. So a receiver may, rarely, get one status twice (the
-  old owner's POST landed, its record write did not): ``X-MultiTalk-Delivery`` is the
-  same on both, dedupe on it.
+  old owner's POST landed, its record write did not): ``webhook-id`` is the same on both,
+  dedupe on it.
 """
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import ipaddress
 import json
 import logging
@@ -41,10 +41,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from multitalk.api import InputError
 
+from .webhook_signing import DELIVERY_HEADER, SIGNATURE_HEADER, delivery_headers  # noqa: F401 - re-exported
+from .webhook_signing import legacy_signature as sign  # noqa: F401 - the old name
+
 logger = logging.getLogger("multitalk.serve")
 
-SIGNATURE_HEADER = "X-MultiTalk-Signature"
-DELIVERY_HEADER = "X-MultiTalk-Delivery"
 OPEN_SERVICE_TENANT = "*"
 
 
@@ -70,13 +71,6 @@ class WebhookInfo(BaseModel):
     status_code: Optional[int] = None
     error: Optional[str] = None
     ended_at: Optional[float] = None  # delivered, refused, or out of attempts: nothing more to send
-
-
-def sign(secret: str, body: bytes, timestamp: Optional[int] = None) -> str:
-    """The signature header's value for ``body`` (what receivers recompute to verify)."""
-    t = int(time.time()) if timestamp is None else timestamp
-    mac = hmac.new(secret.encode(), f"{t}.".encode() + body, hashlib.sha256).hexdigest()
-    return f"t={t},v1={mac}"
 
 
 def _parse_secrets(text: str) -> dict[str, str]:
@@ -150,9 +144,10 @@ class Webhooks:
                 raise InputError(field, f"host {host!r} resolves to a private or loopback address ({bad[0]})", 403)
 
     async def deliver(self, info: WebhookInfo, payload: dict, tenant: Optional[str], delivery_id: str,
-                      on_update: Callable[[WebhookInfo], Any]) -> WebhookInfo:
+                      on_update: Callable[[WebhookInfo], Any], message_id: Optional[str] = None) -> WebhookInfo:
         """POST ``payload`` until it is accepted or the attempts run out; ``on_update`` is
-        called (and awaited) after every attempt with the state to persist."""
+        called (and awaited) after every attempt with the state to persist. ``message_id``:
+        the signed ``webhook-id`` (default ``delivery_id``, the job id)."""
         import requests
 
         body = json.dumps(payload, separators=(",", ":"), sort_keys=True).encode()
@@ -162,8 +157,8 @@ class Webhooks:
             retry = False
             try:
                 self._check_addresses(urlsplit(info.url).hostname or "", "webhook")
-                headers = {"Content-Type": "application/json", DELIVERY_HEADER: delivery_id,
-                           SIGNATURE_HEADER: sign(secret, body)}
+                headers = {"Content-Type": "application/json",
+                           **delivery_headers(secret, body, message_id or delivery_id, delivery_id)}
                 r = await asyncio.to_thread(requests.post, info.url, data=body, headers=headers,
                                             timeout=self.settings.timeout_s, allow_redirects=False)
                 info.status_code, info.error = r.status_code, None
