@@ -252,6 +252,23 @@ class JobStore:
         """Another replica has claimed the job since ``record``'s owner took it."""
         return self.store.exists(f"{CLAIMS_PREFIX}{record.id}/{record.lease + 1}")
 
+    def unfinished(self) -> list[JobRecord]:
+        """The records on the unfinished-work list (queued, running, or a webhook to deliver)."""
+        return [rec for rec in map(self.get, (k[len(ACTIVE_PREFIX):] for k in self.store.list(ACTIVE_PREFIX)))
+                if rec is not None]
+
+    def reopen(self, record: JobRecord) -> None:
+        """A finished job queued again (RunPod's ``/retry``): back on the unfinished-work
+        list, an old cancel request dropped."""
+        self.store.delete(f"{JOBS_PREFIX}{record.id}.cancel")
+        self.store.put(ACTIVE_PREFIX + record.id, b"", "text/plain")
+
+    def delete(self, job_id: str) -> None:
+        """Forget a finished job (``DELETE /v1/videos/{id}``): its record and markers. Index
+        entries stay (a page skips records that are gone)."""
+        for key in (f"{JOBS_PREFIX}{job_id}.cancel", ACTIVE_PREFIX + job_id, self._key(job_id)):
+            self.store.delete(key)
+
     # Cancel requests for jobs another replica runs: a marker the owner polls.
     def request_cancel(self, job_id: str) -> None:
         self.store.put(f"{JOBS_PREFIX}{job_id}.cancel", b"1", "text/plain")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections import Counter
 from typing import Any, Callable, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -25,11 +26,12 @@ from multitalk.stage_factory import driver_for, import_attr
 
 from . import volume
 from .admission import Admission, Overloaded  # noqa: F401 - Overloaded: part of this module's API
+from .chunk_results import read_stream_cursor, stream_cursor_key, write_stream_cursor
 from .jobs import JobRecord, JobStore, valid_job_id
 from .leases import Leases
 from .request_options import check_layer
 from .runner import CancelReason, GenerateFn, JobRunner, RunnerSettings, job_log
-from .schemas import ErrorInfo, JobRequest, JobState
+from .schemas import ErrorInfo, JobRequest, JobState, ProgressInfo
 from .storage import LocalStore, Store, store_from_settings
 from .webhook_signing import message_id
 from .webhooks import WebhookInfo, Webhooks, WebhookSettings
@@ -77,6 +79,9 @@ class ServiceSettings(BaseModel):
     lora_names: tuple[str, ...] = ()  # the app's `loras` (set by the builder): names a request may pick
     api_keys_file: Optional[str] = None  # else MULTITALK_API_KEYS_FILE; keys also from MULTITALK_API_KEYS
     auth_exempt_paths: tuple[str, ...] = ("/healthz", "/")
+    # RunPod serverless URLs (/v2/{endpoint_id}/...): None answers any endpoint id, else
+    # only this one (others: 404 naming endpoint_id).
+    runpod_endpoint_id: Optional[str] = None
 
     @field_validator("presets")
     @classmethod
@@ -116,8 +121,10 @@ class JobService:
         generate_fn = generate_fn or (import_attr(s.driver) if s.driver else driver_for(s.model).generate)
         self.runner = JobRunner(stages, self.admission, self.leases, store, self.local_store,
                                 generate_fn, s.limits, s.runner_settings(),
-                                on_finished=self._notify)
+                                on_finished=self._finished)
         self._deliveries: set[asyncio.Task] = set()
+        # Jobs this replica finished or queued again since it started, by (tenant, outcome).
+        self._outcomes: Counter[tuple[Optional[str], str]] = Counter()
         self._started = False
         self._sweeper: Optional[asyncio.Task] = None
         self._models_root: Optional[str] = None
@@ -296,6 +303,67 @@ class JobService:
         await asyncio.to_thread(self.jobs.save, rec)
         return rec
 
+    # --- the queue as a whole (RunPod's /retry, /purge-queue, /health) -----------------
+    async def retry(self, job_id: str, tenant: Optional[str] = None) -> JobRecord:
+        """Run a FAILED or CANCELLED job again, same id and request (409 otherwise). Claimed
+        like a take-over (``JobStore.claim``), so two replicas cannot both run it."""
+        rec = await self.get_for(job_id, tenant)
+        if rec.action != "generate" or rec.state not in (JobState.FAILED, JobState.CANCELLED):
+            raise InputError("id", f"job is {rec.state.value}; only a failed or cancelled job can be retried", 409)
+        if rec.webhook_pending:
+            raise InputError("id", "the job's webhook is still being delivered; retry once it has ended", 409)
+        self.admission.check_capacity(self.runner.unfinished, tenant)
+        if self.runner.is_running(job_id) or not await asyncio.to_thread(
+                self.jobs.claim, rec, self.settings.replica_id):
+            raise InputError("id", "the job is being retried by another request", 409)
+        rec.state, rec.started_at, rec.finished_at = JobState.IN_QUEUE, None, None
+        rec.progress = ProgressInfo(message="retried")
+        rec.result = rec.error = rec.output = rec.webhook = None
+        rec.chunks, rec.timings = [], {}
+        await self.leases.persist(rec)
+        await asyncio.to_thread(self.jobs.reopen, rec)
+        await asyncio.to_thread(write_stream_cursor, self.store, rec.id, 0)
+        self._outcomes[(tenant, "retried")] += 1
+        job_log(rec.id).info("retried (run %d next)", rec.attempts + 1)
+        self.runner.schedule(rec)
+        return rec
+
+    async def unfinished(self, tenant: Optional[str]) -> list[JobRecord]:
+        """The unfinished jobs ``tenant`` may see (None: all), across every ingress replica."""
+        stored = await asyncio.to_thread(self.jobs.unfinished)
+        live = [self.runner.records.get(r.id, r) for r in stored]
+        return [r for r in live if not r.state.terminal and (tenant is None or r.tenant == tenant)]
+
+    async def purge_queue(self, tenant: Optional[str] = None) -> list[str]:
+        """Cancel every job still waiting to start that ``tenant`` may see; their ids."""
+        removed = []
+        for rec in await self.unfinished(tenant):
+            if rec.state == JobState.IN_QUEUE:  # the live state, read just before cancelling
+                await self.cancel(rec.id, tenant)
+                removed.append(rec.id)
+        return removed
+
+    async def job_counts(self, tenant: Optional[str] = None) -> dict[str, int]:
+        """Queued and running jobs (every replica), jobs this replica finished or retried
+        since it started, and its job slots (``max_concurrent_jobs``) busy."""
+        unfinished = await self.unfinished(tenant)
+        busy = sum(1 for job_id, r in self.runner.records.items()
+                   if self.runner.is_running(job_id) and r.state == JobState.IN_PROGRESS)
+        counts = {"queued": sum(r.state == JobState.IN_QUEUE for r in unfinished),
+                  "running": sum(r.state == JobState.IN_PROGRESS for r in unfinished),
+                  "slots": self.settings.max_concurrent_jobs, "slots_busy": busy}
+        for outcome in ("completed", "failed", "cancelled", "retried"):
+            counts[outcome] = sum(n for (t, o), n in self._outcomes.items()
+                                  if o == outcome and (tenant is None or t == tenant))
+        return counts
+
+    async def stream_position(self, job_id: str) -> int:
+        """How many of the job's results a stream reader took already (RunPod ``/stream``)."""
+        return await asyncio.to_thread(read_stream_cursor, self.store, job_id)
+
+    async def advance_stream(self, job_id: str, position: int) -> None:
+        await asyncio.to_thread(write_stream_cursor, self.store, job_id, position)
+
     def output_store(self, rec: JobRecord) -> Store:
         return self.runner.output_store(rec)
 
@@ -312,6 +380,11 @@ class JobService:
             url = await asyncio.to_thread(store.presigned_url, key, self.settings.presign_expires_s)
             rec = rec.model_copy(update={"result": rec.result.model_copy(update={"url": url})})
         return rec
+
+    def _finished(self, rec: JobRecord) -> None:
+        """The runner persisted ``rec`` in a final state: count it, deliver its webhook."""
+        self._outcomes[(rec.tenant, rec.state.value.lower())] += 1
+        self._notify(rec)
 
     def _notify(self, rec: JobRecord) -> None:
         """A job of this replica reached a final state (or was taken over with its webhook

@@ -1,7 +1,8 @@
 """The HTTP API: FastAPI routers over a :class:`~deployments.service.JobService`.
 
 * ``native.py``  ``/v1/jobs`` (submit JSON or multipart, status, list, cancel, video)
-* ``runpod.py``  the predecessor's RunPod contract: ``/run``, ``/runsync``, ``/status``, ``/cancel``
+* ``runpod.py``  the RunPod contract: ``/run``, ``/runsync``, ``/status``, ``/cancel``, ... at the root
+                 (the predecessor's URLs) and under RunPod's serverless ``/v2/{endpoint_id}/...``
 * ``web.py``     the web page at ``/``, ``/v1/models``, ``/healthz``
 * ``errors.py``  error bodies ``{"error": {"field", "message", "status"}}`` and their handlers
 * ``deps.py``    the request's service, tenant and (tenant-checked) job
@@ -40,6 +41,6 @@ def create_app(service: JobService, title: str = "MultiTalk Serve", keyring: Opt
     app.add_middleware(AuthMiddleware, keyring=keyring or KeyRing.from_env(keys_file=service.settings.api_keys_file),
                        exempt=service.settings.auth_exempt_paths)
     errors.install(app)
-    for router in (native.router, runpod.router, web.router):
+    for router in (native.router, runpod.router, runpod.serverless_router, web.router):
         app.include_router(router)
     return app

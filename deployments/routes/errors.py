@@ -38,5 +38,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
+        if any(err.get("type") == "json_invalid" for err in exc.errors()):
+            return error_response(400, "body is not valid JSON", "body")  # malformed, not invalid
         e = as_input_error(exc)
         return error_response(e.status, e.message, e.field)
