@@ -55,6 +55,11 @@ def _index_name(record: "JobRecord") -> str:
     return f"{10**16 - int(record.created_at * 1e6):016d}-{record.id}"
 
 
+def index_cursor(record: "JobRecord") -> str:
+    """The ``after`` cursor of :meth:`JobStore.recent` that pages past ``record``."""
+    return _index_name(record)
+
+
 def output_key(job_id: str, tenant: Optional[str] = None) -> str:
     return f"outputs/{tenant}/{job_id}.mp4" if tenant else f"outputs/{job_id}.mp4"
 

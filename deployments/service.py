@@ -27,7 +27,7 @@ from multitalk.stage_factory import driver_for, import_attr
 from . import volume
 from .admission import Admission, Overloaded  # noqa: F401 - Overloaded: part of this module's API
 from .chunk_results import read_stream_cursor, stream_cursor_key, write_stream_cursor
-from .jobs import JobRecord, JobStore, valid_job_id
+from .jobs import JobRecord, JobStore, index_cursor, valid_job_id
 from .leases import Leases
 from .request_options import check_layer
 from .runner import CancelReason, GenerateFn, JobRunner, RunnerSettings, job_log
@@ -265,6 +265,18 @@ class JobService:
         page, cursor = await asyncio.to_thread(self.jobs.recent, tenant, limit, after)
         return [self.runner.records.get(r.id, r) for r in page], cursor
 
+    async def recent_after_job(self, tenant: Optional[str], limit: int,
+                               after_job: Optional[str]) -> tuple[list[JobRecord], Optional[str]]:
+        """Like :meth:`recent`, the page after the job ``after_job`` (an id, as OpenAI-style
+        clients page)."""
+        cursor = None
+        if after_job is not None:
+            rec = await self.get(after_job)
+            if rec is None or (tenant is not None and rec.tenant != tenant):
+                raise InputError("after", f"no job {after_job!r}", 400)
+            cursor = index_cursor(rec)
+        return await self.recent(tenant, limit, cursor)
+
     async def wait(self, job_id: str, timeout: Optional[float] = None) -> Optional[JobRecord]:
         """The job once finished, or as it stands when ``timeout`` runs out."""
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -363,6 +375,44 @@ class JobService:
 
     async def advance_stream(self, job_id: str, position: int) -> None:
         await asyncio.to_thread(write_stream_cursor, self.store, job_id, position)
+
+    # --- a finished job's files ----------------------------------------------------------
+    async def thumbnail(self, rec: JobRecord) -> bytes:
+        """A COMPLETED job's first frame as a JPEG, made once and kept beside its mp4."""
+        from .openai_videos import thumbnail_key, first_frame_jpeg
+
+        store, video_key = self.video_location(rec)
+        key = thumbnail_key(video_key)
+        if await asyncio.to_thread(store.exists, key):
+            return await asyncio.to_thread(store.get, key)
+        jpeg = await asyncio.to_thread(first_frame_jpeg, store, video_key)
+        await asyncio.to_thread(store.put, key, jpeg, "image/jpeg")
+        return jpeg
+
+    async def delete(self, job_id: str, tenant: Optional[str] = None) -> None:
+        """Forget a job and its files (``DELETE /v1/videos/{id}``); an unfinished one is
+        cancelled first. A job another replica runs is cancelled there (409: delete it again
+        once it has stopped)."""
+        rec = await self.get_for(job_id, tenant)
+        if not rec.state.terminal:
+            elsewhere = not self.runner.is_running(job_id)
+            rec = await self.cancel(job_id, tenant)
+            if elsewhere or self.runner.is_running(job_id):
+                raise InputError("id", "the job is being cancelled; delete it again once it has stopped", 409)
+        if rec.request is not None:
+            store = self.output_store(rec)
+            key = rec.result.key if rec.result is not None else self.admission.output_key_for(rec)
+            from .chunk_results import chunks_prefix
+            from .openai_videos import thumbnail_key
+
+            keys = [key, thumbnail_key(key), key[: -len(".mp4")] + ".speech.wav"]
+            keys += await asyncio.to_thread(store.list, chunks_prefix(key))
+            for k in keys:
+                await asyncio.to_thread(store.delete, k)
+        await asyncio.to_thread(self.store.delete, stream_cursor_key(job_id))
+        await asyncio.to_thread(self.jobs.delete, job_id)
+        self.runner.records.pop(job_id, None)
+        job_log(job_id).info("deleted")
 
     def output_store(self, rec: JobRecord) -> Store:
         return self.runner.output_store(rec)

@@ -188,3 +188,27 @@ def http_server(app):
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+_MP4: list = []
+
+
+def tiny_mp4() -> bytes:
+    """A real 9-frame 32x32 mp4 (H.264 + AAC of a tone), made once per process."""
+    if not _MP4:
+        import numpy as np
+
+        from multitalk.utils.video import write_mp4
+
+        t = np.arange(int(9 / 25 * 16000)) / 16000
+        frames = np.zeros((9, 32, 32, 3), np.uint8)
+        frames[:, :, :16] = (200, 40, 40)
+        _MP4.append(write_mp4(frames, (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), preset="ultrafast"))
+    return _MP4[0]
+
+
+async def mp4_generate(request, stages, progress=None, limits=None, on_chunk=None):
+    """:func:`fake_generate`, answering a real (tiny) mp4: for routes that decode the video."""
+    result = await fake_generate(request, stages, progress, limits, on_chunk)
+    result.video, result.num_frames, result.width, result.height = tiny_mp4(), 9, 32, 32
+    return result

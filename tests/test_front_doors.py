@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from fakes import FakeStages, VIDEO, http_server, make_client
+from fakes import VIDEO, FakeStages, http_server, make_client, mp4_generate, tiny_mp4
 from fastapi.testclient import TestClient
 
 from deployments.routes import create_app
@@ -118,3 +118,119 @@ async def _never_ends(*args, **kwargs):
     import asyncio
 
     await asyncio.sleep(3600)
+
+
+def test_openai_sdk_creates_polls_downloads_lists_and_deletes(tmp_path):
+    """The unmodified ``openai`` SDK against ``/v1``: an image uploaded as ``input_reference``
+    and the speech as vLLM-Omni's ``audio_reference`` object (a store key, then a second
+    speaker as a data: URL), polled to completed, the mp4 and its thumbnail downloaded,
+    listed page by page, deleted."""
+    import base64
+    import warnings
+
+    from openai import BadRequestError, NotFoundError, OpenAI, UnprocessableEntityError
+
+    from multitalk.utils.video import probe_mp4
+
+    _, service, store = _serve(tmp_path)
+    service.runner.generate_fn = mp4_generate
+    warnings.simplefilter("ignore", DeprecationWarning)  # the SDK marks the hosted API as retired
+    with http_server(create_app(service)) as url:
+        client = OpenAI(base_url=f"{url}/v1", api_key="unused-on-an-open-server", max_retries=0)
+        wav2 = "data:audio/wav;base64," + base64.b64encode(b"RIFF-second-speaker").decode()
+        video = client.videos.create(
+            prompt="two people talking", input_reference=("face.png", b"\x89PNG-upload", "image/png"),
+            seconds="0.36", size="832x480",
+            extra_body={"audio_reference": {"audio_url": "1.wav"}, "audio_reference_2": {"audio_url": wav2},
+                        "audio_type": "para", "num_inference_steps": 2})
+        assert video.object == "video" and video.status in ("queued", "in_progress") and video.model == "multitalk"
+        assert video.size == "multitalk-480" and video.seconds == "0.36"
+        deadline = time.monotonic() + 20
+        while (video := client.videos.retrieve(video.id)).status not in ("completed", "failed"):
+            assert time.monotonic() < deadline and 0 <= video.progress <= 100
+            time.sleep(0.05)
+        assert video.status == "completed" and video.progress == 100 and video.completed_at >= video.created_at
+        assert video.seconds == "0.36" and video.size == "32x32"
+        job = service.runner.records[video.id].request  # the native job it became
+        assert job.image.startswith("inputs/uploads/") and job.audio[0] == "1.wav" and job.audio_type == "para"
+        assert store.get(job.audio[1]) == b"RIFF-second-speaker" and job.frames == 9 and job.size == "multitalk-480"
+        assert job.sampling.steps == 2 and job.mode == "clip"
+
+        mp4 = client.videos.download_content(video.id).read()
+        info = probe_mp4(mp4)
+        assert info["video_codec"] == "h264" and info["audio_codec"] == "aac" and info["num_frames"] == 9, info
+        jpeg = client.videos.download_content(video.id, variant="thumbnail").read()
+        assert jpeg[:2] == b"\xff\xd8" and store.exists(f"outputs/{video.id}.thumbnail.jpg")
+        from PIL import Image
+        import io
+
+        assert Image.open(io.BytesIO(jpeg)).size == (32, 32)
+
+        second = client.videos.create(prompt="again", extra_body={"image_reference": {"image_url": "multi1.png"},
+                                                                  "audio_reference": {"audio_url": "2.wav"}})
+        page = client.videos.list(limit=1)
+        assert [v.id for v in page.data] == [second.id] and page.has_more
+        assert [v.id for v in page.get_next_page().data] == [video.id]
+        assert [v.id for v in client.videos.list()] == [second.id, video.id]  # auto-paging
+
+        deleted = client.videos.delete(video.id)
+        assert deleted.deleted and deleted.id == video.id and deleted.object == "video.deleted"
+        assert not store.exists(f"outputs/{video.id}.mp4") and not store.exists(f"outputs/{video.id}.thumbnail.jpg")
+        with pytest.raises(NotFoundError):
+            client.videos.retrieve(video.id)
+        assert [v.id for v in client.videos.list()] == [second.id]
+
+        # Unknown values: a 4xx naming the field.
+        for kwargs, field in [({"size": "1234x567"}, "size"), ({"seconds": "-4"}, "seconds"),
+                              ({"model": "sora-2"}, "model")]:
+            with pytest.raises(UnprocessableEntityError) as err:
+                client.videos.create(prompt="x", input_reference=("f.png", b"PNG", "image/png"),
+                                     extra_body={"audio_reference": {"audio_url": "1.wav"}}, **kwargs)
+            assert err.value.response.json()["error"]["field"] == field, err.value.body
+        with pytest.raises(UnprocessableEntityError) as err:
+            client.videos.create(prompt="x", input_reference=("f.png", b"PNG", "image/png"),
+                                 extra_body={"audio_reference": {"audio_url": "https://example.com/a.wav"}})
+        assert err.value.response.json()["error"]["field"] == "audio_reference.audio_url"
+        with pytest.raises(UnprocessableEntityError) as err:
+            client.videos.create(prompt="x", extra_body={"audio_reference": {"audio_url": "1.wav"}})
+        assert err.value.response.json()["error"]["field"] == "input_reference"
+        with pytest.raises(BadRequestError):
+            client.videos.list(after="00000000-0000-4000-8000-000000000000")
+
+
+def test_openai_json_body_sync_and_failures(tmp_path):
+    """JSON bodies, /v1/videos/sync answering the mp4, a failed job's error object, and a
+    presigned-style URL of the store's own bucket accepted while other web URLs are not."""
+    _, service, store = _serve(tmp_path)
+    service.runner.generate_fn = mp4_generate
+    with TestClient(create_app(service)) as client:
+        body = {"prompt": "hi", "input_reference": {"image_url": "multi1.png"},
+                "audio_reference": {"audio_url": "1.wav"}, "num_frames": 9}
+        r = client.post("/v1/videos/sync", json=body)
+        assert r.status_code == 200 and r.headers["content-type"] == "video/mp4" and r.content == tiny_mp4()
+        r = client.post("/v1/videos/sync", json={**body, "prompt": "boom"})
+        assert r.status_code == 500 and "kaboom" in r.json()["error"]["message"]
+        failed = client.get("/v1/videos").json()["data"][0]
+        assert failed["status"] == "failed" and failed["error"]["code"] == "generation_failed", failed
+        r = client.post("/v1/videos", json={**body, "prompt": "bad-audio"})
+        deadline = time.monotonic() + 10
+        while (v := client.get(f"/v1/videos/{r.json()['id']}").json())["status"] != "failed":
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert v["error"] == {"code": "invalid_input", "message": "could not decode audio", "param": "audio_reference"}
+        assert client.get(f"/v1/videos/{v['id']}/content").status_code == 409
+        for bad, field in [({"num_frames": 10}, "num_frames"), ({"fps": 30}, "fps"), ({"width": 640}, "width"),
+                           ({"seconds": "4", "num_frames": 9}, "num_frames"), ({"mystery": 1}, "mystery")]:
+            r = client.post("/v1/videos", json={**body, **bad})
+            assert r.status_code == 422 and r.json()["error"]["field"] == field, (bad, r.json())
+        r = client.post("/v1/videos", json={**body, "seconds": "4", "num_frames": None, "size": "multitalk-64"})
+        assert r.status_code == 200 and client.get(f"/v1/jobs/{r.json()['id']}").json()["request"]["frames"] == 101
+        long = client.post("/v1/videos", json={**body, "seconds": "12", "num_frames": None}).json()
+        job = client.get(f"/v1/jobs/{long['id']}").json()["request"]
+        assert job["mode"] == "streaming" and job["max_frames"] == 301
+        # An http(s) URL is read only as an object of a bucket the input rules allow (with
+        # the service's credentials), never fetched from the web.
+        r = client.post("/v1/videos", json={**body, "audio_reference": {
+            "audio_url": "https://multitalk-in.s3.eu-west-1.amazonaws.com/1.wav?X-Amz-Signature=abc"}})
+        assert r.status_code == 403 and r.json()["error"]["field"] == "audio_reference", r.json()
+        assert "bucket 'multitalk-in' is not one this service reads from" in r.json()["error"]["message"]

@@ -3,6 +3,7 @@
 * ``native.py``  ``/v1/jobs`` (submit JSON or multipart, status, list, cancel, video)
 * ``runpod.py``  the RunPod contract: ``/run``, ``/runsync``, ``/status``, ``/cancel``, ... at the root
                  (the predecessor's URLs) and under RunPod's serverless ``/v2/{endpoint_id}/...``
+* ``videos.py``  the OpenAI-style videos API: ``/v1/videos`` (create, sync, list, retrieve, content, delete)
 * ``web.py``     the web page at ``/``, ``/v1/models``, ``/healthz``
 * ``errors.py``  error bodies ``{"error": {"field", "message", "status"}}`` and their handlers
 * ``deps.py``    the request's service, tenant and (tenant-checked) job
@@ -20,7 +21,7 @@ from fastapi import FastAPI
 
 from ..auth import AuthMiddleware, BodyLimitMiddleware, KeyRing
 from ..service import JobService
-from . import errors, native, runpod, web
+from . import errors, native, runpod, videos, web
 
 
 def create_app(service: JobService, title: str = "MultiTalk Serve", keyring: Optional[KeyRing] = None) -> FastAPI:
@@ -41,6 +42,6 @@ def create_app(service: JobService, title: str = "MultiTalk Serve", keyring: Opt
     app.add_middleware(AuthMiddleware, keyring=keyring or KeyRing.from_env(keys_file=service.settings.api_keys_file),
                        exempt=service.settings.auth_exempt_paths)
     errors.install(app)
-    for router in (native.router, runpod.router, runpod.serverless_router, web.router):
+    for router in (native.router, runpod.router, runpod.serverless_router, videos.router, web.router):
         app.include_router(router)
     return app
