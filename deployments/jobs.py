@@ -42,7 +42,8 @@ IDEMPOTENCY_PREFIX = "jobs/idempotency/"
 ACTIVE_PREFIX = "jobs/active/"
 CLAIMS_PREFIX = "jobs/claims/"
 INDEX_PREFIX = "jobs/index/"
-_CURSOR = re.compile(r"^\d{16}-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+CURSOR_PATTERN = r"^\d{16}-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
+_CURSOR = re.compile(CURSOR_PATTERN)
 
 
 def _index_scope(tenant: Optional[str]) -> str:

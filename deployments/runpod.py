@@ -39,7 +39,7 @@ class ModelCheckInput(BaseModel):
 class VolumeExploreInput(BaseModel):
     action: Literal["volume_explore"]
     path: str = Field("", description="Folder under the models root")
-    max_depth: int = Field(3, ge=0, le=8)
+    max_depth: int = Field(3, ge=0, le=8, strict=True)
 
 
 class _GenerateFields(BaseModel):

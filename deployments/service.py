@@ -137,6 +137,7 @@ class JobService:
         if self._started:
             return
         self._started = True
+        await asyncio.to_thread(self.admission.warm_up)
         # A single (exclusive) ingress owns every unfinished job at start-up.
         await self.recover(0.0 if self.settings.exclusive else self.settings.lease_s)
         if not self.settings.exclusive:  # only several ingress replicas can orphan jobs while we run
@@ -273,7 +274,7 @@ class JobService:
         if after_job is not None:
             rec = await self.get(after_job)
             if rec is None or (tenant is not None and rec.tenant != tenant):
-                raise InputError("after", f"no job {after_job!r}", 400)
+                raise InputError("after", f"no job {after_job!r}", 404)
             cursor = index_cursor(rec)
         return await self.recent(tenant, limit, cursor)
 

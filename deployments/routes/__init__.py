@@ -7,6 +7,7 @@
 * ``web.py``     the web page at ``/``, ``/v1/models``, ``/healthz``
 * ``errors.py``  error bodies ``{"error": {"field", "message", "status"}}`` and their handlers
 * ``deps.py``    the request's service, tenant and (tenant-checked) job
+* ``openapi.py`` the OpenAPI document, finished for this server's settings
 
 See ``/docs`` or ``/openapi.json`` on a running server. :func:`create_app` is plain
 FastAPI (tests drive it with TestClient); the ``MultiTalkIngress`` deployment
@@ -21,7 +22,7 @@ from fastapi import FastAPI
 
 from ..auth import AuthMiddleware, BodyLimitMiddleware, KeyRing
 from ..service import JobService
-from . import errors, native, runpod, videos, web
+from . import errors, native, openapi, runpod, videos, web
 
 
 def create_app(service: JobService, title: str = "MultiTalk Serve", keyring: Optional[KeyRing] = None) -> FastAPI:
@@ -44,4 +45,5 @@ def create_app(service: JobService, title: str = "MultiTalk Serve", keyring: Opt
     errors.install(app)
     for router in (native.router, runpod.router, runpod.serverless_router, videos.router, web.router):
         app.include_router(router)
+    openapi.install(app, service)  # the document as exact as the validation (routes/openapi.py)
     return app

@@ -23,7 +23,7 @@ from multitalk.api import InputError
 from multitalk.utils.segments import hls_playlist
 
 from ..chunk_results import INIT_NAME, partial_video, segment_name, stored_prefix
-from ..jobs import JobRecord
+from ..jobs import CURSOR_PATTERN, JobRecord
 from ..schemas import JobState, JobStatus, SubmitResponse
 from ..service import JobService
 from ..storage import NotFound
@@ -107,7 +107,8 @@ async def _from_multipart(request: Request, service: JobService, tenant: Optiona
 
 
 @router.get("")
-async def list_jobs(limit: int = Query(20, ge=1, le=200), after: Optional[str] = None,
+async def list_jobs(limit: int = Query(20, ge=1, le=200),
+                    after: Optional[str] = Query(None, pattern=CURSOR_PATTERN, description="'next' of the page before"),
                     service: JobService = Depends(get_service), tenant: Optional[str] = Depends(get_tenant)):
     """Recent jobs, newest first: ``{"jobs": [{id, state, created_at, finished_at, progress,
     prompt, video_url, error}], "next": cursor}``; pass ``after=<next>`` for the page after.

@@ -129,8 +129,13 @@ async def create_video_sync(request: Request, idempotency_key: Optional[str] = H
     return JSONResponse(video.model_dump(mode="json"), status_code=202, headers={"Location": f"/v1/videos/{rec.id}"})
 
 
+UUID_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
+
+
 @router.get("", response_model=VideoList, responses=ERROR_RESPONSES)
-async def list_videos(limit: int = Query(20, ge=1, le=100), after: Optional[str] = Query(None, description="A video id"),
+async def list_videos(limit: int = Query(20, ge=1, le=100),
+                      after: Optional[str] = Query(None, pattern=UUID_PATTERN, description="The last id of the page "
+                                                                                         "before"),
                       order: Literal["desc"] = Query("desc", description="Newest first (the only order kept)"),
                       service: JobService = Depends(get_service), tenant: Optional[str] = Depends(get_tenant)):
     """The caller's videos, newest first; ``after=<last_id>`` for the next page."""
