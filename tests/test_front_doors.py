@@ -128,7 +128,7 @@ def test_openai_sdk_creates_polls_downloads_lists_and_deletes(tmp_path):
     import base64
     import warnings
 
-    from openai import BadRequestError, NotFoundError, OpenAI, UnprocessableEntityError
+    from openai import NotFoundError, OpenAI, UnprocessableEntityError
 
     from multitalk.utils.video import probe_mp4
 
@@ -194,7 +194,7 @@ def test_openai_sdk_creates_polls_downloads_lists_and_deletes(tmp_path):
         with pytest.raises(UnprocessableEntityError) as err:
             client.videos.create(prompt="x", extra_body={"audio_reference": {"audio_url": "1.wav"}})
         assert err.value.response.json()["error"]["field"] == "input_reference"
-        with pytest.raises(BadRequestError):
+        with pytest.raises(NotFoundError):
             client.videos.list(after="00000000-0000-4000-8000-000000000000")
 
 
