@@ -49,8 +49,16 @@ from .jobs import JobRecord
 from .schemas import JobState
 
 FPS = 25
-# A reference string as the document describes it (a safe subset of what the store accepts).
-REFERENCE_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*(/[A-Za-z0-9_][A-Za-z0-9_.\-]*)*$"
+# A reference string as the document describes it: the keys ``storage.validate_key`` accepts
+# (no control characters, backslashes, %-escapes, absolute paths, '.', '..' or empty
+# segments; surrounding whitespace stripped), less '%' and, in the first segment, ':' (an ``xx:`` prefix is read as a URL
+# scheme). Written without look-aheads, which fuzzers' regex generators do not support.
+_C = r"[^\x00-\x1f\x7f\\/%]"  # a key character
+_D = r"[^\x00-\x1f\x7f\\/%.]"  # ... but '.'
+_SEGMENT = rf"(?:{_D}{_C}*|\.{_D}{_C}*|\.\.{_C}+)"
+_FIRST_C, _FIRST_D = _C.replace("%]", "%:]"), _D.replace("%.]", "%.:~]")
+_FIRST = rf"(?:{_FIRST_D}{_FIRST_C}*|\.{_FIRST_D.replace('~', '')}{_FIRST_C}*|\.\.{_FIRST_C}+)"
+REFERENCE_PATTERN = rf"^\s*{_FIRST}(?:/{_SEGMENT})*\s*$"  # surrounding whitespace is stripped
 BUCKET_PATTERN = (r"^(multitalk|infinitetalk)-(3[2-9]|[4-9][0-9]|[1-9][0-9]{2}|1[0-9]{3}|20[0-3][0-9]|"
                   r"204[0-8])$")  # multitalk.utils.image: N from 32 to 2048
 

@@ -171,7 +171,7 @@ class JobService:
         self.admission.check_capacity(self.runner.unfinished, tenant)
         request, applied = self.admission.resolve_options(request, source)
         request = await asyncio.to_thread(self.admission.admit, request, source, tenant)
-        if request.webhook:
+        if request.webhook is not None:  # "" too: a webhook that is not an http(s) URL is refused
             url = await asyncio.to_thread(self.webhooks.check, request.webhook, tenant)
             request = request.model_copy(update={"webhook": url})
         if tenant is not None and idempotency_key:

@@ -104,7 +104,7 @@ async def fake_generate(request, stages, progress=None, limits=None, on_chunk=No
     emit(Progress(stage="encode"))
     audio = stages.audio_encode([b"x"] * len(request.audio))
     text = stages.text_encode(request.prompt, "")
-    image = stages.image_encode(request.image, request.frames)
+    image = stages.image_encode(request.image or request.video, request.frames)  # video: InfiniteTalk
     steps = request.sampling.steps
     latents = stages.diffusion_sample(
         {"steps": steps}, audio, image, text,

@@ -208,6 +208,13 @@ def test_openai_json_body_sync_and_failures(tmp_path):
                 "audio_reference": {"audio_url": "1.wav"}, "num_frames": 9}
         r = client.post("/v1/videos/sync", json=body)
         assert r.status_code == 200 and r.headers["content-type"] == "video/mp4" and r.content == tiny_mp4()
+        # vLLM-Omni's form: the objects as JSON text fields, answered with the mp4.
+        form = {"prompt": "hi", "image_reference": '{"image_url": "multi1.png"}', "audio_reference": '{"audio_url": "1.wav"}',
+                "num_frames": "9"}
+        r = client.post("/v1/videos/sync", files=[(k, (None, v)) for k, v in form.items()])  # curl -F k=v
+        assert r.status_code == 200 and r.content == tiny_mp4(), r.text
+        vid = client.get("/v1/videos?limit=1").json()["data"][0]["id"]
+        assert client.get(f"/v1/videos/{vid}/content?variant=spritesheet").status_code == 422
         r = client.post("/v1/videos/sync", json={**body, "prompt": "boom"})
         assert r.status_code == 500 and "kaboom" in r.json()["error"]["message"]
         failed = client.get("/v1/videos").json()["data"][0]

@@ -16,7 +16,7 @@ import asyncio
 import json
 from typing import Optional
 
-from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi import APIRouter, Depends, Header, Path, Query, Request
 from fastapi.responses import Response, StreamingResponse
 from multitalk.api import InputError
 
@@ -151,8 +151,10 @@ async def get_video(rec: JobRecord = Depends(get_job), service: JobService = Dep
 
 
 @router.get("/{job_id}/chunks/{name}", responses={200: {"content": {"application/vnd.apple.mpegurl": {},
-                                                                   "video/mp4": {}}}, **ERROR_RESPONSES})
-async def get_chunk(name: str, rec: JobRecord = Depends(get_job), service: JobService = Depends(get_service)):
+                                                                   "video/mp4": {}, "video/iso.segment": {}}},
+                                                   **ERROR_RESPONSES})
+async def get_chunk(name: str = Path(..., description="index.m3u8, init.mp4 or NNNNN.m4s (others: 404)"),
+                    rec: JobRecord = Depends(get_job), service: JobService = Depends(get_service)):
     """A streaming job's chunks for HLS players: ``index.m3u8`` (the playlist: EVENT while
     the job runs, VOD once it has ended), ``init.mp4`` and ``NNNNN.m4s``."""
     if not rec.chunks:

@@ -30,7 +30,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from ..openai_videos import BUCKET_PATTERN, REFERENCE_PATTERN, SIZES, VideoCreate
-from ..schemas import JobRequest
+from ..schemas import SEED_MIN, SEED_MAX, JobRequest
 from ..service import JobService
 from ..storage import S3Store
 
@@ -40,7 +40,7 @@ DATA_URL_PATTERN = (r"^data:[a-z]+/[a-z0-9.+\-]+;base64,(?:[A-Za-z0-9+/]{4})*"
                     r"(?:[A-Za-z0-9+/]{4}|[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)$")
 SIZE_N = r"(3[2-9]|[4-9][0-9]|[1-9][0-9]{2}|1[0-9]{3}|20[0-3][0-9]|204[0-8])"
 VOICE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
-SEED = {"type": "integer", "minimum": -(2 ** 63), "maximum": 2 ** 64 - 1}
+SEED = {"type": "integer", "minimum": SEED_MIN, "maximum": SEED_MAX}
 ERROR_STATUSES = ("400", "401", "403", "404", "409", "413", "422", "429")
 
 
@@ -66,6 +66,9 @@ def document(app: FastAPI, service: JobService) -> dict:
     _add_models(schemas, JobRequest, VideoCreate)
     rules.tighten(schemas)
     _bodies(doc, rules)
+    for param in doc["paths"]["/v1/jobs/{job_id}/chunks/{name}"]["get"]["parameters"]:
+        if param["name"] == "name":
+            param["schema"]["pattern"] = r"^(index\.m3u8|init\.mp4|[0-9]{5}\.m4s)$"
     _errors(doc)
     _links(doc)
     return doc

@@ -36,13 +36,13 @@ from .errors import ERROR_RESPONSES
 async def _submit(req: RunPodRequest, idempotency_key: Optional[str], service: JobService,
                   tenant: Optional[str]) -> JobRecord:
     inp = req.input
-    if inp.action != "generate" and req.webhook:
+    if inp.action != "generate" and req.webhook is not None:
         raise InputError("webhook", f"webhooks are sent for generate jobs; {inp.action} answers at once")
     if inp.action != "generate":
         return await service.run_action(inp.action, inp.model_dump(exclude={"action"}), ACTIONS[inp.action],
                                         idempotency_key, tenant)
     body = inp.to_job_body()
-    if req.webhook:
+    if req.webhook is not None:
         body["webhook"] = req.webhook
     return await service.submit(body, idempotency_key=idempotency_key, source="runpod", tenant=tenant)
 
