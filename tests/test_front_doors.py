@@ -241,3 +241,29 @@ def test_openai_json_body_sync_and_failures(tmp_path):
             "audio_url": "https://multitalk-in.s3.eu-west-1.amazonaws.com/1.wav?X-Amz-Signature=abc"}})
         assert r.status_code == 403 and r.json()["error"]["field"] == "audio_reference", r.json()
         assert "bucket 'multitalk-in' is not one this service reads from" in r.json()["error"]["message"]
+
+
+def test_openai_video_reference_on_an_infinitetalk_server(tmp_path):
+    """On an InfiniteTalk server a video to dub comes as ``video_reference`` (an object or a
+    file part), or as a video file given as ``input_reference``; the native job is a dub."""
+    _, service, store = _serve(tmp_path, model="infinitetalk")
+    store.put("clip.mp4", b"\x00\x00\x00\x18ftypisom-source")
+    with TestClient(create_app(service)) as client:
+        speech = {"audio_reference": {"audio_url": "1.wav"}}
+        r = client.post("/v1/videos", json={"video_reference": {"video_url": "clip.mp4"}, **speech,
+                                            "model": "infinitetalk", "size": "960x960"})
+        assert r.status_code == 200, r.text
+        job = client.get(f"/v1/jobs/{r.json()['id']}").json()["request"]
+        assert job["video"] == "clip.mp4" and job["image"] is None and job["size"] == "infinitetalk-720"
+        r = client.post("/v1/videos", files=[("input_reference", ("dub.mp4", b"\x00\x00\x00\x18ftypisom", "video/mp4")),
+                                             ("audio_reference", (None, '{"audio_url": "1.wav"}'))])
+        assert r.status_code == 200, r.text
+        assert client.get(f"/v1/jobs/{r.json()['id']}").json()["request"]["video"].startswith("inputs/uploads/")
+        r = client.post("/v1/videos", json={"video_reference": {"video_url": "clip.mp4"},
+                                            "input_reference": {"image_url": "multi1.png"}, **speech})
+        assert r.status_code == 422 and r.json()["error"]["field"] == "video_reference"
+        r = client.post("/v1/videos", json={"input_reference": {"image_url": "multi1.png"}, **speech,
+                                            "model": "multitalk"})
+        assert r.status_code == 422 and r.json()["error"]["field"] == "model"
+        assert "video_reference" in client.get("/openapi.json").json()["components"]["schemas"]["VideoCreate"][
+            "properties"]
