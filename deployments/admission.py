@@ -168,12 +168,23 @@ class Admission:
         from multitalk.modules.lora_runtime import normalize_lora_set
 
         normalize_lora_set(request.loras, known=self.lora_names)  # names and scales: 422 now
+        self._check_size(request.size)
         gen = request.to_generation_request(b"", [b""] * len(request.audio))
         if gen.speech is not None:
             validate_speech(gen, self.limits)
             self._check_voices(gen.speech)
             gen = gen.replace(audio=[b""] * len(gen.speech.voices), speech=None)
         validate(gen, self.limits)
+
+    def _check_size(self, size: str) -> None:
+        """A size name this model has a bucket table for (422 ``size`` now, not a failed job)."""
+        from multitalk.utils.image import bucket_table
+
+        if self.model == "infinitetalk":
+            from multitalk.infinitetalk import bucket_name
+
+            size = bucket_name(size)
+        bucket_table(size)
 
     def _check_voices(self, speech) -> None:
         """Voices against the models root's Kokoro folder, where this replica can see it
@@ -194,6 +205,24 @@ class Admission:
         from multitalk.stage_factory import driver_for
 
         driver_for(self.model).precheck(request.with_media(self.fetch_inputs(request, tenant=tenant)), self.limits)
+
+    def warm_up(self) -> None:
+        """Check a made-up speech clip once at start-up: the first real submit would otherwise
+        pay for importing and compiling the audio stack (librosa, numba: seconds, more than
+        a client's 10 s request timeout on a busy machine)."""
+        if not self.precheck_media:
+            return
+        import io
+
+        import numpy as np
+        import soundfile
+
+        from multitalk.utils.audio import load_speech
+
+        tone = (0.3 * np.sin(2 * np.pi * 220 * np.arange(11025) / 22050)).astype(np.float32)
+        wav = io.BytesIO()
+        soundfile.write(wav, tone, 22050, format="WAV")
+        load_speech(wav.getvalue())
 
     def fetch_inputs(self, request: JobRequest, source: Optional[str] = None,
                      tenant: Optional[str] = None) -> dict[str, bytes]:

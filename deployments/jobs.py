@@ -55,7 +55,8 @@ INDEX_PREFIX = "jobs/index/"
 # write the job it reserved the key for (the winner writes it right after the mapping);
 # after that the winner is taken to have died in between and the key is taken over.
 IDEMPOTENCY_WAIT_S = 10.0
-_CURSOR = re.compile(r"^\d{16}-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+CURSOR_PATTERN = r"^\d{16}-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
+_CURSOR = re.compile(CURSOR_PATTERN)
 
 
 def _index_scope(tenant: Optional[str]) -> str:
@@ -66,6 +67,11 @@ def _index_scope(tenant: Optional[str]) -> str:
 def _index_name(record: "JobRecord") -> str:
     # Inverted microseconds: S3 lists keys in ascending order, so the newest job comes first.
     return f"{10**16 - int(record.created_at * 1e6):016d}-{record.id}"
+
+
+def index_cursor(record: "JobRecord") -> str:
+    """The ``after`` cursor of :meth:`JobStore.recent` that pages past ``record``."""
+    return _index_name(record)
 
 
 def output_key(job_id: str, tenant: Optional[str] = None) -> str:
@@ -358,6 +364,23 @@ class JobStore:
                 continue
             self.request_cancel(job_id)  # for owners of the previous release (a rolling upgrade)
             return rec
+
+    def unfinished(self) -> list[JobRecord]:
+        """The records on the unfinished-work list (queued, running, or a webhook to deliver)."""
+        return [rec for rec in map(self.get, (k[len(ACTIVE_PREFIX):] for k in self.store.list(ACTIVE_PREFIX)))
+                if rec is not None]
+
+    def reopen(self, record: JobRecord) -> None:
+        """A finished job queued again (RunPod's ``/retry``): back on the unfinished-work
+        list, an old cancel request dropped."""
+        self.store.delete(f"{JOBS_PREFIX}{record.id}.cancel")
+        self.store.put(ACTIVE_PREFIX + record.id, b"", "text/plain")
+
+    def delete(self, job_id: str) -> None:
+        """Forget a finished job (``DELETE /v1/videos/{id}``): its record and markers. Index
+        entries stay (a page skips records that are gone)."""
+        for key in (f"{JOBS_PREFIX}{job_id}.cancel", ACTIVE_PREFIX + job_id, self._key(job_id)):
+            self.store.delete(key)
 
     # Cancel markers: how the previous release told an owner about a cancel (it polled them).
     def request_cancel(self, job_id: str) -> None:

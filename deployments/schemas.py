@@ -62,6 +62,8 @@ class OutputSpec(BaseModel):
         return v
 
 
+SEED_MIN, SEED_MAX = -(2 ** 63), 2 ** 63 - 1  # torch.Generator.manual_seed takes [-2**63, 2**64); chunks add their index
+
 # The library request's byte inputs: a job names them by reference instead (fields below).
 MEDIA_FIELDS = ("image", "audio", "video")
 
@@ -148,6 +150,8 @@ class _JobInputs(BaseModel):
         from multitalk.driver import validate_sampling
 
         validate_sampling(v)  # the configured step cap is checked at submit (Limits)
+        if not SEED_MIN <= v.seed <= SEED_MAX:
+            raise InputError("sampling.seed", f"must be between {SEED_MIN} and {SEED_MAX}, got {v.seed}")
         return v
 
     @property

@@ -14,13 +14,14 @@
   goes in the ``Host`` header and, for https, in SNI and the certificate check.
   Environment proxies are not used (a proxy would resolve the name itself); redirects are
   not followed.
-* **Signed.** ``X-MultiTalk-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(secret,
-  "<t>.<body>")>`` with the tenant's secret (``MULTITALK_WEBHOOK_SECRETS`` /
-  ``secrets_file``: ``tenant:secret`` entries, as the API keys; an open service uses the
-  entry of tenant ``*``). The secrets file is read again when it changes (checked at most
-  once a second, ``deployments/watched_file.py``): a secret rotates without a restart.
-  ``X-MultiTalk-Delivery`` is a per-job id receivers can dedupe on. No secret for the
-  tenant: the webhook is refused at submit.
+* **Signed.** Standard Webhooks headers (``webhook-id``, ``webhook-timestamp``,
+  ``webhook-signature``; ``deployments/webhook_signing.py``, which also adds the deprecated
+  ``X-MultiTalk-Signature``) with the tenant's secret (``MULTITALK_WEBHOOK_SECRETS`` /
+  ``secrets_file``: ``tenant:secret`` entries, as the API keys, ``whsec_...`` secrets
+  preferred; an open service uses the entry of tenant ``*``). The secrets file is read again
+  when it changes (checked at most once a second, ``deployments/watched_file.py``): a secret
+  rotates without a restart. ``webhook-id`` is signed and names one message: receivers
+  dedupe on it. No secret for the tenant: the webhook is refused at submit.
 * **At least once, with retries.** The replica that finishes the job delivers it in the
   background (the job's completion never waits for it), retrying connection errors, 429
   and 5xx with doubling backoff (``attempts``, ``backoff_s``); other 4xx answers end the
@@ -29,14 +30,12 @@
   has not ended stays in the store's list of unfinished work: when its replica dies before
   the delivery ends, the replica that takes the job over (``deployments.leases``) delivers
   it instead of re-running the job. So a receiver may, rarely, get one status twice (the
-  old owner's POST landed, its record write did not): ``X-MultiTalk-Delivery`` is the
-  same on both, dedupe on it.
+  old owner's POST landed, its record write did not): ``webhook-id`` is the same on both,
+  dedupe on it.
 """
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import ipaddress
 import json
 import logging
@@ -53,11 +52,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from multitalk.api import InputError
 
 from .watched_file import WatchedFile
+from .webhook_signing import DELIVERY_HEADER, SIGNATURE_HEADER, delivery_headers  # noqa: F401 - re-exported
+from .webhook_signing import legacy_signature as sign  # noqa: F401 - the old name
 
 logger = logging.getLogger("multitalk.serve")
 
-SIGNATURE_HEADER = "X-MultiTalk-Signature"
-DELIVERY_HEADER = "X-MultiTalk-Delivery"
 OPEN_SERVICE_TENANT = "*"
 
 
@@ -83,13 +82,6 @@ class WebhookInfo(BaseModel):
     status_code: Optional[int] = None
     error: Optional[str] = None
     ended_at: Optional[float] = None  # delivered, refused, or out of attempts: nothing more to send
-
-
-def sign(secret: str, body: bytes, timestamp: Optional[int] = None) -> str:
-    """The signature header's value for ``body`` (what receivers recompute to verify)."""
-    t = int(time.time()) if timestamp is None else timestamp
-    mac = hmac.new(secret.encode(), f"{t}.".encode() + body, hashlib.sha256).hexdigest()
-    return f"t={t},v1={mac}"
 
 
 def _parse_secrets(text: str) -> dict[str, str]:
@@ -191,9 +183,10 @@ class Webhooks:
         return addresses
 
     async def deliver(self, info: WebhookInfo, payload: dict, tenant: Optional[str], delivery_id: str,
-                      on_update: Callable[[WebhookInfo], Any]) -> WebhookInfo:
+                      on_update: Callable[[WebhookInfo], Any], message_id: Optional[str] = None) -> WebhookInfo:
         """POST ``payload`` until it is accepted or the attempts run out; ``on_update`` is
-        called (and awaited) after every attempt with the state to persist."""
+        called (and awaited) after every attempt with the state to persist. ``message_id``:
+        the signed ``webhook-id`` (default ``delivery_id``, the job id)."""
         body = json.dumps(payload, separators=(",", ":"), sort_keys=True).encode()
         host = urlsplit(info.url).hostname or ""
         loop = asyncio.get_running_loop()
@@ -202,9 +195,9 @@ class Webhooks:
             retry = False
             try:
                 # Resolved once, in a worker thread; the POST goes to these addresses only.
-                addresses, signature = await loop.run_in_executor(None, self._prepare, host, tenant, body)
-                headers = {"Content-Type": "application/json", DELIVERY_HEADER: delivery_id,
-                           SIGNATURE_HEADER: signature}
+                addresses, secret = await loop.run_in_executor(None, self._prepare, host, tenant)
+                headers = {"Content-Type": "application/json",
+                           **delivery_headers(secret, body, message_id or delivery_id, delivery_id)}
                 status = await self._post(info.url, host, addresses, body, headers)
                 info.status_code, info.error = status, None
                 if 200 <= status < 300:
@@ -226,10 +219,10 @@ class Webhooks:
             logger.warning("webhook %s not delivered after %d attempt(s): %s", info.url, info.attempts, info.error)
         return info
 
-    def _prepare(self, host: str, tenant: Optional[str], body: bytes) -> tuple[list[str], str]:
+    def _prepare(self, host: str, tenant: Optional[str]) -> tuple[list[str], str]:
         """One attempt's blocking part (a worker thread): the checked addresses of ``host``, and
-        the signature with the tenant's current secret (its file may be read again)."""
-        return self._check_addresses(host, "webhook"), sign(self.secret_for(tenant) or "", body)
+        the tenant's current secret (its file may be read again)."""
+        return self._check_addresses(host, "webhook"), self.secret_for(tenant) or ""
 
     async def _post(self, url: str, host: str, addresses: list[str], body: bytes, headers: dict) -> int:
         """One POST of ``body`` to ``url``, connected to one of ``addresses`` (checked for

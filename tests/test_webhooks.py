@@ -1,6 +1,7 @@
-"""Webhooks: the final status POSTed once to a local receiver, signed, retried after an
-error, delivered by the next replica when its owner stopped mid-delivery, and refused at
-submit for a host the server does not allow."""
+"""Webhooks: the final status POSTed once to a local receiver, signed (Standard Webhooks,
+verified by the ``standardwebhooks`` library's own verifier; the deprecated header too),
+retried after an error, delivered by the next replica when its owner stopped mid-delivery,
+and refused at submit for a host the server does not allow."""
 from __future__ import annotations
 
 import hashlib
@@ -12,10 +13,12 @@ import time
 
 import pytest
 from fakes import make_client, wait_state
+from standardwebhooks import Webhook, WebhookVerificationError
 
+from deployments.webhook_signing import standard_secret
 from deployments.webhooks import DELIVERY_HEADER, SIGNATURE_HEADER, Webhooks, WebhookSettings, sign
 
-SECRET = "s3cret-for-open-service"
+SECRET = "s3cret-for-open-service"  # a plain secret (the old form); whsec_ secrets below
 
 
 class Receiver(http.server.BaseHTTPRequestHandler):
@@ -53,11 +56,15 @@ def client(tmp_path, monkeypatch):
         yield client, service
 
 
-def _verify(delivery: dict) -> dict:
+def _verify(delivery: dict, secret: str = SECRET) -> dict:
+    """Both signatures: the Standard Webhooks one with the library's own verifier (given the
+    secret's whsec_ form, as a receiver holds it) and the deprecated header."""
+    payload = Webhook(standard_secret(secret)).verify(delivery["body"], delivery["headers"])
     t, mac = (part.split("=", 1)[1] for part in delivery["headers"][SIGNATURE_HEADER].split(","))
-    expected = hmac.new(SECRET.encode(), f"{t}.".encode() + delivery["body"], hashlib.sha256).hexdigest()
+    expected = hmac.new(secret.encode(), f"{t}.".encode() + delivery["body"], hashlib.sha256).hexdigest()
     assert hmac.compare_digest(mac, expected), "bad signature"
-    return json.loads(delivery["body"])
+    assert payload == json.loads(delivery["body"])
+    return payload
 
 
 def _wait_delivered(client, job_id, timeout=20.0) -> dict:
@@ -83,6 +90,7 @@ def test_delivered_once_with_a_valid_signature(client, receiver):
     payload = _verify(rx.received[0])
     assert payload["id"] == job_id and payload["state"] == "COMPLETED" and payload["result"]["frames"] == 9
     assert rx.received[0]["headers"][DELIVERY_HEADER] == job_id
+    assert rx.received[0]["headers"]["webhook-id"] == f"msg_{job_id}_1"
     assert st["webhook"]["ended_at"] and not service.store.exists(f"jobs/active/{job_id}")  # nothing left to do
 
 
@@ -287,3 +295,43 @@ def test_the_secrets_file_is_closed_and_read_again_when_it_changes(tmp_path, rec
         assert mac == hmac.new(secret.encode(), f"{t}.".encode() + delivery["body"], hashlib.sha256).hexdigest(), \
             f"not signed with {secret}"
     assert not [w for w in caught if issubclass(w.category, ResourceWarning)], [str(w.message) for w in caught]
+
+
+def test_standard_webhooks_per_tenant_whsec_secret_and_replay_with_another_id(tmp_path, monkeypatch, receiver):
+    """A tenant's ``whsec_`` secret: its delivery verifies with the standardwebhooks library;
+    the same delivery replayed with a changed ``webhook-id`` (a receiver deduping on the id
+    would take it as new) is rejected by that verifier, as is another tenant's secret."""
+    import base64
+    import os
+
+    acme = "whsec_" + base64.b64encode(os.urandom(24)).decode()
+    other = "whsec_" + base64.b64encode(os.urandom(24)).decode()
+    monkeypatch.setenv("MULTITALK_API_KEYS", "acme:key-acme,other:key-other")
+    monkeypatch.setenv("MULTITALK_WEBHOOK_SECRETS", f"acme:{acme},other:{other}")
+    url, rx = receiver
+    hooks = {"allowed_hosts": ["127.0.0.1"], "allow_private": True, "backoff_s": 0.05}
+    client, service, store = make_client(tmp_path, webhooks=hooks)
+    auth = {"Authorization": "Bearer key-acme"}
+    with client:
+        job = {"image": "multi1.png", "audio": ["1.wav"], "frames": 9, "sampling": {"steps": 1}, "webhook": url}
+        job_id = client.post("/v1/jobs", json=job, headers=auth).json()["id"]
+        deadline = time.monotonic() + 20
+        while not rx.received:
+            assert time.monotonic() < deadline, "no delivery"
+            time.sleep(0.02)
+    delivery = rx.received[0]
+    headers = {k.lower(): v for k, v in delivery["headers"].items()}
+    assert headers["webhook-id"] == f"msg_{job_id}_1" and headers["webhook-signature"].startswith("v1,")
+    assert abs(int(headers["webhook-timestamp"]) - time.time()) < 60
+    payload = Webhook(acme).verify(delivery["body"], headers)
+    assert payload["id"] == job_id and payload["state"] == "COMPLETED"
+    replayed = {**headers, "webhook-id": f"msg_{job_id}_2"}
+    with pytest.raises(WebhookVerificationError):
+        Webhook(acme).verify(delivery["body"], replayed)
+    with pytest.raises(WebhookVerificationError):
+        Webhook(acme).verify(delivery["body"].replace(b"COMPLETED", b"FAILED"), headers)  # a changed body
+    with pytest.raises(WebhookVerificationError):
+        Webhook(other).verify(delivery["body"], headers)  # another tenant's secret
+    stale = {**headers, "webhook-timestamp": str(int(time.time()) - 3600)}
+    with pytest.raises(WebhookVerificationError):
+        Webhook(acme).verify(delivery["body"], stale)  # an old delivery replayed as it was
