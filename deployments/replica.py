@@ -83,10 +83,11 @@ def load_replica_stage(name: str, settings, adjust: Optional[Callable[[dict], di
 
     from .volume import resolve_models_root
 
-    root = resolve_models_root({"models_root": settings.models_root, "cache_dir": settings.cache_dir})
     cls = stage_class(name, settings.stage_classes)  # imports torch for the real stages
+    device = resolve_device(settings.device)  # `auto` decided here, before the weights are chosen
+    root = resolve_models_root({"models_root": settings.models_root, "cache_dir": settings.cache_dir},
+                               device=device)
     pin_torch_threads(settings)  # before loading: the load itself runs on these threads
-    device = resolve_device(settings.device)
     dtype, options = settings.options_for(name)
     if adjust is not None:
         options = adjust(options)

@@ -55,6 +55,7 @@ class CancelReason(str, Enum):
     SHUTDOWN = "shutdown"  # this ingress replica stops
     DEADLINE = "deadline"  # past job_timeout_s
     SUPERSEDED = "superseded"  # another replica took the job over: write nothing more
+    LEASE_LOST = "lease_lost"  # the record could not be written in time: stop, write nothing more
 
 
 class ProgressTracker:
@@ -155,14 +156,15 @@ class JobRunner:
         budget = RetryBudget(self.settings.max_stage_retries, self.settings.stage_retry_backoff_s)
         stages = self.stages.for_job(rec.id, retries=budget)
         tracker = ProgressTracker(rec, log)
-        beat: Optional[asyncio.Task] = None
+        # The lease covers the job from now on, queued or running: a job waiting for a slot
+        # is held by this replica as much as a running one.
+        beat = asyncio.ensure_future(self.leases.heartbeat(
+            rec, tracker.take_dirty, lambda why: self.cancel(rec.id, CancelReason(why))))
         deadline: Optional[asyncio.TimerHandle] = None
         result: Optional[GenerationResult] = None
         try:
             async with self._slots:
                 await self._mark_started(rec, log)
-                beat = asyncio.ensure_future(self.leases.heartbeat(
-                    rec, tracker.take_dirty, lambda why: self.cancel(rec.id, CancelReason(why))))
                 if self.settings.job_timeout_s:
                     deadline = asyncio.get_running_loop().call_later(
                         self.settings.job_timeout_s, self.cancel, rec.id, CancelReason.DEADLINE)
@@ -175,8 +177,7 @@ class JobRunner:
             stages.cancel()  # calls the driver started but no longer waits for
             self._failed(rec, e, log)
         finally:
-            if beat is not None:
-                beat.cancel()
+            beat.cancel()
             if deadline is not None:
                 deadline.cancel()
             if result is not None:
@@ -189,14 +190,17 @@ class JobRunner:
         rec.attempts += 1
         rec.timings["queue"] = round(rec.started_at - rec.created_at, 3)
         rec.progress = ProgressInfo(stage="inputs", message="fetching inputs")
-        await self.leases.persist(rec)
+        stop = await self.leases.persist(rec)
+        if stop is not None:  # taken over or cancelled through another replica while queued
+            self._reasons.setdefault(rec.id, CancelReason(stop))
+            raise asyncio.CancelledError
         log.info("started (attempt %d)", rec.attempts)
 
     async def _generate(self, rec: JobRecord, stages: Any, tracker: ProgressTracker,
                         budget: RetryBudget) -> GenerationResult:
         """Fetch the inputs and run the driver; re-run within ``budget`` after a transient failure."""
         t0 = time.monotonic()
-        media = await asyncio.to_thread(self.admission.fetch_inputs, rec.request, rec.source)
+        media = await asyncio.to_thread(self.admission.fetch_inputs, rec.request, rec.source, rec.tenant)
         rec.timings["fetch_inputs"] = round(time.monotonic() - t0, 3)
         gen_request = rec.request.with_media(media)
 
@@ -265,11 +269,14 @@ class JobRunner:
             duration=round(result.num_frames / float(result.fps or 25), 3), fps=result.fps, width=result.width,
             height=result.height, chunks=result.chunks, lip_sync=result.lip_sync,
             warnings=list(result.warnings or []), loras=list(result.loras or []),
+            boxes=getattr(result, "boxes", None), boxes_source=getattr(result, "boxes_source", None),
         )
 
     def _cancelled(self, rec: JobRecord, reason: Optional[CancelReason], log: logging.LoggerAdapter) -> None:
         if reason is CancelReason.SUPERSEDED:
             log.info("left to the replica that took it over")
+        elif reason is CancelReason.LEASE_LOST:
+            log.warning("stopped: its lease could not be renewed; left to the replica that takes it over")
         elif reason is CancelReason.DEADLINE:
             rec.state = JobState.FAILED
             rec.error = ErrorInfo(message=f"deadline exceeded (job_timeout_s={self.settings.job_timeout_s:g})",
@@ -298,23 +305,32 @@ class JobRunner:
         rec.state = JobState.FAILED
 
     async def _close(self, rec: JobRecord, log: logging.LoggerAdapter) -> None:
-        """Persist the outcome (unless another replica owns the job now) and forget the job:
-        from here on its record in the store is the truth. A record that could not be saved
-        stays here, so that this replica still answers for the job."""
+        """Persist the outcome (unless the job is not this replica's any more) and forget the
+        job: from here on its record in the store is the truth. A record that could not be
+        saved stays here, so that this replica still answers for the job."""
         reason = self._reasons.pop(rec.id, None)
         saved = True
-        if reason is not CancelReason.SUPERSEDED:  # else the record is the new owner's now
+        if reason in (CancelReason.SUPERSEDED, CancelReason.LEASE_LOST):  # the record is another owner's
+            self.records.pop(rec.id, None)
+        else:
             rec.finished_at = time.time() if rec.state.terminal else None
             if rec.started_at and rec.finished_at:
                 rec.timings["total"] = round(rec.finished_at - rec.started_at, 3)
-            metrics.jobs.finished(rec.id, rec.state, rec.timings)
             try:
-                await self.leases.persist(rec)
+                stop = await self.leases.persist(rec)
+                if stop == CancelReason.CLIENT.value:  # cancelled elsewhere meanwhile: rec says so now
+                    log.info("cancelled through another ingress replica before it finished")
+                    stop = await self.leases.persist(rec)
+                if stop == CancelReason.SUPERSEDED.value:
+                    log.warning("taken over by another ingress replica before its outcome was written")
+                    self.records.pop(rec.id, None)
             except Exception:
                 saved = False
                 log.exception("could not persist the final record")
-            if rec.state.terminal and self.on_finished is not None:
+            metrics.jobs.finished(rec.id, rec.state, rec.timings)
+            if rec.state.terminal and self.on_finished is not None and rec.id in self.records:
                 self.on_finished(rec)
+        self.leases.release(rec.id)
         self.tasks.pop(rec.id, None)
         if saved:
             self.records.pop(rec.id, None)

@@ -133,7 +133,8 @@ class Diffusion(_StageReplica):
             await asyncio.to_thread(_StageReplica.__init__, self, self.settings)
             return
         root = await asyncio.to_thread(
-            resolve_models_root, {"models_root": self.settings.models_root, "cache_dir": self.settings.cache_dir})
+            resolve_models_root, {"models_root": self.settings.models_root, "cache_dir": self.settings.cache_dir},
+            True, self.settings.device)
         self.settings = self.settings.model_copy(update={"models_root": root})
         validate_parallel(self._par, await asyncio.to_thread(dit_num_heads, root))  # a bad config fails here
         self.stage = None

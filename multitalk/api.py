@@ -23,6 +23,9 @@ from typing import Any, Callable, Literal, Optional
 SizeBucket = str
 AudioType = Literal["add", "para"]
 Mode = Literal["clip", "streaming"]
+# Speakers per job: the model was trained on one and two; three and four run with the
+# L-RoPE ranges spread as ComfyUI-WanVideoWrapper does (multitalk.modules.audio_adapter).
+MAX_SPEAKERS = 4
 
 
 class StageCancelled(Exception):
@@ -138,9 +141,11 @@ class SpeechRequest:
 class GenerationRequest:
     """One talking-video job, inputs as raw file bytes.
 
-    ``audio``: one or two speakers' audio files (wav/mp3/flac/mp4 bytes).
+    ``audio``: one to four speakers' audio files (wav/mp3/flac/mp4 bytes); the model was
+    trained on one and two (:data:`MAX_SPEAKERS`).
     ``bbox``: per speaker ``[r0, c0, r1, c1]`` in source-image pixels, rows first
-    (the official examples' convention). ``None``: left/right halves for two speakers.
+    (the official examples' convention). ``None``: for two or more speakers, boxes found
+    from the faces in the condition image (:mod:`multitalk.utils.faces`).
     ``frames``: frames per clip (4n+1). In ``streaming`` mode clips of ``frames`` frames
     are chained (25 motion frames carried over) until the audio ends. ``None``: the
     official 81, except that a clip is shortened to the longest one the speech allows
@@ -168,6 +173,13 @@ class GenerationRequest:
     loras: list[LoraChoice] = field(default_factory=list)
     # InfiniteTalk video-to-video: the source video to dub, instead of ``image``.
     video: Optional[bytes] = None
+    # Without ``bbox``, two or more speakers get boxes found from the faces in the condition
+    # image (multitalk.utils.faces), left to right; ``speaker_order`` lists, for speaker 1,
+    # 2, ..., which of those faces (1 = leftmost) they are.
+    speaker_order: Optional[list[int]] = None
+    # InfiniteTalk dubbing: find the source video's shot cuts and take each chunk's reference
+    # frame from its own shot (the official --scene_seg; multitalk.utils.shots).
+    scene_cuts: bool = False
 
     def replace(self, **changes) -> "GenerationRequest":
         return dataclasses.replace(self, **changes)
@@ -214,6 +226,10 @@ class GenerationResult:
     # Jobs that gave text: the synthesised soundtrack the video carries (16 kHz mono WAV).
     speech_wav: Optional[bytes] = None
     loras: list[dict] = field(default_factory=list)  # the set applied: [{"name", "scale"}], sorted by name
+    # The speaker boxes the job ran with ([r0, c0, r1, c1] per speaker, source pixels) and
+    # where they came from: "request" (bbox), "faces" (detected); None for one speaker.
+    boxes: Optional[list[list[int]]] = None
+    boxes_source: Optional[str] = None
     video_file: Any = None
 
     def mp4_bytes(self) -> bytes:

@@ -47,8 +47,9 @@ def plan_request(request: GenerationRequest, audio_frames: int, limits: Limits) 
 
 
 def _refuse_video(request: GenerationRequest) -> None:
-    if request.video is not None:
-        raise InputError("condition_video", "video-to-video needs the InfiniteTalk model; this one runs MultiTalk")
+    if request.video is not None or request.scene_cuts:
+        raise InputError("condition_video" if request.video is not None else "scene_cuts",
+                         "video-to-video needs the InfiniteTalk model; this one runs MultiTalk")
 
 
 def precheck(request: GenerationRequest, limits: Limits) -> None:

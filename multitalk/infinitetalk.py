@@ -39,6 +39,7 @@ from .generation.planning import ChunkPlan, PreparedInputs, fit_frames, plan_chu
 from .generation.protocol import Stages
 from .generation.speech import validate_speech
 from .stages import ChunkJob
+from .utils.shots import chunk_references, detect_cuts
 from .utils.video_source import VIDEO_FIELD, VideoLimits, VideoSource
 
 # Defaults of the official generate_infinitetalk.py as its README runs it (the sampler's are
@@ -65,11 +66,13 @@ def bucket_name(size: str) -> str:
 
 
 def check_condition(request: GenerationRequest) -> None:
-    """Exactly one of ``image`` and ``video``."""
+    """Exactly one of ``image`` and ``video``; shot cuts only for a video."""
     if request.video is not None and request.image:
         raise InputError(VIDEO_FIELD, "give condition_image or condition_video, not both")
     if request.video is None and not request.image:
         raise InputError("condition_image", "a condition image (image-to-video) or video (video-to-video) is required")
+    if request.scene_cuts and request.video is None:
+        raise InputError("scene_cuts", "splits a source video at its shot cuts: give condition_video")
 
 
 def video_limits(limits: Limits) -> VideoLimits:
@@ -121,21 +124,36 @@ def reference_at(source: VideoSource, index: int, target_hw: tuple[int, int]) ->
 
 
 class ReferenceFrames:
-    """Each chunk's reference frame; the next one is decoded while the current chunk samples."""
+    """Each chunk's reference frame (``picks``: :func:`multitalk.utils.shots.chunk_references`);
+    the next one is decoded while the current chunk samples. With shot cuts, the first chunk
+    of a shot restarts from its reference and each chunk is colour-matched to its shot's."""
 
-    def __init__(self, prep: PreparedInputs, source: Optional[VideoSource], starts: list[int]):
-        self.prep, self.source, self.starts = prep, source, starts
+    def __init__(self, prep: PreparedInputs, source: Optional[VideoSource], picks: list):
+        self.prep, self.source, self.picks = prep, source, picks
         self._next: Optional[asyncio.Future] = None
+        self._colour = prep.reference
 
     async def get(self, index: int) -> torch.Tensor:
-        if index == 0 or self.source is None:
+        pick = self.picks[index]
+        if self.source is None or pick.frame == 0:
             frame = self.prep.reference[:, None]
-        else:
+        elif self._next is not None:
             frame = await self._next
-        if self.source is not None and index + 1 < len(self.starts):
+        else:  # the first chunk, in a shot after a cut
+            frame = await asyncio.to_thread(reference_at, self.source, pick.frame, self.prep.target_hw)
+        if self.source is not None and index + 1 < len(self.picks):
             self._next = asyncio.ensure_future(asyncio.to_thread(
-                reference_at, self.source, self.starts[index + 1], self.prep.target_hw))
+                reference_at, self.source, self.picks[index + 1].frame, self.prep.target_hw))
+        if self.restarts(index):
+            self._colour = frame[:, 0]
         return frame
+
+    def restarts(self, index: int) -> bool:
+        return index == 0 or self.picks[index].new_shot
+
+    def colour(self) -> torch.Tensor:
+        """What the current chunk is colour-matched to: its shot's first reference."""
+        return self._colour
 
     async def cancel(self) -> None:
         if self._next is not None and not self._next.done():
@@ -150,9 +168,12 @@ class InfiniteTalkLoop(ChunkLoop):
         super().__init__(request, stages, limits or INFINITETALK_LIMITS, progress, on_chunk)
         self.source: Optional[VideoSource] = None
         self.references: Optional[ReferenceFrames] = None
+        self.cuts: list[int] = []
 
     def prepare_inputs(self) -> PreparedInputs:
         prep, self.source = prepare(self.request, self.limits)
+        if self.request.scene_cuts and self.source is not None:
+            self.cuts = detect_cuts(self.source.path)
         return prep
 
     def make_plan(self) -> ChunkPlan:
@@ -161,14 +182,20 @@ class InfiniteTalkLoop(ChunkLoop):
         streaming = request.mode == "streaming"
         plan = plan_chunks(prep.audio_frames, request.frames, request.mode, request.motion_frames,
                            prep.audio_frames if streaming else request.frames)
-        self.references = ReferenceFrames(prep, self.source, plan.starts)
         # Official: the streamed video is cut to the audio's length, a clip to its frames.
-        return dataclasses.replace(plan, total_frames=prep.audio_frames if streaming else request.frames)
+        plan = dataclasses.replace(plan, total_frames=prep.audio_frames if streaming else request.frames)
+        picks = chunk_references(plan.starts, request.frames, request.motion_frames, plan.total_frames, self.cuts)
+        self.references = ReferenceFrames(prep, self.source, picks)
+        return plan
 
     async def encode_condition(self, index: int, motion: Any) -> Any:
         reference = await self.references.get(index)
         self.emit(Progress("encode", chunk=index + 1, total_chunks=len(self.plan.starts), message="reference frame"))
-        return self.stages.reference_encode(reference, reference if index == 0 else motion, self.request.frames)
+        return self.stages.reference_encode(reference, reference if self.references.restarts(index) else motion,
+                                            self.request.frames)
+
+    def color_reference(self, index: int) -> Any:
+        return self.references.colour()  # the shot's first reference frame
 
     def chunk_job(self, index: int) -> ChunkJob:
         """MultiTalk's job on the size's bucket, with the motion written back clean and the

@@ -326,7 +326,8 @@ class DiffusionStage:
                         allow_fp32: bool = False, lora_registry: Optional[dict] = None,
                         lora_scale_range: tuple[float, float] = (0.0, 2.0),
                         max_loras_per_job: int = 4, model: str = "multitalk",
-                        adapters: Optional[Sequence[str]] = None) -> "DiffusionStage":
+                        adapters: Optional[Sequence[str]] = None,
+                        allow_no_lip_sync: bool = False) -> "DiffusionStage":
         """``dtype``: ``None`` = the official's (bf16 on CUDA, fp32 on CPU); float32 for the
         14B DiT on a GPU is refused (:class:`multitalk.precision.PrecisionError`) unless
         ``allow_fp32`` (:mod:`multitalk.precision`).
@@ -349,7 +350,11 @@ class DiffusionStage:
         bound what a job may ask for.
         ``model``: ``"multitalk"`` or ``"infinitetalk"`` (the InfiniteTalk adapters on the same
         base; ``adapters`` picks ``single``/``multi``, default every one found; see
-        :mod:`multitalk.checkpoints.infinitetalk`)."""
+        :mod:`multitalk.checkpoints.infinitetalk`).
+        ``allow_no_lip_sync``: load a set without the MultiTalk adapter as plain WAN 2.1 I2V
+        (results say ``lip_sync: false``); without it such a set is refused
+        (:class:`~multitalk.checkpoints.discovery.MissingCheckpointError` naming the option),
+        so that a path typo does not serve mute faces."""
         if model == "infinitetalk":
             return cls._from_pretrained_infinitetalk(
                 models, adapters, device=device, dtype=dtype, attention_backend=attention_backend,
@@ -364,7 +369,7 @@ class DiffusionStage:
                              "in hooks around each block, which the compiled block would not see")
         ckpt = _as_checkpoints(models)
         dt = resolve_dtype("dit", device, dtype)
-        model = _load_dit_with_levers(ckpt, device, dt, allow_fp32, loras, quantize, low_vram)
+        model = _load_dit_with_levers(ckpt, device, dt, allow_fp32, loras, quantize, low_vram, allow_no_lip_sync)
         runtime = None
         if lora_registry:  # after quantisation and streaming (the hooks sit beside both), before compile
             from .modules.lora_runtime import LoraRuntime, resolve_registry
@@ -634,14 +639,20 @@ def _resample(speech: np.ndarray, rate: int, target: int) -> np.ndarray:
 
 # --------------------------------------------------------------------------- helpers
 def _load_dit_with_levers(ckpt: CheckpointSet, device: str, dtype: torch.dtype, allow_fp32: bool, loras: Sequence,
-                          quantize: Optional[str], low_vram: "bool | str"):
-    """The DiT (with the MultiTalk adapter when the set has one) in ``dtype``, its load-time
-    LoRAs merged, then quantised and/or streamed from host memory, in that order."""
+                          quantize: Optional[str], low_vram: "bool | str", allow_no_lip_sync: bool = False):
+    """The DiT with the MultiTalk adapter (without it only if ``allow_no_lip_sync``) in
+    ``dtype``, its load-time LoRAs merged, then quantised and/or streamed from host memory,
+    in that order."""
     from .checkpoints.dit import dit_parameter_count, load_dit
 
     adapter = ckpt.components["audio_adapter"].path if ckpt.components["audio_adapter"].found else None
     if adapter is None:
-        logger.warning("no MultiTalk adapter under %s: the DiT runs without lip sync", ckpt.root)
+        if not allow_no_lip_sync:
+            raise MissingCheckpointError(
+                f"no MultiTalk adapter (MeiGen-MultiTalk/multitalk.safetensors) under {ckpt.root}: the DiT would "
+                "make video without lip sync. Add the adapter, or set allow_no_lip_sync: true to serve plain "
+                "WAN 2.1 I2V on purpose (results then say lip_sync: false)")
+        logger.warning("no MultiTalk adapter under %s: the DiT runs without lip sync (allow_no_lip_sync)", ckpt.root)
     check_dit_dtype(dtype, device, dit_parameter_count(ckpt.path("dit"), ckpt.layout("dit"), adapter), allow_fp32)
     on_cpu_first = low_vram or quantize is not None
     model = load_dit(ckpt.path("dit"), ckpt.layout("dit"), adapter, device="cpu" if on_cpu_first else device,

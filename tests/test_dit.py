@@ -19,7 +19,7 @@ def _inputs(people: int, seed: int = 0):
     return tiny_dit_inputs(people, seed=seed)
 
 
-@pytest.mark.parametrize("people", [1, 2])
+@pytest.mark.parametrize("people", [1, 2, 4])
 def test_forward_shapes_and_determinism(people):
     model = tiny_dit(0)
     inp = _inputs(people)
@@ -104,7 +104,7 @@ def test_without_adapter_the_plain_i2v_model_loads(tiny_official):
     assert out.shape == inp["x"].shape
 
 
-@pytest.mark.parametrize("people", [1, 2])
+@pytest.mark.parametrize("people", [1, 2, 4])
 def test_batched_guidance_equals_the_separate_passes(people):
     """The three guidance passes as one batch give the three separate forwards' outputs."""
     model = tiny_dit(0)

@@ -204,3 +204,27 @@ def test_files_are_stored_without_reading_them_whole(tmp_path, moto_endpoint):
     assert calls.count("CompleteMultipartUpload") == 1 and "PutObject" not in calls
     head = store.client.head_object(Bucket="mt-files", Key="svc/outputs/a.mp4")
     assert head["ContentType"] == "video/mp4" and store.get("outputs/a.mp4") == data
+
+
+@pytest.mark.parametrize("kind", ["local", "s3"])
+def test_conditional_writes(kind, tmp_path, request):
+    """put_if: create-if-absent, then only over the version read; a delete counts as a write."""
+    if kind == "local":
+        store, other = LocalStore(tmp_path / "s"), LocalStore(tmp_path / "s")
+    else:
+        endpoint = request.getfixturevalue("moto_endpoint")
+        make_bucket(endpoint, "mt-conditional")
+        store, other = (S3Store("mt-conditional", endpoint_url=endpoint, prefix="svc") for _ in range(2))
+    v1 = store.put_if("jobs/a.json", b"1", if_version=None)
+    assert v1 is not None and other.put_if("jobs/a.json", b"x", if_version=None) is None
+    assert other.get_versioned("jobs/a.json") == (b"1", v1) and store.version("jobs/a.json") == v1
+    v2 = other.put_if("jobs/a.json", b"2", if_version=v1)
+    assert v2 is not None and v2 != v1
+    assert store.put_if("jobs/a.json", b"3", if_version=v1) is None and store.get("jobs/a.json") == b"2"
+    v3 = store.put_versioned("jobs/a.json", b"3")
+    assert other.put_if("jobs/a.json", b"4", if_version=v2) is None and store.version("jobs/a.json") == v3
+    store.delete("jobs/a.json")
+    assert store.version("jobs/a.json") is None and other.put_if("jobs/a.json", b"5", if_version=v3) is None
+    assert store.list("jobs/") == [] and store.version("jobs/missing.json") is None
+    with pytest.raises(NotFound):
+        store.get_versioned("jobs/missing.json")

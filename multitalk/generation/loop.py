@@ -102,6 +102,11 @@ class ChunkLoop:
         """The Diffusion stage's work for chunk ``index``."""
         raise NotImplementedError
 
+    def color_reference(self, index: int) -> Any:
+        """What chunk ``index`` is colour-matched to (``[3, H, W]`` in [-1, 1]; after its
+        :meth:`encode_condition`): the job's reference image, as the official."""
+        return self.prep.reference
+
     async def release(self) -> None:
         """Close what :meth:`prepare_inputs` opened (called however the job ends)."""
 
@@ -166,7 +171,8 @@ class ChunkLoop:
             None, out.written, FPS, width, height, len(plan.starts), self.stages.lip_sync, self.timer.timings,
             [] if self.stages.lip_sync else [self.no_adapter_warning],
             speech_wav=wav_bytes(self.prep.mixed) if request.speech is not None else None,
-            loras=[{"name": n, "scale": v} for n, v in self.lora_set], video_file=video,
+            loras=[{"name": n, "scale": v} for n, v in self.lora_set], boxes=self.prep.boxes,
+            boxes_source=self.prep.boxes_source, video_file=video,
         )
 
     async def run_chunks(self, out) -> None:
@@ -176,7 +182,7 @@ class ChunkLoop:
         request, prep, plan, stages, timer = self.request, self.prep, self.plan, self.stages, self.timer
         chunks = len(plan.starts)
         adds = frames_added(chunks, request.frames, request.motion_frames, plan.total_frames)
-        color = ColorTarget.of(prep.reference, request.color_correction)
+        color_reference, color = None, None  # the statistics of the current reference, computed once
         started = time.perf_counter()
         self.emit(Progress("encode", message="audio and text encoders, and the first chunk's conditioning"))
         # Job-wide conditioning, handed un-awaited into every chunk's sampling (served: from
@@ -199,6 +205,9 @@ class ChunkLoop:
             if adds[index] == 0 and last:  # the official's audio extension: nothing of it is shown
                 break
             self.emit(Progress("decode", chunk=index + 1, total_chunks=chunks))
+            if self.color_reference(index) is not color_reference:
+                color_reference = self.color_reference(index)
+                color = ColorTarget.of(color_reference, request.color_correction)
             wanted = DecodeRequest(first=0 if index == 0 else request.motion_frames, count=adds[index],
                                    motion_frames=0 if last else request.motion_frames, color=color)
             decoded = await resolve(stages.vae_decode(latents, wanted))

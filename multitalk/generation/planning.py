@@ -9,7 +9,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from ..api import GenerationRequest, InputError, Limits, SamplingOptions
+from ..api import MAX_SPEAKERS, GenerationRequest, InputError, Limits, SamplingOptions
 from ..stages import VAE_SPATIAL_STRIDE
 
 # The official MultiTalk config's default negative prompt (overrides Wan's Chinese one).
@@ -93,8 +93,8 @@ def validate_sampling(s: SamplingOptions, max_steps: Optional[int] = None) -> No
 def validate(request: GenerationRequest, limits: Limits) -> None:
     if not request.audio:
         raise InputError("audio_1", "at least one speaker's audio is required")
-    if len(request.audio) > 2:
-        raise InputError("audio", f"at most 2 speakers are supported, got {len(request.audio)}")
+    if len(request.audio) > MAX_SPEAKERS:
+        raise InputError("audio", f"at most {MAX_SPEAKERS} speakers are supported, got {len(request.audio)}")
     if request.mode not in ("clip", "streaming"):
         raise InputError("mode", f"must be 'clip' or 'streaming', got {request.mode!r}")
     f = request.frames
@@ -118,9 +118,11 @@ class PreparedInputs:
     tracks: list[np.ndarray]
     mixed: np.ndarray
     reference: torch.Tensor  # [3, H, W] in [-1, 1]
-    ref_masks: torch.Tensor  # [3, h, w]
+    ref_masks: torch.Tensor  # [speakers + 1, h, w] (one speaker: [3, h, w] of ones)
     target_hw: tuple[int, int]
     audio_frames: int
+    boxes: Optional[list] = None  # the speaker boxes used (source pixels) and their source
+    boxes_source: Optional[str] = None
 
 
 def prepare_inputs(request: GenerationRequest, limits: Limits, image: Any = None) -> PreparedInputs:
@@ -129,6 +131,7 @@ def prepare_inputs(request: GenerationRequest, limits: Limits, image: Any = None
     ``image``: the reference as an RGB PIL image already decoded (InfiniteTalk: the source
     video's first frame) instead of ``request.image``."""
     from ..utils.audio import combine_speakers, load_speech
+    from ..utils.faces import choose_speaker_boxes
     from ..utils.image import bucket_size, load_image, masks_to_latent, resize_and_center_crop, speaker_masks
 
     validate(request, limits)
@@ -136,16 +139,17 @@ def prepare_inputs(request: GenerationRequest, limits: Limits, image: Any = None
                 for i, a in enumerate(request.audio)]
     tracks, mixed = combine_speakers(speeches, request.audio_type)
     if len(tracks) > 1 and len(mixed) / SPEECH_RATE > limits.max_audio_seconds:
-        raise InputError("audio", f"both speakers together last {len(mixed) / SPEECH_RATE:.1f} s; "
+        raise InputError("audio", f"the speakers together last {len(mixed) / SPEECH_RATE:.1f} s; "
                                   f"the limit is {limits.max_audio_seconds:.0f} s", status=413)
     image = load_image(request.image, max_pixels=limits.max_image_pixels) if image is None else image
     target_hw = bucket_size(image.height, image.width, request.size)
     reference = resize_and_center_crop(image, target_hw)
-    masks = speaker_masks(image.height, image.width, len(tracks), request.bbox)
+    boxes, boxes_source = choose_speaker_boxes(image, len(tracks), request.bbox, request.speaker_order)
+    masks = speaker_masks(image.height, image.width, len(tracks), boxes)
     lat_hw = (target_hw[0] // VAE_SPATIAL_STRIDE, target_hw[1] // VAE_SPATIAL_STRIDE)
     ref_masks = masks_to_latent(masks, target_hw, lat_hw)
     audio_frames = int(len(tracks[0]) / SPEECH_RATE * FPS)
-    return PreparedInputs(tracks, mixed, reference, ref_masks, target_hw, audio_frames)
+    return PreparedInputs(tracks, mixed, reference, ref_masks, target_hw, audio_frames, boxes, boxes_source)
 
 
 def frames_added(chunks: int, frames: int, motion: int, total: int) -> list[int]:
