@@ -80,7 +80,7 @@ def random_stages(device: str, dtype: torch.dtype, batch_guidance: bool, scale: 
         Wav2Vec2FeatureExtractor, Wav2Vec2Model,
     )
 
-    from multitalk.driver import LocalStages
+    from multitalk.generation.local import LocalStages
     from multitalk.modules import audio_encoder, text_encoder, vae
     from multitalk.modules.audio_encoder import AudioEncoder
     from multitalk.modules.image_encoder import ImageEncoder
@@ -157,6 +157,9 @@ def main() -> None:
                                            for i in range(args.speakers)],
         prompt="two people talk in a car", size=args.size, frames=args.frames,
         audio_type="add", sampling=SamplingOptions(steps=args.steps),
+        # A noise picture has no faces to find the speakers by: their boxes, the official
+        # default's left and right halves.
+        bbox=[[36, 32 + 640 * k, 684, 608 + 640 * k] for k in range(args.speakers)] if args.speakers == 2 else None,
     )
     import asyncio
 

@@ -27,7 +27,7 @@ from .jobs import JobRecord, output_key
 from .request_options import apply_layers
 from .runpod import RUNPOD_FIELD_NAMES
 from .schemas import NATIVE_FIELD_NAMES, JobRequest, parse_job_request
-from .storage import S3Store, Store, check_input, input_size, parse_s3_url, resolve_input
+from .storage import Store, check_input, input_size, resolve_input
 
 
 class Overloaded(Exception):
@@ -110,26 +110,23 @@ class Admission:
         return key
 
     # --- references --------------------------------------------------------------------
-    def allowed_for(self, ref: str, name: str, tenant: Optional[str]) -> tuple[str, ...]:
-        """Buckets ``ref`` may be read from. ``allowed_buckets`` entries are ``bucket`` or
-        ``bucket/prefix``; the store's own bucket only under its prefix (and, like the
-        local store, never job records, other tenants' uploads or outputs)."""
-        if not ref.strip().lower().startswith("s3://"):
-            return self.allowed_buckets
-        bucket, key = parse_s3_url(ref.strip(), name)
-        if isinstance(self.store, S3Store) and bucket == self.store.bucket:
-            if not key.startswith(self.store.prefix):
-                raise InputError(name, f"'{ref}' is outside this service's prefix", 403)
-            self.confine(key[len(self.store.prefix):], name, tenant)
-        allowed = []
-        for entry in self.allowed_buckets:
-            b, _, prefix = entry.partition("/")
-            if b == bucket and key.startswith(prefix):
-                allowed.append(b)
-        return tuple(allowed)
+    def check_reference(self, ref: str, name: str, tenant: Optional[str]) -> str:
+        """The canonical form of an input reference ``tenant`` may read, else an
+        :class:`InputError` naming ``name`` (403 outside the confinement, 404 missing).
+
+        The one confinement check, at submit (:meth:`admit`) and again when the job runs
+        (:meth:`fetch_inputs`): ``s3://`` only inside the store's own bucket and prefix or
+        an ``allowed_buckets`` entry (``bucket`` or ``bucket/prefix``,
+        :func:`~deployments.storage.allow_list_covers`); inside the store never job records,
+        other tenants' uploads or outputs (:meth:`confine`)."""
+        return check_input(ref, self.store, name, self.allowed_buckets, self._confinement(name, tenant))
+
+    def _confinement(self, name: str, tenant: Optional[str]) -> Callable[[str], None]:
+        return lambda key: self.confine(key, name, tenant)
 
     @staticmethod
     def confine(key: str, name: str, tenant: Optional[str]) -> None:
+        """Refuse a key of this store that is not an input ``tenant`` may read."""
         if key.startswith("jobs/"):
             raise InputError(name, "job records cannot be used as inputs", 403)
         if tenant is not None:
@@ -140,9 +137,7 @@ class Admission:
     def _canonical_references(self, request: JobRequest, tenant: Optional[str]) -> JobRequest:
         canon = {}
         for name, ref in request.input_fields():
-            canon[name] = check_input(ref, self.store, name, self.allowed_for(ref, name, tenant))
-            if not canon[name].startswith("s3://"):
-                self.confine(canon[name], name, tenant)
+            canon[name] = self.check_reference(ref, name, tenant)
         if "condition_video" in canon:  # refused from its size before a byte of it is read
             size = input_size(canon["condition_video"], self.store, "condition_video")
             if size > self.limits.max_video_bytes:
@@ -163,22 +158,34 @@ class Admission:
             self._check_options(request)
             request = self._canonical_references(request, tenant)
             if self.precheck_media:
-                self._precheck(request)
+                self._precheck(request, tenant)
         except InputError as e:
             raise rename_field(e, source) from None
         return request
 
     def _check_options(self, request: JobRequest) -> None:
-        from multitalk.driver import validate, validate_speech
+        from multitalk.generation.planning import validate
+        from multitalk.generation.speech import validate_speech
         from multitalk.modules.lora_runtime import normalize_lora_set
 
         normalize_lora_set(request.loras, known=self.lora_names)  # names and scales: 422 now
+        self._check_size(request.size)
         gen = request.to_generation_request(b"", [b""] * len(request.audio))
         if gen.speech is not None:
             validate_speech(gen, self.limits)
             self._check_voices(gen.speech)
             gen = gen.replace(audio=[b""] * len(gen.speech.voices), speech=None)
         validate(gen, self.limits)
+
+    def _check_size(self, size: str) -> None:
+        """A size name this model has a bucket table for (422 ``size`` now, not a failed job)."""
+        from multitalk.utils.image import bucket_table
+
+        if self.model == "infinitetalk":
+            from multitalk.infinitetalk import bucket_name
+
+            size = bucket_name(size)
+        bucket_table(size)
 
     def _check_voices(self, speech) -> None:
         """Voices against the models root's Kokoro folder, where this replica can see it
@@ -193,19 +200,40 @@ class Admission:
             if voice not in voices:
                 raise InputError(f"voice_{i}", f"unknown voice {voice!r}; available: {', '.join(voices)}")
 
-    def _precheck(self, request: JobRequest) -> None:
+    def _precheck(self, request: JobRequest, tenant: Optional[str] = None) -> None:
         """Decode and check the media now: the model's own checks (``precheck`` of its
         generation loop, ``multitalk.stage_factory.DRIVERS``)."""
         from multitalk.stage_factory import driver_for
 
-        driver_for(self.model).precheck(request.with_media(self.fetch_inputs(request)), self.limits)
+        driver_for(self.model).precheck(request.with_media(self.fetch_inputs(request, tenant=tenant)), self.limits)
 
-    def fetch_inputs(self, request: JobRequest, source: Optional[str] = None) -> dict[str, bytes]:
-        """The media bytes of a job, by input field name (``condition_image``, ``audio_1`` ...)."""
+    def warm_up(self) -> None:
+        """Check a made-up speech clip once at start-up: the first real submit would otherwise
+        pay for importing and compiling the audio stack (librosa, numba: seconds, more than
+        a client's 10 s request timeout on a busy machine)."""
+        if not self.precheck_media:
+            return
+        import io
+
+        import numpy as np
+        import soundfile
+
+        from multitalk.utils.audio import load_speech
+
+        tone = (0.3 * np.sin(2 * np.pi * 220 * np.arange(11025) / 22050)).astype(np.float32)
+        wav = io.BytesIO()
+        soundfile.write(wav, tone, 22050, format="WAV")
+        load_speech(wav.getvalue())
+
+    def fetch_inputs(self, request: JobRequest, source: Optional[str] = None,
+                     tenant: Optional[str] = None) -> dict[str, bytes]:
+        """The media bytes of a job, by input field name (``condition_image``, ``audio_1`` ...),
+        each reference checked again as at submit (:meth:`check_reference`) for ``tenant``."""
         out = {}
         for name, ref in request.input_fields():
             try:
-                out[name] = resolve_input(ref, self.store, name, self.allowed_buckets)
+                out[name] = resolve_input(ref, self.store, name, self.allowed_buckets,
+                                          self._confinement(name, tenant))
             except InputError as e:
                 raise (rename_field(e, source) if source else e) from None
         return out

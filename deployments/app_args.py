@@ -7,8 +7,10 @@ stage deployments receive is :class:`StageSettings`, whole; the ingress receives
 :class:`~deployments.service.ServiceSettings` plus the store settings.
 
     args:
-      models_root: /models          # "" = tiny random weights generated into cache_dir
+      models_root: /models          # or s3://bucket/prefix; `tiny`: tiny random weights generated into cache_dir
+                                    # ("" means tiny weights too, but only on a CPU: refused with device cuda)
       device: auto                  # auto | cpu | cuda
+      allow_no_lip_sync: false      # true: serve a set without the MultiTalk adapter as plain WAN 2.1 I2V
       dtype: null                   # null: each stage's official dtype on its device (multitalk/precision.py);
                                     # a name: every stage; stage_options.<stage>.dtype overrides one
       stage_options: {diffusion: {batch_guidance: true, compile: true}, decode: {tiled: true}}
@@ -158,6 +160,17 @@ class AppArgs(StageSettings):
     # chunk loop: any length, video-to-video dubbing). Its Diffusion replicas load that
     # model; its ingress runs that loop, with its limits and request defaults.
     model: Literal["multitalk", "infinitetalk"] = "multitalk"
+    # A models root without the MultiTalk adapter is refused (the Diffusion replica fails to
+    # start, naming this setting) unless this says to serve plain WAN 2.1 I2V on purpose.
+    allow_no_lip_sync: bool = False
+
+    @model_validator(mode="after")
+    def _real_weights_on_a_gpu(self):
+        """No tiny random weights on a GPU unless asked for by name (``deployments/volume.py``)."""
+        from .volume import check_weights_choice, models_root_setting
+
+        check_weights_choice(models_root_setting({"models_root": self.models_root}), self.device)
+        return self
 
     @model_validator(mode="after")
     def _model_everywhere(self):
@@ -188,7 +201,8 @@ class AppArgs(StageSettings):
     def stage_settings(self) -> StageSettings:
         settings = StageSettings.model_validate(self.model_dump(include=set(StageSettings.model_fields)))
         extra = {**({"lora_registry": dict(self.loras)} if self.loras else {}),
-                 **({"model": self.model} if self.model != "multitalk" else {})}
+                 **({"model": self.model} if self.model != "multitalk" else {}),
+                 **({"allow_no_lip_sync": True} if self.allow_no_lip_sync else {})}
         if extra:
             options = dict(settings.stage_options)
             options["diffusion"] = {**options.get("diffusion", {}), **extra}

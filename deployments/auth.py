@@ -5,8 +5,8 @@ file named by ``MULTITALK_API_KEYS_FILE`` (one ``tenant:key`` per line or comma-
 ``#`` comments; a line may hold ``tenant:sha256:<64 hex>`` so that the file never holds a
 clear key). Only SHA-256 digests are kept in memory and a presented key is compared with
 :func:`hmac.compare_digest` against every digest (the time taken does not depend on which
-key, if any, matched). The file is re-read when its mtime changes (checked at most once a
-second), so keys can be rotated without a restart: add the new key, roll the clients,
+key, if any, matched). The file is re-read when it changes (checked at most once a
+second, ``deployments/watched_file.py``), so keys can be rotated without a restart: add the new key, roll the clients,
 remove the old key.
 
 No keys configured at all = open service (the embedded CPU default); a warning is logged.
@@ -25,12 +25,12 @@ import json
 import logging
 import os
 import re
-import threading
-import time
 from pathlib import Path
 from typing import Iterable, Mapping, Optional
 
 from multitalk.api import InputError
+
+from .watched_file import WatchedFile
 
 logger = logging.getLogger("multitalk.serve")
 
@@ -70,14 +70,11 @@ class KeyRing:
 
     def __init__(self, keys: str = "", keys_file: Optional[str] = None, check_interval_s: float = 1.0):
         self._env_entries = parse_keys(keys or "", ENV_KEYS)
-        self.keys_file = Path(keys_file).expanduser() if keys_file else None
-        self.check_interval_s = check_interval_s
-        self._file_entries: list[tuple[str, bytes]] = []
-        self._file_mtime: Optional[float] = None
-        self._checked = 0.0
-        self._lock = threading.Lock()
-        if self.keys_file is not None:
-            self._load_file(force=True)
+        # Re-read when it changes (deployments/watched_file.py): rotation without a restart.
+        self._file: Optional[WatchedFile[list[tuple[str, bytes]]]] = None
+        if keys_file:
+            path = Path(keys_file).expanduser()
+            self._file = WatchedFile(path, lambda text: parse_keys(text, str(path)), "API keys file", check_interval_s)
         if not self.configured:
             logger.warning("no API keys configured (%s / %s): the API is open to anyone who can reach it",
                            ENV_KEYS, ENV_KEYS_FILE)
@@ -87,41 +84,13 @@ class KeyRing:
         env = os.environ if env is None else env
         return cls(env.get(ENV_KEYS, ""), keys_file or env.get(ENV_KEYS_FILE) or None)
 
-    def _load_file(self, force: bool = False) -> None:
-        assert self.keys_file is not None
-        try:
-            mtime = self.keys_file.stat().st_mtime_ns
-        except FileNotFoundError:
-            if force:
-                raise
-            logger.error("API keys file %s vanished; keeping the keys loaded before", self.keys_file)
-            return
-        if not force and mtime == self._file_mtime:
-            return
-        try:
-            entries = parse_keys(self.keys_file.read_text(), str(self.keys_file))
-        except (OSError, ValueError):
-            if force:
-                raise
-            logger.exception("API keys file %s is invalid; keeping the keys loaded before", self.keys_file)
-            return
-        self._file_entries, self._file_mtime = entries, mtime
-        if not force:
-            logger.info("API keys reloaded from %s (%d key(s))", self.keys_file, len(entries))
-
-    def _maybe_reload(self) -> None:
-        if self.keys_file is None:
-            return
-        now = time.monotonic()
-        if now - self._checked < self.check_interval_s:
-            return
-        with self._lock:
-            self._checked = now
-            self._load_file()
+    @property
+    def keys_file(self) -> Optional[Path]:
+        return self._file.path if self._file is not None else None
 
     @property
     def entries(self) -> list[tuple[str, bytes]]:
-        return self._env_entries + self._file_entries
+        return self._env_entries + (self._file.value if self._file is not None else [])
 
     @property
     def configured(self) -> bool:
@@ -132,12 +101,12 @@ class KeyRing:
 
     def authenticate(self, key: Optional[str]) -> Optional[str]:
         """The tenant owning ``key``, or None. Compares against every stored digest."""
-        self._maybe_reload()
+        entries = self.entries
         if not key:
             return None
         presented = digest(key)
         found = None
-        for tenant, stored in self.entries:
+        for tenant, stored in entries:
             if hmac.compare_digest(presented, stored) and found is None:
                 found = tenant
         return found

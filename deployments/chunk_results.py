@@ -80,3 +80,26 @@ def partial_video(store: Store, chunks: list[ChunkInfo]):
     yield store.get(stored_prefix(chunks) + INIT_NAME)
     for chunk in chunks:
         yield store.get(chunk.key)
+
+
+# --- consuming the results as a stream (RunPod's /stream/{id}) -----------------------
+# RunPod's /stream answers only what was produced since the previous call, so how far a
+# job's results were read is kept beside its record (any ingress replica may answer the
+# next call). Two concurrent readers may both get an item; none is skipped.
+
+
+def stream_cursor_key(job_id: str) -> str:
+    return f"jobs/{job_id}.stream"
+
+
+def read_stream_cursor(store: Store, job_id: str) -> int:
+    from .storage import NotFound
+
+    try:
+        return int(store.get(stream_cursor_key(job_id)) or b"0")
+    except (NotFound, ValueError):
+        return 0
+
+
+def write_stream_cursor(store: Store, job_id: str, position: int) -> None:
+    store.put(stream_cursor_key(job_id), str(int(position)).encode(), "text/plain")

@@ -13,9 +13,13 @@ from multitalk import cli as library_cli
 
 
 def cmd_serve(args) -> int:
-    from .launcher import serve_main
+    from .launcher import ConfigError, serve_main
 
-    serve_main(args.config, host=args.host, port=args.port)
+    try:
+        serve_main(args.config, host=args.host, port=args.port)
+    except ConfigError as e:
+        print(f"multitalk serve: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -322,7 +322,8 @@ class RankGroup:
 
         if self.broken:
             raise DiffusionRanksFailed(self.broken)
-        args = [ray.put(a) for a in (job, audio, image, text)]  # one copy for all ranks
+        # One copy for all ranks, serialised off the replica's event loop.
+        args = await asyncio.to_thread(lambda: [ray.put(a) for a in (job, audio, image, text)])
         stream = self.ranks[0].sample_stream.options(num_returns="streaming").remote(*args)
         others = [asyncio.ensure_future(_await(r.sample.remote(*args))) for r in self.ranks[1:]]
         events: asyncio.Queue = asyncio.Queue()

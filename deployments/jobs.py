@@ -2,31 +2,40 @@
 
 ``jobs/{id}.json`` holds one :class:`JobRecord`; ``jobs/idempotency/{sha256}.json`` maps an
 ``Idempotency-Key`` to the job it created; ``jobs/active/{id}`` marks an unfinished job;
-``jobs/{id}.cancel`` is a cancel request for a job another ingress replica owns;
 ``jobs/claims/{id}/{n}`` records who took over an orphaned job for the n-th time;
 ``jobs/index/{scope}/{stamp}-{id}`` lists jobs newest first (one scope for all jobs, one per
 tenant), so ``GET /v1/jobs`` reads one page of records, not all of them. Records are
 the source of truth: a restarted ingress reloads them and runs again whatever was queued or
 in progress (:meth:`JobStore.orphans`).
 
-Taking over is atomic: every replica that finds an orphan with lease number ``n`` tries to
-create ``claims/{id}/{n+1}`` with a put-if-absent (:meth:`Store.create`); only the one that
-creates it runs the job. The former owner, if it was only slow, sees the claim at its next
-heartbeat and stops (:meth:`JobStore.superseded`).
+Every write of a record is conditional (:meth:`~deployments.storage.Store.put_if`): a record
+read or written here carries the store's version of it, and :meth:`JobStore.save` fails with
+:class:`RecordConflict` when another writer changed the record since. That is what keeps
+several ingress replicas honest:
 
-All methods are blocking (S3 calls); the async ingress calls them via ``asyncio.to_thread``.
+* **One job per idempotency key.** The key's mapping is created if absent *before* the job
+  exists; of two replicas receiving the same key at once, one creates the mapping and the
+  job, the other reads the mapping and returns that job (:meth:`JobStore.create`).
+* **Taking over** an orphan is a conditional write of its record, based on the version in
+  which its heartbeat was seen stale: of the replicas that race, exactly one wins, and none
+  does if the owner was only slow and wrote a heartbeat in between (:meth:`JobStore.claim`).
+* **A cancel through another replica** is a conditional write too (:meth:`JobStore.cancel`);
+  the owner's next write conflicts, it reads the record, sees the cancel and stops, and the
+  record stays cancelled. An owner whose write conflicts because another replica took the
+  job over stops without writing again (``deployments.leases``).
+
+All methods are blocking (S3 calls); the async ingress calls them in worker threads.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import re
-import threading
 import time
 import uuid
 from typing import Any, Optional
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, PrivateAttr
 
 from multitalk.api import InputError
 
@@ -42,7 +51,12 @@ IDEMPOTENCY_PREFIX = "jobs/idempotency/"
 ACTIVE_PREFIX = "jobs/active/"
 CLAIMS_PREFIX = "jobs/claims/"
 INDEX_PREFIX = "jobs/index/"
-_CURSOR = re.compile(r"^\d{16}-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+# How long a replica that lost the race for an idempotency key waits for the winner to
+# write the job it reserved the key for (the winner writes it right after the mapping);
+# after that the winner is taken to have died in between and the key is taken over.
+IDEMPOTENCY_WAIT_S = 10.0
+CURSOR_PATTERN = r"^\d{16}-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
+_CURSOR = re.compile(CURSOR_PATTERN)
 
 
 def _index_scope(tenant: Optional[str]) -> str:
@@ -53,6 +67,11 @@ def _index_scope(tenant: Optional[str]) -> str:
 def _index_name(record: "JobRecord") -> str:
     # Inverted microseconds: S3 lists keys in ascending order, so the newest job comes first.
     return f"{10**16 - int(record.created_at * 1e6):016d}-{record.id}"
+
+
+def index_cursor(record: "JobRecord") -> str:
+    """The ``after`` cursor of :meth:`JobStore.recent` that pages past ``record``."""
+    return _index_name(record)
 
 
 def output_key(job_id: str, tenant: Optional[str] = None) -> str:
@@ -92,6 +111,9 @@ class JobRecord(BaseModel):
     heartbeat_at: Optional[float] = None
     lease: int = 0  # how many times an ingress replica took the job over (claims/{id}/{lease})
     attempts: int = 0
+    # The store's version of the record this copy was read or written at (not persisted):
+    # what the next conditional write of it is based on (JobStore.save).
+    _version: Optional[str] = PrivateAttr(default=None)
 
     def status(self) -> JobStatus:
         return JobStatus(**self.model_dump(include=set(JobStatus.model_fields)))
@@ -103,12 +125,21 @@ class JobRecord(BaseModel):
                 and (self.webhook is None or self.webhook.ended_at is None))
 
 
+class RecordConflict(Exception):
+    """A conditional write of a job record lost: another writer changed it since it was
+    read. ``stored`` is the record as it is now (``None`` if it is gone)."""
+
+    def __init__(self, job_id: str, stored: Optional[JobRecord]):
+        super().__init__(f"job record {job_id} changed since it was read")
+        self.stored = stored
+
+
 class JobStore:
     """CRUD for :class:`JobRecord` over a :class:`~deployments.storage.Store`."""
 
-    def __init__(self, store: Store):
+    def __init__(self, store: Store, idempotency_wait_s: float = IDEMPOTENCY_WAIT_S):
         self.store = store
-        self._lock = threading.Lock()  # serialises idempotent creates within a replica
+        self.idempotency_wait_s = idempotency_wait_s
 
     @staticmethod
     def _key(job_id: str) -> str:
@@ -131,62 +162,119 @@ class JobStore:
         action: str = "generate",
         job_id: Optional[str] = None,
         tenant: Optional[str] = None,
+        owner: Optional[str] = None,
+        options_applied: Optional[dict[str, Any]] = None,
     ) -> tuple[JobRecord, bool]:
         """Create and persist a queued job; returns ``(record, created)``.
 
-        With an ``idempotency_key`` already seen, returns the earlier job and ``False``;
-        the same key with a different request body is a client bug (409).
+        With an ``idempotency_key`` already seen, here or by another replica at the same
+        moment, returns the earlier job and ``False``; the same key with a different request
+        body is a client bug (409). ``owner``: the replica that will run it (its heartbeat
+        starts now).
         """
-        with self._lock:
-            fingerprint = self._fingerprint(request, action)
-            if idempotency_key:
-                try:
-                    known = json.loads(self.store.get(self._idem_key(idempotency_key)))
-                except NotFound:
-                    known = None
-                if known:
-                    if known.get("fingerprint") != fingerprint:
-                        raise InputError(
-                            "Idempotency-Key", "key already used for a different request", 409
-                        )
-                    existing = self.get(known["job_id"])
-                    if existing is not None:
-                        return existing, False
-            now = time.time()
-            record = JobRecord(
-                id=job_id or str(uuid.uuid4()),
-                created_at=now,
-                updated_at=now,
-                request=request,
-                action=action,
-                source=source,
-                idempotency_key=idempotency_key,
-                tenant=tenant,
-            )
+        fingerprint = self._fingerprint(request, action)
+        now = time.time()
+        record = JobRecord(
+            id=job_id or str(uuid.uuid4()),
+            created_at=now,
+            updated_at=now,
+            request=request,
+            action=action,
+            source=source,
+            idempotency_key=idempotency_key,
+            tenant=tenant,
+            owner=owner,
+            heartbeat_at=now if owner else None,
+            options_applied=dict(options_applied or {}),
+        )
+        if idempotency_key:
+            earlier = self._reserve_key(idempotency_key, fingerprint, record.id)
+            if earlier is not None:
+                return earlier, False
+        try:
             if action == "generate":
                 self.store.put(ACTIVE_PREFIX + record.id, b"", "text/plain")
-            self.save(record, touch=False)
-            for scope in {_index_scope(None), _index_scope(tenant)}:
-                self.store.put(f"{INDEX_PREFIX}{scope}/{_index_name(record)}", b"", "text/plain")
-            if idempotency_key:
-                mapping = {"key": idempotency_key, "job_id": record.id, "fingerprint": fingerprint}
-                self.store.put(self._idem_key(idempotency_key), json.dumps(mapping).encode(), "application/json")
-            return record, True
+            version = self.store.put_if(self._key(record.id), record.model_dump_json().encode(), "application/json",
+                                        if_version=None)
+            if version is None:
+                raise InputError("id", f"job {record.id} exists already", 409)
+            record._version = version
+        except BaseException:
+            if idempotency_key:  # free the key, so that the client's retry is not kept waiting
+                try:
+                    self.store.delete(self._idem_key(idempotency_key))
+                except Exception:  # noqa: BLE001 - the store failed already; the reservation expires
+                    pass
+            raise
+        for scope in {_index_scope(None), _index_scope(tenant)}:
+            self.store.put(f"{INDEX_PREFIX}{scope}/{_index_name(record)}", b"", "text/plain")
+        return record, True
+
+    def _reserve_key(self, key: str, fingerprint: str, job_id: str) -> Optional[JobRecord]:
+        """Map ``key`` to ``job_id`` if no job has it yet (``None``: reserved for us), else
+        the job it maps to. Create-if-absent in the store, so of several replicas that
+        receive the key at once exactly one reserves it."""
+        path = self._idem_key(key)
+        mapping = json.dumps({"key": key, "job_id": job_id, "fingerprint": fingerprint}).encode()
+        based_on: Optional[str] = None  # None: only if absent; else the version of a dead reservation
+        while True:
+            if self.store.put_if(path, mapping, "application/json", if_version=based_on) is not None:
+                return None
+            try:
+                raw, version = self.store.get_versioned(path)
+            except NotFound:  # freed by a creator that failed: try again
+                based_on = None
+                continue
+            known = json.loads(raw)
+            if known.get("fingerprint") != fingerprint:
+                raise InputError("Idempotency-Key", "key already used for a different request", 409)
+            earlier = self._await_record(known["job_id"])
+            if earlier is not None:
+                return earlier
+            # Reserved, but the job never appeared: its creator died in between. Take the
+            # key over, conditionally, so that one of several waiting replicas does.
+            based_on = version
+
+    def _await_record(self, job_id: str) -> Optional[JobRecord]:
+        deadline = time.monotonic() + self.idempotency_wait_s
+        while True:
+            record = self.get(job_id)
+            if record is not None or time.monotonic() >= deadline:
+                return record
+            time.sleep(0.05)
 
     def save(self, record: JobRecord, touch: bool = True) -> None:
+        """Persist ``record``. A record read or written through this store carries its
+        version and is written only if nobody changed it since (else :class:`RecordConflict`
+        with the stored record); a record built elsewhere is written as it is."""
         if touch:
             record.updated_at = time.time()
-        self.store.put(self._key(record.id), record.model_dump_json().encode(), "application/json")
+        data = record.model_dump_json().encode()
+        if record._version is None:
+            version = self.store.put_versioned(self._key(record.id), data, "application/json")
+        else:
+            version = self.store.put_if(self._key(record.id), data, "application/json", if_version=record._version)
+            if version is None:
+                raise RecordConflict(record.id, self.get(record.id))
+        record._version = version
         if record.state.terminal and record.action == "generate" and not record.webhook_pending:
             self.store.delete(ACTIVE_PREFIX + record.id)
+
+    def changed(self, record: JobRecord) -> bool:
+        """Whether the stored record is no longer the version ``record`` was read or written
+        at (one HEAD request: how an owner notices a cancel or a takeover between writes)."""
+        return self.store.version(self._key(record.id)) != record._version
 
     def get(self, job_id: str) -> Optional[JobRecord]:
         if not valid_job_id(job_id):
             return None
         try:
-            return JobRecord.model_validate_json(self.store.get(self._key(job_id)))
+            raw, version = self.store.get_versioned(self._key(job_id))
         except NotFound:
             return None
+        record = JobRecord.model_validate_json(raw)
+        record._version = version
+        return record
 
     def list_ids(self) -> list[str]:
         ids = []
@@ -243,19 +331,61 @@ class JobStore:
         return sorted(found, key=lambda r: r.created_at)
 
     def claim(self, record: JobRecord, owner: str) -> bool:
-        """Take over an orphaned job: ``True`` (and ``record.lease`` advanced) for exactly one
-        of the replicas that try with the same record."""
-        if not self.store.create(f"{CLAIMS_PREFIX}{record.id}/{record.lease + 1}", owner.encode(), "text/plain"):
+        """Take over an orphaned job: ``True`` (``record`` now owned by ``owner`` under the
+        next lease, and written) for exactly one of the replicas that try with the same
+        record. The write is conditional on the version ``record`` was read at, so it fails
+        for every replica if the owner wrote a heartbeat in between (it was slow, not dead)."""
+        before = (record.owner, record.lease, record.heartbeat_at)
+        record.owner, record.lease, record.heartbeat_at = owner, record.lease + 1, time.time()
+        try:
+            self.save(record)
+        except RecordConflict:
+            record.owner, record.lease, record.heartbeat_at = before
             return False
-        record.lease += 1
-        record.owner = owner
+        # Who took the job over, for people reading the store (the record is the authority).
+        self.store.create(f"{CLAIMS_PREFIX}{record.id}/{record.lease}", owner.encode(), "text/plain")
         return True
 
     def superseded(self, record: JobRecord) -> bool:
         """Another replica has claimed the job since ``record``'s owner took it."""
-        return self.store.exists(f"{CLAIMS_PREFIX}{record.id}/{record.lease + 1}")
+        stored = self.get(record.id)
+        return stored is None or (stored.owner, stored.lease) != (record.owner, record.lease)
 
-    # Cancel requests for jobs another replica runs: a marker the owner polls.
+    def cancel(self, job_id: str) -> Optional[JobRecord]:
+        """Cancel a job another replica owns (or nobody runs): its record says CANCELLED
+        unless it finished first (then it is returned as it is). A conditional write, retried
+        on conflicts; the owner notices at its next heartbeat, stops, and keeps it cancelled."""
+        while True:
+            rec = self.get(job_id)
+            if rec is None or rec.state.terminal:
+                return rec
+            rec.state, rec.finished_at = JobState.CANCELLED, time.time()
+            rec.progress = rec.progress.model_copy(update={"message": "cancelled"})
+            try:
+                self.save(rec)
+            except RecordConflict:
+                continue
+            self.request_cancel(job_id)  # for owners of the previous release (a rolling upgrade)
+            return rec
+
+    def unfinished(self) -> list[JobRecord]:
+        """The records on the unfinished-work list (queued, running, or a webhook to deliver)."""
+        return [rec for rec in map(self.get, (k[len(ACTIVE_PREFIX):] for k in self.store.list(ACTIVE_PREFIX)))
+                if rec is not None]
+
+    def reopen(self, record: JobRecord) -> None:
+        """A finished job queued again (RunPod's ``/retry``): back on the unfinished-work
+        list, an old cancel request dropped."""
+        self.store.delete(f"{JOBS_PREFIX}{record.id}.cancel")
+        self.store.put(ACTIVE_PREFIX + record.id, b"", "text/plain")
+
+    def delete(self, job_id: str) -> None:
+        """Forget a finished job (``DELETE /v1/videos/{id}``): its record and markers. Index
+        entries stay (a page skips records that are gone)."""
+        for key in (f"{JOBS_PREFIX}{job_id}.cancel", ACTIVE_PREFIX + job_id, self._key(job_id)):
+            self.store.delete(key)
+
+    # Cancel markers: how the previous release told an owner about a cancel (it polled them).
     def request_cancel(self, job_id: str) -> None:
         self.store.put(f"{JOBS_PREFIX}{job_id}.cancel", b"1", "text/plain")
 

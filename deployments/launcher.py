@@ -42,6 +42,34 @@ def load_serve_config(config: Optional[str] = None, host: Optional[str] = None, 
     return ServeDeploySchema.model_validate(raw)
 
 
+class ConfigError(ValueError):
+    """A serve config that must not start; the message names the setting."""
+
+
+def check_config(schema) -> None:
+    """Validate each application's builder arguments before Ray starts, as its builder will
+    (``pipeline_graph:build_app`` takes :class:`~deployments.app_args.AppArgs`): a config
+    that would serve the wrong model (tiny random weights on a GPU, ...) or has a typo
+    fails here, naming the setting, instead of as a failed deploy minutes later."""
+    from pydantic import ValidationError
+
+    from .app_args import AppArgs
+    from .volume import ENV_MODELS_ROOT
+
+    for app in schema.applications:
+        if app.import_path != "pipeline_graph:build_app":
+            continue
+        args = dict(app.args or {})
+        env_vars = (app.runtime_env or {}).get("env_vars") or {}
+        if not args.get("models_root") and env_vars.get(ENV_MODELS_ROOT):  # the replicas will see it
+            args["models_root"] = env_vars[ENV_MODELS_ROOT]
+        try:
+            AppArgs.model_validate(args)
+        except ValidationError as e:
+            problems = "; ".join(err["msg"].removeprefix("Value error, ") for err in e.errors())
+            raise ConfigError(f"application {app.name!r}: {problems}") from None
+
+
 def serve_main(config: Optional[str] = None, host: str = "127.0.0.1", port: int = 8000, blocking: bool = True,
                log_to_driver: bool = True):
     """Start a local Ray, deploy the config's applications and block (``multitalk serve``).
@@ -55,6 +83,7 @@ def serve_main(config: Optional[str] = None, host: str = "127.0.0.1", port: int 
     from ray.serve.config import gRPCOptions
 
     schema = load_serve_config(config, host, port)
+    check_config(schema)  # before Ray starts: raises ConfigError naming the setting
     # Replicas import `pipeline_graph` / `deployments` by name: make the source tree
     # importable for every worker this Ray starts (inherited through the environment).
     root = str(Path(__file__).resolve().parent.parent)

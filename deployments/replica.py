@@ -84,12 +84,13 @@ def load_replica_stage(name: str, settings, adjust: Optional[Callable[[dict], di
 
     from .volume import resolve_models_root
 
-    started = time.monotonic()
-    root = resolve_models_root({"models_root": settings.models_root, "cache_dir": settings.cache_dir})
-    root_s = time.monotonic() - started  # an s3:// root: this node's mirror (downloaded once per node)
     cls = stage_class(name, settings.stage_classes)  # imports torch for the real stages
+    device = resolve_device(settings.device)  # `auto` decided here, before the weights are chosen
+    started = time.monotonic()
+    root = resolve_models_root({"models_root": settings.models_root, "cache_dir": settings.cache_dir},
+                               device=device)
+    root_s = time.monotonic() - started  # an s3:// root: this node's mirror (downloaded once per node)
     pin_torch_threads(settings)  # before loading: the load itself runs on these threads
-    device = resolve_device(settings.device)
     dtype, options = settings.options_for(name)
     if adjust is not None:
         options = adjust(options)

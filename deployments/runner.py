@@ -1,12 +1,14 @@
 """The job runner: runs each accepted job as an asyncio task in the ingress replica.
 
-One job: fetch its inputs from the store, run the library's driver
-(``multitalk.driver.generate``) over the stages (deployment handles in production), upload
-the mp4, and land every outcome in the job record: COMPLETED with the result, FAILED
+One job: fetch its inputs from the store, run the library's chunk loop
+(``multitalk.driver.generate`` or the model's) over the stages (deployment handles in
+production), upload the mp4 from the file the loop wrote (in parts, never whole in memory),
+and land every outcome in the job record: COMPLETED with the result, FAILED
 with the error (the field named for an input error), CANCELLED, or back IN_QUEUE when the
 ingress shuts down. Beside it run the job's heartbeat (``deployments.leases``) and its
 deadline. A job that fails transiently (a replica died) is re-run within its retry
 budget (``deployments.retry``). Why a job stopped early is one :class:`CancelReason`.
+Once a job's final record is saved, the runner forgets it: its maps hold running jobs only.
 """
 from __future__ import annotations
 
@@ -53,6 +55,7 @@ class CancelReason(str, Enum):
     SHUTDOWN = "shutdown"  # this ingress replica stops
     DEADLINE = "deadline"  # past job_timeout_s
     SUPERSEDED = "superseded"  # another replica took the job over: write nothing more
+    LEASE_LOST = "lease_lost"  # the record could not be written in time: stop, write nothing more
 
 
 class ProgressTracker:
@@ -110,7 +113,9 @@ class JobRunner:
         self.on_finished = on_finished  # called with each record persisted in a final state
         self.store, self.local_store = store, local_store
         self.generate_fn, self.limits, self.settings = generate_fn, limits, settings
-        self.records: dict[str, JobRecord] = {}  # the live copies of the jobs this replica runs
+        # The jobs this replica runs, until their final record is saved: live copies, tasks,
+        # and the events their waiters hold.
+        self.records: dict[str, JobRecord] = {}
         self.tasks: dict[str, asyncio.Task] = {}
         self.done: dict[str, asyncio.Event] = {}
         self._reasons: dict[str, CancelReason] = {}
@@ -153,14 +158,14 @@ class JobRunner:
                              window_s=self.settings.stage_retry_window_s)
         stages = self.stages.for_job(rec.id, retries=budget)
         tracker = ProgressTracker(rec, log)
-        beat: Optional[asyncio.Task] = None
+        # The lease covers the job from now on, queued or running: a job waiting for a slot
+        # is held by this replica as much as a running one (without heartbeats it would look
+        # orphaned to the other ingress replicas after lease_s, and one would claim it).
+        beat = asyncio.ensure_future(self.leases.heartbeat(
+            rec, tracker.take_dirty, lambda why: self.cancel(rec.id, CancelReason(why))))
         deadline: Optional[asyncio.TimerHandle] = None
+        result: Optional[GenerationResult] = None
         try:
-            # The lease is kept from the moment the job is ours, also while it waits for a slot:
-            # a queued job without heartbeats looks orphaned to the other ingress replicas after
-            # lease_s, and one of them would claim a job its live owner is about to run.
-            beat = asyncio.ensure_future(self.leases.heartbeat(
-                rec, tracker.take_dirty, lambda why: self.cancel(rec.id, CancelReason(why))))
             async with self._slots:
                 await self._mark_started(rec, log)
                 if self.settings.job_timeout_s:
@@ -175,10 +180,11 @@ class JobRunner:
             stages.cancel()  # calls the driver started but no longer waits for
             self._failed(rec, e, log)
         finally:
-            if beat is not None:
-                beat.cancel()
+            beat.cancel()
             if deadline is not None:
                 deadline.cancel()
+            if result is not None:
+                result.release()  # the mp4 file, uploaded or not
             await self._close(rec, log)
 
     async def _mark_started(self, rec: JobRecord, log: logging.LoggerAdapter) -> None:
@@ -187,14 +193,17 @@ class JobRunner:
         rec.attempts += 1
         rec.timings["queue"] = round(rec.started_at - rec.created_at, 3)
         rec.progress = ProgressInfo(stage="inputs", message="fetching inputs")
-        await self.leases.persist(rec)
+        stop = await self.leases.persist(rec)
+        if stop is not None:  # taken over or cancelled through another replica while queued
+            self._reasons.setdefault(rec.id, CancelReason(stop))
+            raise asyncio.CancelledError
         log.info("started (attempt %d)", rec.attempts)
 
     async def _generate(self, rec: JobRecord, stages: Any, tracker: ProgressTracker,
                         budget: RetryBudget) -> GenerationResult:
         """Fetch the inputs and run the driver; re-run within ``budget`` after a transient failure."""
         t0 = time.monotonic()
-        media = await asyncio.to_thread(self.admission.fetch_inputs, rec.request, rec.source)
+        media = await asyncio.to_thread(self.admission.fetch_inputs, rec.request, rec.source, rec.tenant)
         rec.timings["fetch_inputs"] = round(time.monotonic() - t0, 3)
         gen_request = rec.request.with_media(media)
 
@@ -245,7 +254,10 @@ class JobRunner:
     async def _upload(self, rec: JobRecord, result: GenerationResult) -> ResultInfo:
         key = self.admission.output_key_for(rec)
         target = self.output_store(rec)
-        await asyncio.to_thread(target.put, key, result.video, "video/mp4")
+        if result.video_file is not None:  # from the file, in parts (S3: the transfer manager's multipart upload)
+            await asyncio.to_thread(target.put_file, key, result.video_file.path, "video/mp4")
+        else:
+            await asyncio.to_thread(target.put, key, result.video, "video/mp4")
         url = await asyncio.to_thread(target.presigned_url, key, self.settings.presign_expires_s)
         speech_key = speech_url = None
         if getattr(result, "speech_wav", None):  # text to speech: the synthesised soundtrack beside the video
@@ -260,11 +272,14 @@ class JobRunner:
             duration=round(result.num_frames / float(result.fps or 25), 3), fps=result.fps, width=result.width,
             height=result.height, chunks=result.chunks, lip_sync=result.lip_sync,
             warnings=list(result.warnings or []), loras=list(result.loras or []),
+            boxes=getattr(result, "boxes", None), boxes_source=getattr(result, "boxes_source", None),
         )
 
     def _cancelled(self, rec: JobRecord, reason: Optional[CancelReason], log: logging.LoggerAdapter) -> None:
         if reason is CancelReason.SUPERSEDED:
             log.info("left to the replica that took it over")
+        elif reason is CancelReason.LEASE_LOST:
+            log.warning("stopped: its lease could not be renewed; left to the replica that takes it over")
         elif reason is CancelReason.DEADLINE:
             rec.state = JobState.FAILED
             rec.error = ErrorInfo(message=f"deadline exceeded (job_timeout_s={self.settings.job_timeout_s:g})",
@@ -293,20 +308,33 @@ class JobRunner:
         rec.state = JobState.FAILED
 
     async def _close(self, rec: JobRecord, log: logging.LoggerAdapter) -> None:
-        """Persist the outcome (unless another replica owns the job now) and forget the task."""
+        """Persist the outcome (unless the job is not this replica's any more) and forget the
+        job: from here on its record in the store is the truth. A record that could not be
+        saved stays here, so that this replica still answers for the job."""
         reason = self._reasons.pop(rec.id, None)
-        if reason is CancelReason.SUPERSEDED:  # the record is the new owner's now
+        saved = True
+        if reason in (CancelReason.SUPERSEDED, CancelReason.LEASE_LOST):  # the record is another owner's
             self.records.pop(rec.id, None)
         else:
             rec.finished_at = time.time() if rec.state.terminal else None
             if rec.started_at and rec.finished_at:
                 rec.timings["total"] = round(rec.finished_at - rec.started_at, 3)
-            metrics.jobs.finished(rec.id, rec.state, rec.timings)
             try:
-                await self.leases.persist(rec)
+                stop = await self.leases.persist(rec)
+                if stop == CancelReason.CLIENT.value:  # cancelled elsewhere meanwhile: rec says so now
+                    log.info("cancelled through another ingress replica before it finished")
+                    stop = await self.leases.persist(rec)
+                if stop == CancelReason.SUPERSEDED.value:
+                    log.warning("taken over by another ingress replica before its outcome was written")
+                    self.records.pop(rec.id, None)
             except Exception:
+                saved = False
                 log.exception("could not persist the final record")
-            if rec.state.terminal and self.on_finished is not None:
+            metrics.jobs.finished(rec.id, rec.state, rec.timings)
+            if rec.state.terminal and self.on_finished is not None and rec.id in self.records:
                 self.on_finished(rec)
+        self.leases.release(rec.id)
         self.tasks.pop(rec.id, None)
-        self.done[rec.id].set()
+        if saved:
+            self.records.pop(rec.id, None)
+        self.done.pop(rec.id).set()

@@ -9,7 +9,9 @@ Requests are ``{"input": {"action": ...}, "webhook": ...}``:
   (:class:`GenerateInput`, derived like :class:`~deployments.schemas.JobRequest` from the
   library's request type), mapped onto a ``JobRequest`` by :meth:`GenerateInput.to_job_request`.
 
-Answers have RunPod's ``/status`` shape (:func:`runpod_status`). The HTTP routes are in
+Answers have RunPod's ``/status`` shape (:func:`runpod_status`); ``/stream`` items
+(:func:`stream_outputs`), ``/health`` (:func:`runpod_health`) and ``/purge-queue`` their
+own. The HTTP routes (the root ones and RunPod's serverless ``/v2/{endpoint_id}/...``) are in
 ``deployments/routes/runpod.py``.
 """
 from __future__ import annotations
@@ -27,6 +29,7 @@ from .schemas import OPTION_NAMES, JobRequest, JobState, option_fields
 
 # Errors carry the library's field names; RunPod callers get them in their input's names.
 RUNPOD_FIELD_NAMES = {"image": "condition_image", "video": "condition_video", "audio[0]": "audio_1", "audio[1]": "audio_2",
+                      "audio[2]": "audio_3", "audio[3]": "audio_4",
                       "output.key": "output_key", "sampling.steps": "sample_steps", **TTS_AUDIO_FIELDS}
 
 
@@ -37,7 +40,7 @@ class ModelCheckInput(BaseModel):
 class VolumeExploreInput(BaseModel):
     action: Literal["volume_explore"]
     path: str = Field("", description="Folder under the models root")
-    max_depth: int = Field(3, ge=0, le=8)
+    max_depth: int = Field(3, ge=0, le=8, strict=True)
 
 
 class _GenerateFields(BaseModel):
@@ -48,6 +51,8 @@ class _GenerateFields(BaseModel):
     action: Literal["generate"]
     audio_1: Optional[str] = None  # or tts_audio
     audio_2: Optional[str] = None
+    audio_3: Optional[str] = None  # three and four speakers: beyond what the model was trained on
+    audio_4: Optional[str] = None
     # The official examples' text to speech: {text, human1_voice[, human2_voice]} (multitalk.api).
     tts_audio: Optional[dict[str, Any]] = None
     condition_image: Optional[str] = None
@@ -87,9 +92,16 @@ class _GenerateFields(BaseModel):
         return {
             **body,
             **visual,
-            "audio": [a for a in (self.audio_1, self.audio_2) if a],
+            "audio": self._audio_list(),
             "output": {"format": self.output_format, "key": self.output_key},
         }
+
+    def _audio_list(self) -> list[str]:
+        audios = [self.audio_1, self.audio_2, self.audio_3, self.audio_4]
+        for i in range(1, len(audios)):
+            if audios[i] and not audios[i - 1]:
+                raise InputError(f"audio_{i + 1}", f"given without audio_{i}: number the speakers from audio_1 up")
+        return [a for a in audios if a]
 
     def to_job_request(self) -> JobRequest:
         return JobRequest.model_validate(self.to_job_body())
@@ -120,9 +132,12 @@ class RunPodRequest(BaseModel):
         return data
 
 
+RunPodState = Literal["IN_QUEUE", "IN_PROGRESS", "COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"]
+
+
 class RunPodStatus(BaseModel):
     id: str
-    status: str
+    status: RunPodState
     output: Optional[Any] = None
     error: Optional[str] = None
     delayTime: Optional[int] = Field(None, description="ms from submit to start")
@@ -161,7 +176,17 @@ def _generate_output(rec: JobRecord) -> dict:
         output["local_path"] = r.path
     if r.speech_key:
         output["speech_key"], output["speech_url"] = r.speech_key, r.speech_url
+    if r.boxes is not None:
+        output["boxes"], output["boxes_source"] = r.boxes, r.boxes_source
     return output
+
+
+def runpod_state(rec: JobRecord) -> str:
+    """RunPod's state of a job: ours, except a job past its deadline (``job_timeout_s``,
+    failed with status 504) is ``TIMED_OUT``."""
+    if rec.state == JobState.FAILED and rec.error is not None and rec.error.status == 504:
+        return "TIMED_OUT"
+    return rec.state.value
 
 
 def runpod_status(rec: JobRecord) -> RunPodStatus:
@@ -176,5 +201,55 @@ def runpod_status(rec: JobRecord) -> RunPodStatus:
         output = {"progress": rec.progress.model_dump()}
     delay = int((rec.started_at - rec.created_at) * 1000) if rec.started_at else None
     exe = int((rec.finished_at - rec.started_at) * 1000) if rec.started_at and rec.finished_at else None
-    return RunPodStatus(id=rec.id, status=rec.state.value, output=output, error=error,
+    return RunPodStatus(id=rec.id, status=runpod_state(rec), output=output, error=error,
                         delayTime=delay, executionTime=exe)
+
+
+class StreamItem(BaseModel):
+    output: dict[str, Any]
+
+
+class RunPodStream(BaseModel):
+    """``/stream/{id}``: the results produced since the previous call."""
+
+    id: str
+    status: RunPodState
+    stream: list[StreamItem]
+
+
+def stream_outputs(rec: JobRecord, start: int, url: Callable[[str], str]) -> list[dict]:
+    """The job's results from the ``start``-th on, as RunPod stream outputs: each finished
+    chunk of a streaming job (its fMP4 segment; ``init_url`` first, then the segments in
+    order play), then, once the job COMPLETED, its final output (the ``/status`` one).
+    ``url(key)``: a URL a client can fetch the stored segment from."""
+    from .chunk_results import INIT_NAME, stored_prefix
+
+    items: list[dict] = []
+    chunks = list(rec.chunks)
+    for chunk in chunks[start:]:
+        items.append({"chunk": chunk.index, "total_chunks": rec.progress.total_chunks, "frames": chunk.frames,
+                      "frames_so_far": chunk.frames_so_far, "start": chunk.start, "duration": chunk.duration,
+                      "segment_key": chunk.key, "segment_url": url(chunk.key),
+                      "init_url": url(stored_prefix(chunks) + INIT_NAME), "partial_video_url": f"/v1/jobs/{rec.id}/video"})
+    if rec.state == JobState.COMPLETED and start <= len(chunks):
+        items.append(runpod_status(rec).output or {})
+    return items
+
+
+class RunPodHealth(BaseModel):
+    jobs: dict[str, int] = Field(description="completed, failed, retried (this replica, since it started), "
+                                             "inQueue, inProgress (every replica)")
+    workers: dict[str, int] = Field(description="idle and running job slots of this replica (max_concurrent_jobs)")
+
+
+def runpod_health(counts: dict[str, int]) -> RunPodHealth:
+    """``/health`` from :meth:`~deployments.service.JobService.job_counts`."""
+    return RunPodHealth(
+        jobs={"completed": counts["completed"], "failed": counts["failed"], "inProgress": counts["running"],
+              "inQueue": counts["queued"], "retried": counts["retried"]},
+        workers={"idle": max(0, counts["slots"] - counts["slots_busy"]), "running": counts["slots_busy"]})
+
+
+class RunPodPurge(BaseModel):
+    removed: int
+    status: Literal["completed"] = "completed"

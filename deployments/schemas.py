@@ -24,7 +24,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
-from multitalk.api import GenerationRequest, InputError
+from multitalk.api import MAX_SPEAKERS, GenerationRequest, InputError
 
 from .chunk_results import ChunkInfo
 from .webhooks import WebhookInfo
@@ -62,6 +62,8 @@ class OutputSpec(BaseModel):
         return v
 
 
+SEED_MIN, SEED_MAX = -(2 ** 63), 2 ** 63 - 1  # torch.Generator.manual_seed takes [-2**63, 2**64); chunks add their index
+
 # The library request's byte inputs: a job names them by reference instead (fields below).
 MEDIA_FIELDS = ("image", "audio", "video")
 
@@ -69,7 +71,11 @@ MEDIA_FIELDS = ("image", "audio", "video")
 OPTION_DOCS = {
     "prompt": "What the video shows (UMT5 text conditioning)",
     "audio_type": "Two speakers: 'add' (one after the other) or 'para' (at the same time)",
-    "bbox": "Per speaker [r0, c0, r1, c1] in image pixels, rows first",
+    "bbox": "Per speaker [r0, c0, r1, c1] in image pixels, rows first; left out, two or more speakers get boxes "
+            "found from the faces in the image (the result reports the boxes used)",
+    "speaker_order": "Without bbox: for speaker 1, 2, ... which detected face (1 = leftmost) they are, e.g. [2, 1]",
+    "scene_cuts": "InfiniteTalk video-to-video: find the source's shot cuts and take each chunk's reference frame "
+                  "from its own shot (the official --scene_seg); off by default",
     "mode": "'clip': one clip; 'streaming': clips chained until the audio ends",
     "frames": "Frames per clip, 4n+1 (81 at 25 fps = 3.24 s); left out: 81, a clip shortened to fit shorter speech",
     "size": "multitalk-480, multitalk-720 (InfiniteTalk: infinitetalk-480/-720), or a scaled -N "
@@ -122,8 +128,9 @@ class _JobInputs(BaseModel):
     image: Optional[str] = Field(None, description="Reference image: store key, file name or s3://bucket/key")
     video: Optional[str] = Field(None, description="InfiniteTalk video-to-video: the source video to dub "
                                                    "(instead of image): store key, file name or s3://bucket/key")
-    audio: list[str] = Field(default_factory=list, max_length=2,
-                             description="One or two speakers' audio (or ``speech``: text to speak)")
+    audio: list[str] = Field(default_factory=list, max_length=MAX_SPEAKERS,
+                             description="One to four speakers' audio (or ``speech``: text to speak); the model "
+                                         "was trained on one and two")
     output: OutputSpec = Field(default_factory=OutputSpec)
     preset: Optional[str] = Field(None, description="A named set of options from the server's config (e.g. "
                                                     "quality, fast); fields the request sets win")
@@ -140,9 +147,11 @@ class _JobInputs(BaseModel):
     @field_validator("sampling", check_fields=False)
     @classmethod
     def _runnable_sampling(cls, v):
-        from multitalk.driver import validate_sampling
+        from multitalk.generation.planning import validate_sampling
 
         validate_sampling(v)  # the configured step cap is checked at submit (Limits)
+        if not SEED_MIN <= v.seed <= SEED_MAX:
+            raise InputError("sampling.seed", f"must be between {SEED_MIN} and {SEED_MAX}, got {v.seed}")
         return v
 
     @property
@@ -161,7 +170,7 @@ class _JobInputs(BaseModel):
     @model_validator(mode="after")
     def _audio_or_speech(self):
         if not self.audio and getattr(self, "speech", None) is None:
-            raise InputError("audio", "give one or two speakers' audio, or speech (text with voices) to synthesise")
+            raise InputError("audio", "give one to four speakers' audio, or speech (text with voices) to synthesise")
         return self
 
     @model_validator(mode="after")
@@ -240,6 +249,9 @@ class ResultInfo(BaseModel):
     loras: list[dict[str, Any]] = Field(default_factory=list, description="The LoRAs applied: [{name, scale}]")
     speech_key: Optional[str] = Field(None, description="Text-to-speech jobs: the synthesised speech (16 kHz wav)")
     speech_url: Optional[str] = Field(None, description="Text-to-speech jobs: presigned URL (s3) or file:// URL")
+    boxes: Optional[list[list[float]]] = Field(None, description="The speaker boxes the job ran with, [r0, c0, r1, c1] "
+                                                                 "per speaker in image pixels (none for one speaker)")
+    boxes_source: Optional[str] = Field(None, description="'request' (bbox) or 'faces' (found in the image)")
 
 
 class JobStatus(BaseModel):
@@ -276,6 +288,7 @@ class SubmitResponse(BaseModel):
 # get them renamed to the fields of their JobRequest.
 NATIVE_FIELD_NAMES = {
     "condition_image": "image", "condition_video": "video", "audio_1": "audio[0]", "audio_2": "audio[1]",
+    "audio_3": "audio[2]", "audio_4": "audio[3]",
     "text_1": "speech.texts[0]", "text_2": "speech.texts[1]", "script": "speech.script",
     "voice_1": "speech.voices[0]", "voice_2": "speech.voices[1]", "voice": "speech.voices", "speed": "speech.speed",
 }

@@ -1,15 +1,20 @@
-"""The driver's ``Stages`` protocol (``multitalk.driver``) over deployment handles.
+"""The chunk loop's ``Stages`` protocol (``multitalk.generation.protocol``) over deployment handles.
 
-Methods return handles without awaiting: Serve ``DeploymentResponse`` objects, which may be
-awaited more than once and, passed as top-level arguments into the next stage call, travel
-from deployment to deployment without a round trip through the ingress (audio/image/text
-into the DiT). The DiT call is streamed (per-step progress), so its handle is an asyncio
-task that consumes the stream and holds the latents; the decoder call awaits it first (the
-latents pass through the ingress, a few MB per chunk). Both calls are re-sent in place when
-their replica died, within the job's retry budget (``deployments/retry.py``).
+Methods return handles without awaiting. The encoders' handles are Serve responses, which
+may be awaited more than once and, passed as top-level arguments into the next stage call,
+travel from deployment to deployment without a round trip through the ingress
+(audio/image/text into the DiT). The DiT call is streamed (per-step progress), so its handle
+is an asyncio task that consumes the stream and holds the latents; the decoder call awaits
+it first (the latents pass through the ingress, a few MB per chunk). The decoder hands back
+the chunk's frames as uint8 and its motion frames as an object reference, which the next
+chunk's encoder call resolves: the float frames never pass through the ingress. Both calls
+are re-sent in place when their replica died, within the job's retry budget
+(``deployments/retry.py``).
 
-One view per job (:meth:`ServeStages.for_job`) remembers its in-flight calls so that
-:meth:`ServeStages.cancel` stops them when the job is cancelled.
+One view per job (:meth:`ServeStages.for_job`) tracks its calls in a
+:class:`~multitalk.generation.calls.CallTracker` (the in-process stages' tracker too): a call
+is forgotten once it has ended or been consumed, so a long job holds no finished chunk's
+results, and :meth:`ServeStages.cancel` still reaches every call that may be running.
 """
 from __future__ import annotations
 
@@ -17,28 +22,38 @@ import asyncio
 import logging
 from typing import Any, Optional
 
+from multitalk.generation.calls import CallTracker
+
 from .retry import RetryBudget
 
 logger = logging.getLogger("multitalk.serve")
 
 
+async def fetch(response) -> Any:
+    """``await response``; cancelled while waiting, the request is cancelled too."""
+    try:
+        return await response
+    except asyncio.CancelledError:
+        response.cancel()
+        raise
+
+
 class ServeStages:
-    def __init__(self, audio, image, text, diffusion, decode, speech=None, _shared: Optional[dict] = None,
+    def __init__(self, audio, image, text, diffusion, decode, speech=None, shared: Optional[dict] = None,
                  job_id: Optional[str] = None, retries: Optional[RetryBudget] = None):
         self.audio, self.image, self.text, self.diffusion, self.decode = audio, image, text, diffusion, decode
         self.speech = speech
         self._kw = {"job_id": job_id} if job_id else {}  # stage replicas log it with their lines
-        self._shared = _shared if _shared is not None else {}
+        self._shared = shared if shared is not None else {}
         self.retries = retries if retries is not None else RetryBudget()
-        self._inflight: list[Any] = []
-        self._tasks: list[asyncio.Task] = []
+        self.calls = CallTracker()
 
     def for_job(self, job_id: Optional[str] = None, retries: Optional[RetryBudget] = None) -> "ServeStages":
         return ServeStages(self.audio, self.image, self.text, self.diffusion, self.decode, self.speech,
                            self._shared, job_id, retries)
 
     async def prepare(self) -> None:
-        """Fetch what the driver reads synchronously (``lip_sync``) once per ingress."""
+        """Fetch what the loop reads synchronously (``lip_sync``) once per ingress."""
         if "lip_sync" not in self._shared:
             self._shared["lip_sync"] = bool(await self.diffusion.lip_sync.remote())
 
@@ -46,40 +61,35 @@ class ServeStages:
     def lip_sync(self) -> bool:
         return self._shared.get("lip_sync", True)
 
-    def _track(self, response):
-        self._inflight.append(response)
-        return response
-
-    def _spawn(self, coro) -> asyncio.Task:
-        task = asyncio.ensure_future(coro)
-        self._tasks.append(task)
-        return task
-
+    # Chained calls: their responses go un-awaited into the DiT call.
     def audio_encode(self, speeches):
-        return self._track(self.audio.encode.remote(speeches, **self._kw))
+        return self.calls.add(self.audio.encode.remote(speeches, **self._kw))
 
     def image_encode(self, cond_pixels, frames):
-        return self._track(self.image.encode.remote(cond_pixels, frames, **self._kw))
+        return self.calls.add(self.image.encode.remote(cond_pixels, frames, **self._kw))
 
     def text_encode(self, prompt, negative_prompt):
-        return self._track(self.text.encode.remote(prompt, negative_prompt, **self._kw))
+        return self.calls.add(self.text.encode.remote(prompt, negative_prompt, **self._kw))
 
     def reference_encode(self, reference, motion_pixels, frames):
-        return self._track(self.image.encode_reference.remote(reference, motion_pixels, frames, **self._kw))
+        return self.calls.add(self.image.encode_reference.remote(reference, motion_pixels, frames, **self._kw))
 
+    # Calls whose results the loop reads.
     def speech_synthesize(self, speech):
-        return self._track(self.speech.synthesize.remote(speech, **self._kw))
+        return self.calls.start(fetch(self.speech.synthesize.remote(speech, **self._kw)))
 
     def diffusion_sample(self, job, audio, image, text, on_step=None):
         async def sample_once():
-            stream = self._track(self.diffusion.options(stream=True).sample.remote(job, audio, image, text,
-                                                                                 **self._kw))
+            stream = self.diffusion.options(stream=True).sample.remote(job, audio, image, text, **self._kw)
             latents = None
             try:
                 async for event in stream:
                     if event["event"] == "step":
                         if on_step is not None:
                             on_step(event["step"], event["total"])
+                    elif event["event"] == "started":
+                        if on_step is not None:
+                            on_step(0, 0)
                     elif event["event"] == "result":
                         latents = event["latents"]
             except asyncio.CancelledError:
@@ -89,23 +99,17 @@ class ServeStages:
                 raise RuntimeError("diffusion stream ended without latents")
             return latents
 
-        return self._spawn(self.retries.run("diffusion call", sample_once))
+        return self.calls.start(self.retries.run("diffusion call", sample_once), consumes=(audio, image, text))
 
-    def vae_decode(self, latents):
+    def vae_decode(self, latents, request):
         async def decode():
             # A streamed DiT result is an asyncio task holding the latents: wait for it here.
             resolved = await latents if isinstance(latents, asyncio.Future) else latents
             return await self.retries.run(
-                "decode call", lambda: self._track(self.decode.decode.remote(resolved, **self._kw)))
+                "decode call", lambda: fetch(self.decode.decode_chunk.remote(resolved, request, **self._kw)))
 
-        return self._spawn(decode())
+        return self.calls.start(decode(), consumes=(latents,))
 
     def cancel(self) -> None:
-        """Best-effort cancel of every call this job started (finished ones are unaffected)."""
-        for task in self._tasks:
-            task.cancel()
-        for response in self._inflight:
-            try:
-                response.cancel()
-            except Exception:  # noqa: BLE001 - cancelling is best effort
-                logger.debug("cancel failed", exc_info=True)
+        """Best-effort cancel of every call of this job that may still be running."""
+        self.calls.cancel()

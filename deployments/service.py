@@ -6,7 +6,9 @@ each:
 * :class:`~deployments.admission.Admission`: capacity, references, limits, media checks;
 * :class:`~deployments.runner.JobRunner`: running jobs (tasks, deadlines, retries, outcomes);
 * :class:`~deployments.leases.Leases`: heartbeats and taking over orphaned jobs;
-* :class:`~deployments.jobs.JobStore`: the persisted records.
+* :class:`~deployments.jobs.JobStore`: the persisted records;
+* :class:`~deployments.queue_ops.QueueOperations`: what RunPod's and the OpenAI-style doors
+  ask beyond submit/get/cancel (retry, purge, counts, stream position, delete, thumbnail).
 
 Routes use only the public methods below (``submit``, ``get_for``, ``wait``, ``cancel``,
 ``recent``, ``video_location``, ...), never the units' internals.
@@ -16,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections import Counter
 from typing import Any, Callable, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -25,13 +28,15 @@ from multitalk.stage_factory import driver_for, import_attr
 
 from . import volume
 from .admission import Admission, Overloaded  # noqa: F401 - Overloaded: part of this module's API
-from .jobs import JobRecord, JobStore, valid_job_id
+from .jobs import JobRecord, JobStore, index_cursor, valid_job_id
 from .leases import Leases
 from .live_settings import LiveSettings
+from .queue_ops import QueueOperations
 from .request_options import check_layer
 from .runner import CancelReason, GenerateFn, JobRunner, RunnerSettings, job_log
 from .schemas import ErrorInfo, JobRequest, JobState
 from .storage import LocalStore, Store, store_from_settings
+from .webhook_signing import message_id
 from .webhooks import WebhookInfo, Webhooks, WebhookSettings
 
 
@@ -80,6 +85,9 @@ class ServiceSettings(BaseModel):
     lora_names: tuple[str, ...] = ()  # the app's `loras` (set by the builder): names a request may pick
     api_keys_file: Optional[str] = None  # else MULTITALK_API_KEYS_FILE; keys also from MULTITALK_API_KEYS
     auth_exempt_paths: tuple[str, ...] = ("/healthz", "/")
+    # RunPod serverless URLs (/v2/{endpoint_id}/...): None answers any endpoint id, else
+    # only this one (others: 404 naming endpoint_id).
+    runpod_endpoint_id: Optional[str] = None
 
     @field_validator("presets")
     @classmethod
@@ -99,7 +107,7 @@ class ServiceSettings(BaseModel):
         return RunnerSettings(**{f: getattr(self, f) for f in RunnerSettings.__dataclass_fields__})
 
 
-class JobService:
+class JobService(QueueOperations):
     """Owns the jobs of one ingress replica (see the module docstring)."""
 
     def __init__(self, store: Store, stages: Any, settings: Optional[ServiceSettings] = None,
@@ -115,13 +123,16 @@ class JobService:
         self.admission = Admission(store, s.limits, s.allowed_buckets, s.max_queued_jobs,
                                    s.max_queued_jobs_per_tenant, s.retry_after_s, s.precheck_inputs,
                                    s.presets, s.request_defaults, self.speech_voices, s.lora_names, s.model)
-        self.leases = Leases(self.jobs, s.replica_id, s.lease_s, s.persist_interval_s, job_log, live_replicas)
+        self.leases = Leases(self.jobs, s.replica_id, s.lease_s, s.persist_interval_s, job_log,
+                             fence=not s.exclusive, live_replicas=live_replicas)
         self.webhooks = Webhooks(s.webhooks)
         generate_fn = generate_fn or (import_attr(s.driver) if s.driver else driver_for(s.model).generate)
         self.runner = JobRunner(stages, self.admission, self.leases, store, self.local_store,
                                 generate_fn, s.limits, s.runner_settings(),
-                                on_finished=self._notify)
+                                on_finished=self._finished)
         self._deliveries: set[asyncio.Task] = set()
+        # Jobs this replica finished or queued again since it started, by (tenant, outcome).
+        self._outcomes: Counter[tuple[Optional[str], str]] = Counter()
         self._started = False
         self._sweeper: Optional[asyncio.Task] = None
         self._models_root: Optional[str] = None
@@ -146,6 +157,7 @@ class JobService:
         if self._started:
             return
         self._started = True
+        await asyncio.to_thread(self.admission.warm_up)
         # A single (exclusive) ingress owns every unfinished job at start-up.
         await self.recover(0.0 if self.settings.exclusive else self.settings.lease_s)
         if not self.settings.exclusive:  # only several ingress replicas can orphan jobs while we run
@@ -165,6 +177,8 @@ class JobService:
         await self.runner.stop()
         for task in self._deliveries:  # the record says what was not delivered
             task.cancel()
+        await asyncio.gather(*self._deliveries, return_exceptions=True)
+        self.leases.close()
 
     # --- submit ----------------------------------------------------------------------
     async def save_upload(self, field_name: str, filename: Optional[str], data: bytes,
@@ -179,19 +193,18 @@ class JobService:
         self.admission.check_capacity(self.runner.unfinished, tenant)
         request, applied = self.admission.resolve_options(request, source)
         request = await asyncio.to_thread(self.admission.admit, request, source, tenant)
-        if request.webhook:
+        if request.webhook is not None:  # "" too: a webhook that is not an http(s) URL is refused
             url = await asyncio.to_thread(self.webhooks.check, request.webhook, tenant)
             request = request.model_copy(update={"webhook": url})
         if tenant is not None and idempotency_key:
             idempotency_key = f"{tenant}/{idempotency_key}"  # keys are per tenant
-        rec, created = await asyncio.to_thread(self.jobs.create, request, idempotency_key, source,
-                                               "generate", None, tenant)
+        rec, created = await asyncio.to_thread(self.jobs.create, request, idempotency_key, source, "generate",
+                                               None, tenant, self.settings.replica_id, applied)
         log = job_log(rec.id)
         if not created:
             log.info("idempotent retry (key %r): returning the existing job", idempotency_key)
             return self.runner.records.get(rec.id, rec)
-        rec.owner, rec.options_applied = self.settings.replica_id, applied
-        await self.leases.persist(rec)
+        self.leases.track(rec)
         log.info("queued: %d audio track(s), mode %s, %s frames, %d steps",
                  len(request.audio), request.mode, request.frames, request.sampling.steps)
         self.runner.schedule(rec)
@@ -228,6 +241,14 @@ class JobService:
                 return None
             self._voices = volume.speech_voices(root)
         return self._voices
+
+    async def speaker_boxes(self, image: bytes, speakers: int, speaker_order=None) -> dict:
+        """The boxes a job without ``bbox`` would get for this condition image (faces found,
+        grown into speaker boxes; :func:`multitalk.utils.faces.boxes_for_image`)."""
+        from multitalk.utils.faces import boxes_for_image
+
+        return await asyncio.to_thread(boxes_for_image, image, speakers, speaker_order,
+                                       self.settings.limits.max_image_pixels)
 
     async def models_report(self, max_age_s: float = 300.0) -> dict:
         """``/v1/models``: the models root's components and the loaders' verdict (kept for
@@ -274,6 +295,18 @@ class JobService:
         page, cursor = await asyncio.to_thread(self.jobs.recent, tenant, limit, after)
         return [self.runner.records.get(r.id, r) for r in page], cursor
 
+    async def recent_after_job(self, tenant: Optional[str], limit: int,
+                               after_job: Optional[str]) -> tuple[list[JobRecord], Optional[str]]:
+        """Like :meth:`recent`, the page after the job ``after_job`` (an id, as OpenAI-style
+        clients page)."""
+        cursor = None
+        if after_job is not None:
+            rec = await self.get(after_job)
+            if rec is None or (tenant is not None and rec.tenant != tenant):
+                raise InputError("after", f"no job {after_job!r}", 404)
+            cursor = index_cursor(rec)
+        return await self.recent(tenant, limit, cursor)
+
     async def wait(self, job_id: str, timeout: Optional[float] = None) -> Optional[JobRecord]:
         """The job once finished, or as it stands when ``timeout`` runs out."""
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -305,12 +338,9 @@ class JobService:
             job_log(job_id).info("cancel requested")
             await asyncio.wait({task}, timeout=30)
             return self.runner.records.get(job_id, rec)
-        # Another replica runs it: leave a marker its heartbeat picks up, and mark the
-        # record so clients see the cancellation now.
-        await asyncio.to_thread(self.jobs.request_cancel, job_id)
-        rec.state, rec.finished_at = JobState.CANCELLED, time.time()
-        await asyncio.to_thread(self.jobs.save, rec)
-        return rec
+        # Another replica holds it (or nobody does): the record says CANCELLED now, written
+        # conditionally; its owner sees the new version at its next heartbeat and stops.
+        return await asyncio.to_thread(self.jobs.cancel, job_id) or rec
 
     def output_store(self, rec: JobRecord) -> Store:
         return self.runner.output_store(rec)
@@ -329,6 +359,11 @@ class JobService:
             rec = rec.model_copy(update={"result": rec.result.model_copy(update={"url": url})})
         return rec
 
+    def _finished(self, rec: JobRecord) -> None:
+        """The runner persisted ``rec`` in a final state: count it, deliver its webhook."""
+        self._outcomes[(rec.tenant, rec.state.value.lower())] += 1
+        self._notify(rec)
+
     def _notify(self, rec: JobRecord) -> None:
         """A job of this replica reached a final state (or was taken over with its webhook
         undelivered): deliver its webhook in the background."""
@@ -343,7 +378,8 @@ class JobService:
             rec.webhook = state
             await self.leases.persist(rec)
 
-        task = asyncio.ensure_future(self.webhooks.deliver(info, payload, rec.tenant, rec.id, on_update))
+        task = asyncio.ensure_future(self.webhooks.deliver(info, payload, rec.tenant, rec.id, on_update,
+                                                           message_id=message_id(rec.id, rec.attempts)))
         self._deliveries.add(task)
         task.add_done_callback(self._deliveries.discard)
 

@@ -6,14 +6,17 @@ stays free: newer Ray health checks mark a replica whose loop is blocked as unhe
 meant for concurrent use, and the GPU is the bottleneck anyway); extra requests wait in
 the replica up to ``max_ongoing_requests``.
 
-Results are moved to CPU before they leave the replica: a CUDA tensor in a reply would
-be rebuilt on a CUDA device on the receiving side, which the ingress does not have.
+Results are moved to CPU before they leave the replica (in the worker thread: a copy off the
+GPU waits for the device, and nothing blocking runs on the replica's event loop): a CUDA
+tensor in a reply would be rebuilt on a CUDA device on the receiving side, which the ingress
+does not have.
 Resources (num_gpus, replicas, autoscaling) come from the serve config, not from here;
 what each replica loads comes from the app's :class:`~deployments.app_args.StageSettings`.
 """
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from typing import Any, Callable, Optional
@@ -47,7 +50,7 @@ class _StageReplica:
     async def _run(self, fn: Callable, *args, job_id: Optional[str] = None):
         async with self._lock:
             t0 = time.monotonic()
-            out = to_cpu(await asyncio.to_thread(fn, *args))
+            out = await asyncio.to_thread(lambda: to_cpu(fn(*args)))
             if job_id:
                 logger.info("[job %s] %s.%s done in %.3f s", job_id, type(self).__name__,
                             getattr(fn, "__name__", "call"), time.monotonic() - t0,
@@ -113,8 +116,9 @@ class TextEncoder(_StageReplica):
 class Diffusion(_StageReplica):
     """The DiT and sampler (``DiffusionStage``); streams per-step progress.
 
-    ``sample`` is a generator: it yields ``{"event": "step", "step": i, "total": n}`` after
-    every sampler step and finally ``{"event": "result", "latents": tensor}``. Call it with
+    ``sample`` is a generator: it yields ``{"event": "started"}`` when sampling starts (its
+    inputs have arrived), ``{"event": "step", "step": i, "total": n}`` after every sampler
+    step and finally ``{"event": "result", "latents": tensor}``. Call it with
     ``handle.options(stream=True)``. Cancelling the request stops the sampler at its next
     step (:class:`~multitalk.utils.step_stream.StepStream`).
 
@@ -132,8 +136,8 @@ class Diffusion(_StageReplica):
         self.settings = StageSettings.model_validate(settings)
         self._par = self.settings.parallel
         self._group = None
-        if self._par.ranks <= 1:
-            _StageReplica.__init__(self, self.settings)
+        if self._par.ranks <= 1:  # the model loads in a worker thread: the replica's loop stays free
+            await asyncio.to_thread(_StageReplica.__init__, self, self.settings)
             return
         from .metrics import replica_logging
 
@@ -141,7 +145,8 @@ class Diffusion(_StageReplica):
         replica_logging("multitalk.checkpoints.remote")
         started = time.monotonic()
         root = await asyncio.to_thread(
-            resolve_models_root, {"models_root": self.settings.models_root, "cache_dir": self.settings.cache_dir})
+            resolve_models_root, {"models_root": self.settings.models_root, "cache_dir": self.settings.cache_dir},
+            True, self.settings.device)
         root_s = time.monotonic() - started
         self.settings = self.settings.model_copy(update={"models_root": root})
         validate_parallel(self._par, await asyncio.to_thread(dit_num_heads, root))  # a bad config fails here
@@ -170,7 +175,8 @@ class Diffusion(_StageReplica):
         from_args = (self.settings.stage_options.get("diffusion") or {}).get("lora_registry") or {}
         check_one_place({"loras": dict(from_args)} if from_args else {}, user_config, "Diffusion")
         root = await asyncio.to_thread(
-            resolve_models_root, {"models_root": self.settings.models_root, "cache_dir": self.settings.cache_dir})
+            resolve_models_root, {"models_root": self.settings.models_root, "cache_dir": self.settings.cache_dir},
+            True, self.settings.device)
         if self._group is None and not hasattr(self.stage, "set_lora_registry"):
             if registry:  # another stage class (stage_classes) without per-request LoRAs
                 raise ValueError(f"Diffusion user_config names LoRAs, but {type(self.stage).__name__} "
@@ -205,6 +211,7 @@ class Diffusion(_StageReplica):
         if job_id:
             logger.info("[job %s] Diffusion.sample started", job_id, extra={JOB_LOG_FIELD: job_id})
         async with self._lock:  # one sampling per replica; a cancelled one has stopped before the next starts
+            yield {"event": "started"}  # the conditioning has arrived: what came before was encoding
             if self._group is not None:  # several ranks in lockstep, rank 0 streams
                 async for event in self._group.sample(job, audio, image, text):
                     yield event
@@ -212,7 +219,7 @@ class Diffusion(_StageReplica):
             stream = StepStream(lambda on_step: self.stage.sample(job, audio, image, text, on_step))
             async for event in stream:
                 yield {"event": "step", "step": event.step, "total": event.total}
-            yield {"event": "result", "latents": to_cpu(stream.result)}
+            yield {"event": "result", "latents": await asyncio.to_thread(to_cpu, stream.result)}
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=4)
@@ -251,9 +258,20 @@ class Speech(_StageReplica):
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=2)
 class VaeDecoder(_StageReplica):
-    """VAE decoder: latents to frames (``DecodeStage``)."""
+    """VAE decoder: a chunk's latents to its frames, post-processed here (``DecodeStage.decode_chunk``):
+    colour-corrected on this replica's device, the video's frames handed back as uint8, the
+    next chunk's motion frames put in the object store, so that the next encoder call reads
+    them from there (the ingress only passes the reference on)."""
 
     stage_name = "decode"
 
-    async def decode(self, latents, job_id: Optional[str] = None):
-        return await self._run(self.stage.decode, latents, job_id=job_id)
+    async def decode_chunk(self, latents, request, job_id: Optional[str] = None):
+        return await self._run(self._decode_chunk, latents, request, job_id=job_id)
+
+    def _decode_chunk(self, latents, request):  # in the worker thread
+        import ray
+
+        decoded = to_cpu(self.stage.decode_chunk(latents, request))
+        if decoded.motion is not None:
+            decoded = dataclasses.replace(decoded, motion=ray.put(decoded.motion))
+        return decoded

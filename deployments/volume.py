@@ -8,6 +8,7 @@ the stage replicas do and keeps ``volume_explore`` inside the volume.
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -15,22 +16,49 @@ from typing import Any, Mapping, Optional
 from multitalk.api import InputError
 
 DEFAULT_CACHE_DIR = "~/.cache/multitalk"
+# ``models_root: tiny`` asks for tiny random weights by name (generated once into the cache).
+TINY_WEIGHTS = "tiny"
+ENV_MODELS_ROOT = "MULTITALK_MODELS_ROOT"
+
+logger = logging.getLogger("multitalk.serve")
+
+
+def models_root_setting(settings: Mapping[str, Any], env: Optional[Mapping[str, str]] = None) -> str:
+    """The configured models root: ``models_root``, else ``MULTITALK_MODELS_ROOT``, else ""."""
+    env = os.environ if env is None else env
+    return (settings.get("models_root") or env.get(ENV_MODELS_ROOT) or "").strip()
+
+
+def check_weights_choice(models_root: str, device: Optional[str]) -> None:
+    """Refuse to serve tiny random weights on a GPU by accident: an empty ``models_root``
+    (no ``MULTITALK_MODELS_ROOT`` either) with a CUDA device raises ``ValueError`` naming
+    the setting. ``models_root: tiny`` asks for them by name and is allowed anywhere; on a
+    CPU an empty root still means tiny weights (logged). ``device: auto`` is decided where
+    the device is known, by each model replica (:func:`resolve_models_root`)."""
+    if not models_root and str(device or "").startswith("cuda"):
+        raise ValueError(
+            f"models_root is empty and device is {device!r}: refusing to serve tiny random weights on a GPU. "
+            f"Set models_root (or {ENV_MODELS_ROOT}) to the model weights (a folder or s3://bucket/prefix), "
+            f"or models_root: {TINY_WEIGHTS} to ask for tiny random weights by name")
 
 
 def _cache_dir(settings: Mapping[str, Any]) -> Path:
     return Path(settings.get("cache_dir") or os.environ.get("MULTITALK_CACHE_DIR") or DEFAULT_CACHE_DIR).expanduser()
 
 
-def resolve_models_root(settings: Mapping[str, Any], download: bool = True) -> str:
+def resolve_models_root(settings: Mapping[str, Any], download: bool = True, device: Optional[str] = None) -> str:
     """The models root from settings, as a local folder.
 
     ``s3://bucket/prefix`` is mirrored once into the node-local cache (where the stage
     replicas run; ``download=False`` only finds an existing complete mirror, so the
-    ingress never pulls 80 GB for a report). Empty means "tiny random weights in the
+    ingress never pulls 80 GB for a report). ``tiny`` means "tiny random weights in the
     cache", generated once per machine (``ensure_tiny_weights`` is race-safe; the file
-    lock also keeps concurrently starting replicas from all doing the work).
+    lock also keeps concurrently starting replicas from all doing the work); so does an
+    empty root, on a CPU only (``device``: the device the weights are for, checked by
+    :func:`check_weights_choice`).
     """
-    root = (settings.get("models_root") or os.environ.get("MULTITALK_MODELS_ROOT") or "").strip()
+    root = models_root_setting(settings)
+    check_weights_choice(root, device)
     if root.startswith("s3://"):
         from multitalk.checkpoints.remote import mirrored_path
         from multitalk.checkpoints.remote import resolve_models_root as mirror
@@ -41,8 +69,11 @@ def resolve_models_root(settings: Mapping[str, Any], download: bool = True) -> s
         if local is None:
             raise FileNotFoundError(f"{root} is not mirrored on this node yet")
         return str(local)
-    if root:
+    if root and root != TINY_WEIGHTS:
         return str(Path(root).expanduser())
+    if not root and device is not None:
+        logger.warning("models_root is empty: tiny random weights on %s (models_root: %s says so explicitly)",
+                       device, TINY_WEIGHTS)
     cache_dir = _cache_dir(settings)
     cache_dir.mkdir(parents=True, exist_ok=True)
     from multitalk.checkpoints.tiny import ensure_tiny_weights

@@ -5,13 +5,23 @@
   configured allow-list (``ingress.webhooks.allowed_hosts``: names, or ``*.example.com``),
   and every address it resolves to public, never loopback, private, link-local or
   reserved, unless ``allow_private`` is set (an in-VPC receiver). Without an allow-list a
-  webhook is refused: the service makes no outbound call its operator did not allow. The
-  address check runs again just before each delivery (DNS may change in between).
-* **Signed.** ``X-MultiTalk-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256(secret,
-  "<t>.<body>")>`` with the tenant's secret (``MULTITALK_WEBHOOK_SECRETS`` /
-  ``secrets_file``: ``tenant:secret`` entries, as the API keys; an open service uses the
-  entry of tenant ``*``). ``X-MultiTalk-Delivery`` is a per-job id receivers can dedupe on.
-  No secret for the tenant: the webhook is refused at submit.
+  webhook is refused: the service makes no outbound call its operator did not allow.
+* **Connected where checked.** Every delivery attempt resolves the host once, off the
+  event loop, checks every address, and connects to those addresses only: the HTTP client
+  is handed a resolver that answers with the checked addresses (:class:`PinnedResolver`)
+  and never looks the name up again, so a DNS answer that changes between the check and
+  the connection (DNS rebinding) cannot send the POST anywhere unchecked. The name still
+  goes in the ``Host`` header and, for https, in SNI and the certificate check.
+  Environment proxies are not used (a proxy would resolve the name itself); redirects are
+  not followed.
+* **Signed.** Standard Webhooks headers (``webhook-id``, ``webhook-timestamp``,
+  ``webhook-signature``; ``deployments/webhook_signing.py``, which also adds the deprecated
+  ``X-MultiTalk-Signature``) with the tenant's secret (``MULTITALK_WEBHOOK_SECRETS`` /
+  ``secrets_file``: ``tenant:secret`` entries, as the API keys, ``whsec_...`` secrets
+  preferred; an open service uses the entry of tenant ``*``). The secrets file is read again
+  when it changes (checked at most once a second, ``deployments/watched_file.py``): a secret
+  rotates without a restart. ``webhook-id`` is signed and names one message: receivers
+  dedupe on it. No secret for the tenant: the webhook is refused at submit.
 * **At least once, with retries.** The replica that finishes the job delivers it in the
   background (the job's completion never waits for it), retrying connection errors, 429
   and 5xx with doubling backoff (``attempts``, ``backoff_s``); other 4xx answers end the
@@ -20,14 +30,12 @@
   has not ended stays in the store's list of unfinished work: when its replica dies before
   the delivery ends, the replica that takes the job over (``deployments.leases``) delivers
   it instead of re-running the job. So a receiver may, rarely, get one status twice (the
-  old owner's POST landed, its record write did not): ``X-MultiTalk-Delivery`` is the
-  same on both, dedupe on it.
+  old owner's POST landed, its record write did not): ``webhook-id`` is the same on both,
+  dedupe on it.
 """
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import ipaddress
 import json
 import logging
@@ -37,14 +45,18 @@ import time
 from typing import Any, Callable, Optional
 from urllib.parse import urlsplit
 
+import aiohttp
+from aiohttp.abc import AbstractResolver, ResolveResult
 from pydantic import BaseModel, ConfigDict, Field
 
 from multitalk.api import InputError
 
+from .watched_file import WatchedFile
+from .webhook_signing import DELIVERY_HEADER, SIGNATURE_HEADER, delivery_headers  # noqa: F401 - re-exported
+from .webhook_signing import legacy_signature as sign  # noqa: F401 - the old name
+
 logger = logging.getLogger("multitalk.serve")
 
-SIGNATURE_HEADER = "X-MultiTalk-Signature"
-DELIVERY_HEADER = "X-MultiTalk-Delivery"
 OPEN_SERVICE_TENANT = "*"
 
 
@@ -70,13 +82,6 @@ class WebhookInfo(BaseModel):
     status_code: Optional[int] = None
     error: Optional[str] = None
     ended_at: Optional[float] = None  # delivered, refused, or out of attempts: nothing more to send
-
-
-def sign(secret: str, body: bytes, timestamp: Optional[int] = None) -> str:
-    """The signature header's value for ``body`` (what receivers recompute to verify)."""
-    t = int(time.time()) if timestamp is None else timestamp
-    mac = hmac.new(secret.encode(), f"{t}.".encode() + body, hashlib.sha256).hexdigest()
-    return f"t={t},v1={mac}"
 
 
 def _parse_secrets(text: str) -> dict[str, str]:
@@ -106,6 +111,29 @@ def _public(address: str) -> bool:
                 or ip.is_unspecified)
 
 
+def _getaddrinfo(host: str) -> list[str]:
+    """Every address ``host`` resolves to (blocking: called in a worker thread)."""
+    return list(dict.fromkeys(a[4][0] for a in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)))
+
+
+class PinnedResolver(AbstractResolver):
+    """aiohttp's resolver for one delivery: ``host`` resolves to the addresses that were
+    checked, and nothing else resolves at all (a redirect or a proxy could not go elsewhere)."""
+
+    def __init__(self, host: str, addresses: list[str]):
+        self.host, self.addresses = host, list(addresses)
+
+    async def resolve(self, host: str, port: int = 0, family: int = socket.AF_INET) -> list[ResolveResult]:
+        if host != self.host:
+            raise OSError(f"{host!r} was not checked for this webhook")
+        return [{"hostname": host, "host": address, "port": port,
+                 "family": socket.AF_INET6 if ":" in address else socket.AF_INET,
+                 "proto": 0, "flags": socket.AI_NUMERICHOST} for address in self.addresses]
+
+    async def close(self) -> None:
+        return None
+
+
 class Webhooks:
     """Checks webhook URLs at submit and delivers final statuses (module docstring)."""
 
@@ -113,14 +141,15 @@ class Webhooks:
                  resolve: Callable[[str], list[str]] = None):
         self.settings = settings or WebhookSettings()
         env = os.environ if env is None else env
-        text = env.get("MULTITALK_WEBHOOK_SECRETS", "")
+        self._env_secrets = _parse_secrets(env.get("MULTITALK_WEBHOOK_SECRETS", ""))
+        self._secrets_file: Optional[WatchedFile[dict[str, str]]] = None
         if self.settings.secrets_file:
-            text += "\n" + open(os.path.expanduser(self.settings.secrets_file)).read()
-        self._secrets = _parse_secrets(text)
-        self._resolve = resolve or (lambda host: [a[4][0] for a in socket.getaddrinfo(host, None)])
+            self._secrets_file = WatchedFile(self.settings.secrets_file, _parse_secrets, "webhook secrets file")
+        self._resolve = resolve or _getaddrinfo
 
     def secret_for(self, tenant: Optional[str]) -> Optional[str]:
-        return self._secrets.get(tenant if tenant is not None else OPEN_SERVICE_TENANT)
+        secrets = {**self._env_secrets, **(self._secrets_file.value if self._secrets_file is not None else {})}
+        return secrets.get(tenant if tenant is not None else OPEN_SERVICE_TENANT)
 
     def check(self, url: str, tenant: Optional[str], field: str = "webhook") -> str:
         """The URL if a webhook may be sent there for ``tenant``; else an InputError naming ``field``."""
@@ -139,42 +168,46 @@ class Webhooks:
                                     "(MULTITALK_WEBHOOK_SECRETS)", 403)
         return url.strip()
 
-    def _check_addresses(self, host: str, field: str) -> None:
+    def _check_addresses(self, host: str, field: str) -> list[str]:
+        """The addresses ``host`` resolves to, each one checked (blocking: resolves)."""
         try:
             addresses = self._resolve(host)
         except OSError as e:
             raise InputError(field, f"host {host!r} does not resolve: {e}") from None
+        if not addresses:
+            raise InputError(field, f"host {host!r} does not resolve")
         if not self.settings.allow_private:
             bad = [a for a in addresses if not _public(a)]
             if bad:
                 raise InputError(field, f"host {host!r} resolves to a private or loopback address ({bad[0]})", 403)
+        return addresses
 
     async def deliver(self, info: WebhookInfo, payload: dict, tenant: Optional[str], delivery_id: str,
-                      on_update: Callable[[WebhookInfo], Any]) -> WebhookInfo:
+                      on_update: Callable[[WebhookInfo], Any], message_id: Optional[str] = None) -> WebhookInfo:
         """POST ``payload`` until it is accepted or the attempts run out; ``on_update`` is
-        called (and awaited) after every attempt with the state to persist."""
-        import requests
-
+        called (and awaited) after every attempt with the state to persist. ``message_id``:
+        the signed ``webhook-id`` (default ``delivery_id``, the job id)."""
         body = json.dumps(payload, separators=(",", ":"), sort_keys=True).encode()
-        secret = self.secret_for(tenant) or ""
+        host = urlsplit(info.url).hostname or ""
+        loop = asyncio.get_running_loop()
         for attempt in range(1, self.settings.attempts + 1):
             info.attempts = attempt
             retry = False
             try:
-                self._check_addresses(urlsplit(info.url).hostname or "", "webhook")
-                headers = {"Content-Type": "application/json", DELIVERY_HEADER: delivery_id,
-                           SIGNATURE_HEADER: sign(secret, body)}
-                r = await asyncio.to_thread(requests.post, info.url, data=body, headers=headers,
-                                            timeout=self.settings.timeout_s, allow_redirects=False)
-                info.status_code, info.error = r.status_code, None
-                if 200 <= r.status_code < 300:
+                # Resolved once, in a worker thread; the POST goes to these addresses only.
+                addresses, secret = await loop.run_in_executor(None, self._prepare, host, tenant)
+                headers = {"Content-Type": "application/json",
+                           **delivery_headers(secret, body, message_id or delivery_id, delivery_id)}
+                status = await self._post(info.url, host, addresses, body, headers)
+                info.status_code, info.error = status, None
+                if 200 <= status < 300:
                     info.delivered_at = time.time()
                 else:
-                    retry = r.status_code == 429 or r.status_code >= 500
-                    info.error = f"answered {r.status_code}"
+                    retry = status == 429 or status >= 500
+                    info.error = f"answered {status}"
             except InputError as e:  # the host now resolves somewhere it may not go
                 info.error = e.message
-            except requests.RequestException as e:
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
                 info.error, retry = f"{type(e).__name__}: {str(e)[:200]}", True
             if info.delivered_at is not None or not retry or attempt == self.settings.attempts:
                 info.ended_at = time.time()
@@ -185,3 +218,18 @@ class Webhooks:
         if info.delivered_at is None:
             logger.warning("webhook %s not delivered after %d attempt(s): %s", info.url, info.attempts, info.error)
         return info
+
+    def _prepare(self, host: str, tenant: Optional[str]) -> tuple[list[str], str]:
+        """One attempt's blocking part (a worker thread): the checked addresses of ``host``, and
+        the tenant's current secret (its file may be read again)."""
+        return self._check_addresses(host, "webhook"), self.secret_for(tenant) or ""
+
+    async def _post(self, url: str, host: str, addresses: list[str], body: bytes, headers: dict) -> int:
+        """One POST of ``body`` to ``url``, connected to one of ``addresses`` (checked for
+        ``host``); the answer's status code."""
+        connector = aiohttp.TCPConnector(resolver=PinnedResolver(host, addresses), use_dns_cache=False,
+                                         force_close=True)
+        timeout = aiohttp.ClientTimeout(total=self.settings.timeout_s)
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout, trust_env=False) as session:
+            async with session.post(url, data=body, headers=headers, allow_redirects=False) as response:
+                return response.status

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Callable, Literal, Optional
+from typing import Any, Callable, Literal, Optional
 
 # "multitalk-480" / "multitalk-720" (the official buckets) or a scaled "multitalk-N"
 # (multitalk.utils.image.bucket_table): a name, checked where the size is resolved.
@@ -23,6 +23,9 @@ from typing import Callable, Literal, Optional
 SizeBucket = str
 AudioType = Literal["add", "para"]
 Mode = Literal["clip", "streaming"]
+# Speakers per job: the model was trained on one and two; three and four run with the
+# L-RoPE ranges spread as ComfyUI-WanVideoWrapper does (multitalk.modules.audio_adapter).
+MAX_SPEAKERS = 4
 
 
 class StageCancelled(Exception):
@@ -52,7 +55,7 @@ class InputError(ValueError):
 @dataclass
 class Limits:
     """Request bounds: the one set of caps every front door applies (the library's
-    :func:`multitalk.driver.validate`, the service's admission, the CLI). The service
+    :func:`multitalk.generation.planning.validate`, the service's admission, the CLI). The service
     configures them (``ingress.limits`` in the serve config); the defaults suit a GPU
     deployment of the 14B model."""
 
@@ -138,13 +141,15 @@ class SpeechRequest:
 class GenerationRequest:
     """One talking-video job, inputs as raw file bytes.
 
-    ``audio``: one or two speakers' audio files (wav/mp3/flac/mp4 bytes).
+    ``audio``: one to four speakers' audio files (wav/mp3/flac/mp4 bytes); the model was
+    trained on one and two (:data:`MAX_SPEAKERS`).
     ``bbox``: per speaker ``[r0, c0, r1, c1]`` in source-image pixels, rows first
-    (the official examples' convention). ``None``: left/right halves for two speakers.
+    (the official examples' convention). ``None``: for two or more speakers, boxes found
+    from the faces in the condition image (:mod:`multitalk.utils.faces`).
     ``frames``: frames per clip (4n+1). In ``streaming`` mode clips of ``frames`` frames
     are chained (25 motion frames carried over) until the audio ends. ``None``: the
     official 81, except that a clip is shortened to the longest one the speech allows
-    (:func:`multitalk.driver.fit_frames`).
+    (:func:`multitalk.generation.planning.fit_frames`).
     ``video``: InfiniteTalk video-to-video: the source video's bytes (mp4/webm/mkv/mov...),
     given instead of ``image`` (``image=None``); :mod:`multitalk.infinitetalk` runs it.
     """
@@ -168,6 +173,13 @@ class GenerationRequest:
     loras: list[LoraChoice] = field(default_factory=list)
     # InfiniteTalk video-to-video: the source video to dub, instead of ``image``.
     video: Optional[bytes] = None
+    # Without ``bbox``, two or more speakers get boxes found from the faces in the condition
+    # image (multitalk.utils.faces), left to right; ``speaker_order`` lists, for speaker 1,
+    # 2, ..., which of those faces (1 = leftmost) they are.
+    speaker_order: Optional[list[int]] = None
+    # InfiniteTalk dubbing: find the source video's shot cuts and take each chunk's reference
+    # frame from its own shot (the official --scene_seg; multitalk.utils.shots).
+    scene_cuts: bool = False
 
     def replace(self, **changes) -> "GenerationRequest":
         return dataclasses.replace(self, **changes)
@@ -194,9 +206,15 @@ ProgressCallback = Callable[[Progress], None]
 
 @dataclass
 class GenerationResult:
-    """The finished video: mp4 bytes (H.264 25 fps + AAC of the input speech)."""
+    """The finished video (H.264 25 fps + AAC of the input speech): the mp4's bytes in
+    ``video``, or the mp4 as a file in ``video_file`` (``video`` is then ``None``).
 
-    video: bytes
+    The chunk loops return a file (``multitalk.utils.video_output.VideoFile``: a served job
+    uploads it from disk, never holding the whole video in memory; it is removed when the
+    result is released or garbage-collected); ``MultiTalkPipeline.generate`` reads it into
+    ``video``. :meth:`mp4_bytes` gives the bytes either way."""
+
+    video: Optional[bytes]
     num_frames: int
     fps: int
     width: int
@@ -208,3 +226,16 @@ class GenerationResult:
     # Jobs that gave text: the synthesised soundtrack the video carries (16 kHz mono WAV).
     speech_wav: Optional[bytes] = None
     loras: list[dict] = field(default_factory=list)  # the set applied: [{"name", "scale"}], sorted by name
+    # The speaker boxes the job ran with ([r0, c0, r1, c1] per speaker, source pixels) and
+    # where they came from: "request" (bbox), "faces" (detected); None for one speaker.
+    boxes: Optional[list[list[int]]] = None
+    boxes_source: Optional[str] = None
+    video_file: Any = None
+
+    def mp4_bytes(self) -> bytes:
+        return self.video if self.video is not None else self.video_file.read_bytes()
+
+    def release(self) -> None:
+        """Remove the video file (if any) now rather than at garbage collection."""
+        if self.video_file is not None:
+            self.video_file.release()

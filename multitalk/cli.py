@@ -4,7 +4,7 @@
     multitalk check DIR                      # JSON report: which components are where, and whether they load
     multitalk check DIR --plan [--gpu-memory 80GB] [--quantize int8] [--low-vram]   # memory per stage
     multitalk explore DIR                    # what a models volume holds
-    multitalk generate --models DIR --image IMG --audio WAV [--audio2 WAV] --prompt TEXT --out OUT.mp4
+    multitalk generate --models DIR --image IMG --audio WAV [--audio2 WAV ...--audio4 WAV] --prompt TEXT --out OUT.mp4
     multitalk generate --models DIR --image IMG --text TEXT --voice af_heart --out OUT.mp4
     multitalk generate --models DIR --image IMG --script "(s1) Hi! (s2) Hello." --voice af_heart --voice2 am_adam ...
     multitalk generate --models DIR --video SRC.mp4 --audio WAV --out OUT.mp4   # InfiniteTalk dubbing
@@ -94,10 +94,12 @@ def cmd_generate(args) -> int:
                                teacache_thresh=args.teacache)
     request = GenerationRequest(
         image=Path(args.image).read_bytes() if args.image else None, audio=audio, prompt=args.prompt,
-        audio_type=args.audio_type, bbox=_bbox(args.bbox), frames=args.frames, sampling=sampling,
+        audio_type=args.audio_type, bbox=_bbox(args.bbox), speaker_order=args.speaker_order, frames=args.frames,
+        sampling=sampling, scene_cuts=args.scene_cuts,
         color_correction=args.color_correction, video=Path(args.video).read_bytes() if args.video else None,
         speech=speech, **modal,
     )
+    from .checkpoints.discovery import MissingCheckpointError
     from .precision import PrecisionError
 
     try:
@@ -106,9 +108,9 @@ def cmd_generate(args) -> int:
             stage_dtypes=args.stage_dtype, allow_fp32_dit=args.allow_fp32_dit,
             attention_backend=args.attention_backend, tiled_vae=args.tiled_vae, batch_guidance=args.batch_guidance,
             quantize=args.quantize, low_vram=args.low_vram, compile=args.compile,
-            loras=[_lora_spec(x) for x in args.lora], model=model,
+            loras=[_lora_spec(x) for x in args.lora], model=model, allow_no_lip_sync=args.allow_no_lip_sync,
         )
-    except PrecisionError as e:
+    except (PrecisionError, MissingCheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     bar = tqdm(total=1, desc="prepare", unit="step")
@@ -141,14 +143,17 @@ def cmd_generate(args) -> int:
 
 
 def _audio_or_speech(args, read: bool = True):
-    """``--audio [--audio2]`` → audio bytes (``read=False``: the paths), or ``--text``/``--script``
-    with voices → a SpeechRequest."""
+    """``--audio [--audio2 [--audio3 [--audio4]]]`` → audio bytes (``read=False``: the paths), or
+    ``--text``/``--script`` with voices → a SpeechRequest."""
     from .api import SpeechRequest
 
     if args.audio and (args.text or args.script):
         raise SystemExit("error: give --audio or --text/--script, not both")
     if args.audio:
-        paths = [args.audio] + ([args.audio2] if args.audio2 else [])
+        extra = [args.audio2, args.audio3, args.audio4]
+        if any(later and not earlier for earlier, later in zip(extra, extra[1:])):
+            raise SystemExit("error: give --audio2 before --audio3, and --audio3 before --audio4")
+        paths = [args.audio] + [a for a in extra if a]
         return ([Path(a).read_bytes() for a in paths] if read else paths), None
     if not (args.text or args.script):
         raise SystemExit("error: give --audio WAV, --text TEXT --voice NAME, or --script '(s1) ... (s2) ...'")
@@ -183,7 +188,7 @@ def cmd_submit(args) -> int:
         options["speech"] = {k: v for k, v in vars(speech).items() if v is not None}
     if not (args.image or args.video):
         raise SystemExit("error: give --image (image-to-video) or --video (video-to-video, an InfiniteTalk server)")
-    status = submit(args.url, args.image, *(audio or [None]), prompt=args.prompt, wait=args.wait,
+    status = submit(args.url, args.image, audio or None, prompt=args.prompt, wait=args.wait,
                     out=args.out, options=options or None, video=args.video)
     print(json.dumps(status, indent=2, default=str))
     return 0 if status.get("state", status.get("status")) not in ("FAILED", "CANCELLED") else 1
@@ -255,6 +260,12 @@ def _add_explore(sub) -> None:
     s.set_defaults(fn=cmd_explore)
 
 
+def _more_speakers(s) -> None:
+    s.add_argument("--audio2", help="speaker 2's audio")
+    s.add_argument("--audio3", help="speaker 3's audio (beyond the two speakers the model was trained on)")
+    s.add_argument("--audio4", help="speaker 4's audio (likewise)")
+
+
 def _add_generate(sub) -> None:
     s = sub.add_parser("generate", help="generate one video in this process")
     s.add_argument("--models", required=True)
@@ -263,11 +274,17 @@ def _add_generate(sub) -> None:
     s.add_argument("--model", choices=["multitalk", "infinitetalk"],
                    help="default: infinitetalk with --video, else multitalk")
     s.add_argument("--audio", help="speaker 1's audio (or --text/--script)")
-    s.add_argument("--audio2")
+    _more_speakers(s)
     _speech_arguments(s)
     s.add_argument("--speech-out", help="with --text/--script: also write the synthesised speech (WAV) here")
     s.add_argument("--audio-type", choices=["add", "para"], default="add")
-    s.add_argument("--bbox", nargs="+", metavar="R0,C0,R1,C1", help="per speaker, source pixels, rows first")
+    s.add_argument("--bbox", nargs="+", metavar="R0,C0,R1,C1",
+                   help="per speaker, source pixels, rows first (default: from the faces in the image)")
+    s.add_argument("--speaker-order", nargs="+", type=int, metavar="FACE",
+                   help="without --bbox: which detected face (1 = leftmost) each speaker is, e.g. 2 1")
+    s.add_argument("--scene-cuts", action="store_true",
+                   help="with --video: split the source at its shot cuts, each chunk's reference from its own shot "
+                        "(official --scene_seg)")
     s.add_argument("--prompt", default="")
     s.add_argument("--mode", choices=["clip", "streaming"], help="default: clip (MultiTalk), streaming (InfiniteTalk)")
     s.add_argument("--frames", type=int, default=81)
@@ -291,6 +308,8 @@ def _add_generate(sub) -> None:
                         "e.g. --stage-dtype dit=bf16 --stage-dtype audio=fp32")
     s.add_argument("--allow-fp32-dit", action="store_true",
                    help="let the 14B DiT run in fp32 on a GPU (75.5 GB of weights; refused otherwise)")
+    s.add_argument("--allow-no-lip-sync", action="store_true",
+                   help="run a models folder without the MultiTalk adapter as plain WAN 2.1 I2V (refused otherwise)")
     s.add_argument("--attention-backend", help="diffusers attention backend: flash, _flash_3, sage, _native_cudnn ...")
     s.add_argument("--batch-guidance", action="store_true", help="run the 3 guidance passes as one batch (lossless)")
     s.add_argument("--quantize", choices=["int8", "fp8", "fp8_dynamic"],
@@ -314,7 +333,7 @@ def _add_submit(sub) -> None:
     s.add_argument("--image", help="condition image: a local file (uploaded) or a reference")
     s.add_argument("--video", help="source video to dub (an InfiniteTalk server): a local file or a reference")
     s.add_argument("--audio", help="speaker 1's audio: a local file (uploaded) or a reference (or --text/--script)")
-    s.add_argument("--audio2")
+    _more_speakers(s)
     _speech_arguments(s)
     s.add_argument("--prompt", default="")
     s.add_argument("--options", help="JSON object of extra job options (frames, steps, size, bbox ...)")

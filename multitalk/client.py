@@ -56,7 +56,7 @@ def _raise_for(resp: requests.Response) -> None:
 def submit(
     url: str,
     image: Optional[str] = None,
-    audio: Optional[str] = None,
+    audio: "Optional[str | list[str]]" = None,
     audio2: Optional[str] = None,
     prompt: str = "",
     wait: bool = True,
@@ -71,8 +71,9 @@ def submit(
 ) -> dict:
     """Submit a job and (with ``wait``) follow it to the end; returns the final status.
 
-    ``image`` (or ``video``: a source video to dub, InfiniteTalk) / ``audio`` / ``audio2``:
-    local files (uploaded) or references the server resolves (a key in its store, a simple
+    ``image`` (or ``video``: a source video to dub, InfiniteTalk) / ``audio`` (one path, or a
+    list of up to four, one per speaker) / ``audio2``: local files (uploaded) or references
+    the server resolves (a key in its store, a simple
     file name, ``s3://bucket/key``); no audio with
     ``options={"speech": {"voices": [...], "texts": [...] | "script": ...}}`` (text to speech).
     ``options``: further :class:`deployments.schemas.JobRequest` fields (``frames``,
@@ -84,7 +85,7 @@ def submit(
     http = session or requests.Session()
     body: dict[str, Any] = {"prompt": prompt, **(options or {})}
     headers = {"Idempotency-Key": idempotency_key or str(uuid.uuid4())}
-    audios = [a for a in (audio, audio2) if a]
+    audios = [a for a in ([*audio] if isinstance(audio, (list, tuple)) else [audio]) + [audio2] if a]
     visual = [("video", video)] if video else [("image", image)]
     refs = [ref for _, ref in visual] + audios
     if any(_is_local_file(r) for r in refs):

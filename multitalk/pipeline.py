@@ -19,9 +19,9 @@ from __future__ import annotations
 import asyncio
 from typing import Optional
 
-from .api import GenerationRequest, GenerationResult, ProgressCallback
+from .api import GenerationRequest, GenerationResult, Limits, ProgressCallback
 from .checkpoints.discovery import CheckpointSet, find_checkpoints
-from .driver import Limits, LocalStages
+from .generation.local import LocalStages
 from .stage_factory import driver_for
 from .stages import AudioStage, DecodeStage, DiffusionStage, ImageStage, SpeechStage, TextStage
 
@@ -79,13 +79,20 @@ class MultiTalkPipeline:
         return self.stages.speech.voices if self.stages.speech is not None else []
 
     async def agenerate(self, request: GenerationRequest, progress: Optional[ProgressCallback] = None,
-                        on_chunk=None) -> GenerationResult:
-        """``on_chunk``: see :func:`multitalk.driver.generate` (each chunk's fMP4 segment as it is done)."""
-        return await driver_for(self.model).generate(request, self.stages, progress, self.limits, on_chunk=on_chunk)
+                        on_chunk=None, as_file: bool = False) -> GenerationResult:
+        """``on_chunk``: see :func:`multitalk.driver.generate` (each chunk's fMP4 segment as it is done).
+        The mp4 comes back as bytes (``result.video``), or with ``as_file`` as the file the loop
+        wrote (``result.video_file``, removed by ``result.release()``)."""
+        result = await driver_for(self.model).generate(request, self.stages, progress, self.limits, on_chunk=on_chunk)
+        if not as_file and result.video is None:
+            result.video = result.video_file.read_bytes()
+            result.release()
+            result.video_file = None
+        return result
 
     def generate(self, request: GenerationRequest, progress: Optional[ProgressCallback] = None,
-                 on_chunk=None) -> GenerationResult:
-        return asyncio.run(self.agenerate(request, progress, on_chunk))
+                 on_chunk=None, as_file: bool = False) -> GenerationResult:
+        return asyncio.run(self.agenerate(request, progress, on_chunk, as_file))
 
 
 def load_speech_stage(ckpt: CheckpointSet, device: str = "cpu") -> Optional[SpeechStage]:

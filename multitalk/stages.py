@@ -2,7 +2,7 @@
 
 Every stage loads from a models root (or a :class:`CheckpointSet`) and exposes plain
 tensor-in / tensor-out methods, so the same objects run in-process
-(:class:`multitalk.driver.LocalStages`) and inside Ray Serve deployments
+(:class:`multitalk.generation.local.LocalStages`) and inside Ray Serve deployments
 (``deployments/``, one thin wrapper per stage).
 
 ==============  ====================================  ======================================
@@ -12,7 +12,7 @@ AudioStage      wav2vec2                               speech → features [P, F
 ImageStage      CLIP vision + VAE encoder              pixels → :class:`ImageConditioning`
 TextStage       UMT5 (+ prompt-embedding cache)        prompts → :class:`TextEmbeddings`
 DiffusionStage  MultiTalk DiT + flow-matching sampler  :class:`ChunkJob` → latents
-DecodeStage     VAE decoder                            latents → pixels [3, T, H, W]
+DecodeStage     VAE decoder (+ colour correction)      latents → :class:`DecodedChunk` (uint8 frames)
 SpeechStage     Kokoro-82M (optional, text to speech)  :class:`SpeechRequest` → 16 kHz tracks
 ==============  ====================================  ======================================
 """
@@ -22,7 +22,7 @@ import logging
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -104,6 +104,34 @@ class ChunkJob:
     # and ``adapter`` ("single"/"multi") picks the stage's InfiniteTalk adapter (None: as loaded).
     clean_motion: bool = False
     adapter: Optional[str] = None
+
+
+@dataclass
+class DecodeRequest:
+    """What the chunk loop wants from one chunk's decoded frames.
+
+    ``first``/``count``: the frames that go into the video (a chunk after the first skips the
+    ``motion_frames`` it continues from; the last may be cut at the video's end);
+    ``motion_frames``: the chunk's last frames, kept as float pixels to condition the next
+    chunk (0: the last chunk); ``color``: the job's colour-correction target
+    (:class:`multitalk.utils.color.ColorTarget`, ``None``: none).
+    """
+
+    first: int = 0
+    count: Optional[int] = None
+    motion_frames: int = 0
+    color: Any = None
+
+
+@dataclass
+class DecodedChunk:
+    """A chunk's frames for the video, uint8 ``[T, H, W, 3]`` RGB (colour-corrected), and its
+    motion frames ``[3, M, H, W]`` float32 in [-1, 1] for the next chunk (or ``None``). Served,
+    ``motion`` is a reference the next chunk's encoder call resolves: the motion frames go
+    from the decoder to the image encoder without passing through the ingress."""
+
+    frames: np.ndarray
+    motion: Any = None
 
 
 def audio_windows(features: torch.Tensor, start: int, frames: int, window: int = AUDIO_WINDOW) -> torch.Tensor:
@@ -298,7 +326,8 @@ class DiffusionStage:
                         allow_fp32: bool = False, lora_registry: Optional[dict] = None,
                         lora_scale_range: tuple[float, float] = (0.0, 2.0),
                         max_loras_per_job: int = 4, model: str = "multitalk",
-                        adapters: Optional[Sequence[str]] = None) -> "DiffusionStage":
+                        adapters: Optional[Sequence[str]] = None,
+                        allow_no_lip_sync: bool = False) -> "DiffusionStage":
         """``dtype``: ``None`` = the official's (bf16 on CUDA, fp32 on CPU); float32 for the
         14B DiT on a GPU is refused (:class:`multitalk.precision.PrecisionError`) unless
         ``allow_fp32`` (:mod:`multitalk.precision`).
@@ -321,7 +350,11 @@ class DiffusionStage:
         bound what a job may ask for.
         ``model``: ``"multitalk"`` or ``"infinitetalk"`` (the InfiniteTalk adapters on the same
         base; ``adapters`` picks ``single``/``multi``, default every one found; see
-        :mod:`multitalk.checkpoints.infinitetalk`)."""
+        :mod:`multitalk.checkpoints.infinitetalk`).
+        ``allow_no_lip_sync``: load a set without the MultiTalk adapter as plain WAN 2.1 I2V
+        (results say ``lip_sync: false``); without it such a set is refused
+        (:class:`~multitalk.checkpoints.discovery.MissingCheckpointError` naming the option),
+        so that a path typo does not serve mute faces."""
         if model == "infinitetalk":
             return cls._from_pretrained_infinitetalk(
                 models, adapters, device=device, dtype=dtype, attention_backend=attention_backend,
@@ -336,7 +369,7 @@ class DiffusionStage:
                              "in hooks around each block, which the compiled block would not see")
         ckpt = _as_checkpoints(models)
         dt = resolve_dtype("dit", device, dtype)
-        model = _load_dit_with_levers(ckpt, device, dt, allow_fp32, loras, quantize, low_vram)
+        model = _load_dit_with_levers(ckpt, device, dt, allow_fp32, loras, quantize, low_vram, allow_no_lip_sync)
         runtime = None
         if lora_registry:  # after quantisation and streaming (the hooks sit beside both), before compile
             from .modules.lora_runtime import LoraRuntime, resolve_registry
@@ -525,7 +558,31 @@ class DecodeStage:
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """``[16, N_t, h, w]`` → ``[3, 1 + 4(N_t-1), 8h, 8w]`` float32 in [-1, 1] on CPU."""
-        return self.vae.decode(latents[None].float(), tiled=self.tiled)[0].float().cpu()
+        return self.pixels(latents).cpu()
+
+    @torch.no_grad()
+    def pixels(self, latents: torch.Tensor) -> torch.Tensor:
+        """``[16, N_t, h, w]`` → ``[3, 1 + 4(N_t-1), 8h, 8w]`` float32 in [-1, 1] on the VAE's device."""
+        return self.vae.decode(latents[None].float(), tiled=self.tiled)[0].float()
+
+    @torch.no_grad()
+    def decode_chunk(self, latents: torch.Tensor, request: DecodeRequest) -> DecodedChunk:
+        """One chunk of the chunk loop: decode, colour-correct (on this stage's device) and
+        hand back the frames the video needs as uint8 and the motion frames the next chunk
+        needs as float (see :class:`DecodeRequest`)."""
+        from .utils.video import frames_to_uint8
+
+        pixels = self.postprocess(self.pixels(latents), request)
+        motion = pixels[:, pixels.shape[1] - request.motion_frames:].cpu().clone() if request.motion_frames else None
+        stop = None if request.count is None else request.first + request.count
+        frames = frames_to_uint8(pixels[:, request.first:stop])
+        return DecodedChunk(frames, motion)
+
+    def postprocess(self, pixels: torch.Tensor, request: DecodeRequest) -> torch.Tensor:
+        """Decoded float pixels → the float pixels of the video (colour correction)."""
+        from .utils.color import color_match
+
+        return color_match(pixels, request.color)
 
 
 class SpeechStage:
@@ -599,14 +656,20 @@ def _resample(speech: np.ndarray, rate: int, target: int) -> np.ndarray:
 
 # --------------------------------------------------------------------------- helpers
 def _load_dit_with_levers(ckpt: CheckpointSet, device: str, dtype: torch.dtype, allow_fp32: bool, loras: Sequence,
-                          quantize: Optional[str], low_vram: "bool | str"):
-    """The DiT (with the MultiTalk adapter when the set has one) in ``dtype``, its load-time
-    LoRAs merged, then quantised and/or streamed from host memory, in that order."""
+                          quantize: Optional[str], low_vram: "bool | str", allow_no_lip_sync: bool = False):
+    """The DiT with the MultiTalk adapter (without it only if ``allow_no_lip_sync``) in
+    ``dtype``, its load-time LoRAs merged, then quantised and/or streamed from host memory,
+    in that order."""
     from .checkpoints.dit import dit_parameter_count, load_dit
 
     adapter = ckpt.components["audio_adapter"].path if ckpt.components["audio_adapter"].found else None
     if adapter is None:
-        logger.warning("no MultiTalk adapter under %s: the DiT runs without lip sync", ckpt.root)
+        if not allow_no_lip_sync:
+            raise MissingCheckpointError(
+                f"no MultiTalk adapter (MeiGen-MultiTalk/multitalk.safetensors) under {ckpt.root}: the DiT would "
+                "make video without lip sync. Add the adapter, or set allow_no_lip_sync: true to serve plain "
+                "WAN 2.1 I2V on purpose (results then say lip_sync: false)")
+        logger.warning("no MultiTalk adapter under %s: the DiT runs without lip sync (allow_no_lip_sync)", ckpt.root)
     check_dit_dtype(dtype, device, dit_parameter_count(ckpt.path("dit"), ckpt.layout("dit"), adapter), allow_fp32)
     on_cpu_first = low_vram or quantize is not None
     model = load_dit(ckpt.path("dit"), ckpt.layout("dit"), adapter, device="cpu" if on_cpu_first else device,

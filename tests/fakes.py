@@ -6,10 +6,14 @@
   the same progress events), so routing, persistence, progress, cancellation and error
   mapping are tested without any model.
 * :func:`make_client`: a TestClient over an in-process JobService with these fakes.
+* :func:`http_server`: the same app served over real HTTP (uvicorn in a thread), for the
+  client libraries users have (the ``runpod`` and ``openai`` SDKs, schemathesis).
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
 import time
 
 from fastapi.testclient import TestClient
@@ -18,6 +22,7 @@ from deployments.routes import create_app
 from deployments.service import JobService, ServiceSettings
 from deployments.storage import LocalStore
 from multitalk.api import GenerationResult, InputError, Progress
+from multitalk.utils.segments import ChunkSegment
 
 VIDEO = b"\x00\x00\x00\x18ftypmp42fake-video"
 
@@ -99,7 +104,7 @@ async def fake_generate(request, stages, progress=None, limits=None, on_chunk=No
     emit(Progress(stage="encode"))
     audio = stages.audio_encode([b"x"] * len(request.audio))
     text = stages.text_encode(request.prompt, "")
-    image = stages.image_encode(request.image, request.frames)
+    image = stages.image_encode(request.image or request.video, request.frames)  # video: InfiniteTalk
     steps = request.sampling.steps
     latents = stages.diffusion_sample(
         {"steps": steps}, audio, image, text,
@@ -109,6 +114,10 @@ async def fake_generate(request, stages, progress=None, limits=None, on_chunk=No
     await latents
     emit(Progress(stage="decode", step=steps, total_steps=steps))
     await stages.vae_decode(latents)
+    if on_chunk is not None and request.mode == "streaming":  # three chunks, stored as they "finish"
+        for i in range(3):
+            emit(Progress(stage="decode", step=steps, total_steps=steps, chunk=i, total_chunks=3))
+            await on_chunk(ChunkSegment(i, b"fake-init", b"fake-segment-%d" % i, 9, 9 * (i + 1), 0.36 * i, 0.36))
     return GenerationResult(video=VIDEO, num_frames=request.frames or 81, fps=25, width=64, height=48,
                             chunks=1, lip_sync=stages.lip_sync, timings={"diffusion": 0.01})
 
@@ -154,3 +163,52 @@ def make_bucket(endpoint: str, name: str) -> None:
     boto3.client("s3", region_name="eu-west-1", endpoint_url=endpoint).create_bucket(
         Bucket=name, CreateBucketConfiguration={"LocationConstraint": "eu-west-1"}
     )
+
+
+@contextlib.contextmanager
+def http_server(app):
+    """``app`` served on a free loopback port by uvicorn in a thread (lifespan on); yields the
+    base URL."""
+    import socket
+
+    import uvicorn
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+_MP4: list = []
+
+
+def tiny_mp4() -> bytes:
+    """A real 9-frame 32x32 mp4 (H.264 + AAC of a tone), made once per process."""
+    if not _MP4:
+        import numpy as np
+
+        from multitalk.utils.video import write_mp4
+
+        t = np.arange(int(9 / 25 * 16000)) / 16000
+        frames = np.zeros((9, 32, 32, 3), np.uint8)
+        frames[:, :, :16] = (200, 40, 40)
+        _MP4.append(write_mp4(frames, (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), preset="ultrafast"))
+    return _MP4[0]
+
+
+async def mp4_generate(request, stages, progress=None, limits=None, on_chunk=None):
+    """:func:`fake_generate`, answering a real (tiny) mp4: for routes that decode the video."""
+    result = await fake_generate(request, stages, progress, limits, on_chunk)
+    result.video, result.num_frames, result.width, result.height = tiny_mp4(), 9, 32, 32
+    return result

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from multitalk.api import GenerationRequest, SamplingOptions
-from multitalk.utils.video_output import chunk_frames
+from multitalk.generation.planning import chunk_frames
 from multitalk.utils.segments import SegmentedMp4Writer, hls_playlist
 from multitalk.utils.video import probe_mp4
 
@@ -31,11 +31,11 @@ def _levels(frames: np.ndarray) -> list[int]:
     return [int(round(f.mean() / 4)) for f in frames]
 
 
-def test_each_segment_completes_before_the_next_chunk_is_written(tmp_path):
-    """The writer alone: after a chunk's frames are written its segment completes without any
-    later frame (no one-chunk delay); the segments so far decode to exactly those frames,
-    each segment also decodes on its own after the init, and at the end init + segments is
-    the whole video with its audio."""
+def test_each_segment_completes_as_soon_as_its_chunk_is_written(tmp_path):
+    """The writer alone: the write that completes a chunk returns its segment (no later frame
+    needed); the segments so far decode to exactly those frames, each segment also decodes
+    on its own after the init, and at the end init + segments is the whole video with its
+    audio. A chunk may arrive in pieces."""
     counts = [17, 12, 12, 9]
     total = sum(counts)
     speech = (0.2 * np.sin(np.arange(total * 640) * 2 * np.pi * 200 / 16000)).astype(np.float32)
@@ -44,16 +44,20 @@ def test_each_segment_completes_before_the_next_chunk_is_written(tmp_path):
     written = 0
     for index, count in enumerate(counts):
         frames = np.stack([np.full((H, W, 3), 4 * (n % 60), np.uint8) for n in range(written, written + count)])
-        writer.write(frames)
+        if index == 2:  # in two pieces: nothing until the chunk is complete
+            assert writer.write(frames[:5]) == []
+            frames = frames[5:]
+        made = writer.write(frames)
         written += count
-        segment = writer.wait_segment(index, timeout=60)
+        assert [s.index for s in made] == [index]
+        segment = made[0]
         delivered.append(segment)
         assert (segment.index, segment.frames, segment.frames_so_far) == (index, count, written)
         so_far = _decode_frames(segment.init + b"".join(s.data for s in delivered), tmp_path, f"so_far_{index}.mp4")
         assert _levels(so_far) == [n % 60 for n in range(written)]
         alone = _decode_frames(segment.init + segment.data, tmp_path, f"alone_{index}.mp4")
         assert len(alone) == count  # starts with a keyframe
-    assert writer.close() == delivered
+    writer.close()
     whole = delivered[0].init + b"".join(s.data for s in delivered)
     info = probe_mp4(whole)
     assert info["num_frames"] == total and info["audio_codec"] == "aac"
@@ -65,8 +69,8 @@ def test_the_segments_play_as_an_hls_playlist(tmp_path):
     import imageio_ffmpeg
 
     writer = SegmentedMp4Writer(H, W, [9, 8, 8], np.zeros(25 * 640, np.float32), 25, preset="veryfast")
-    writer.write(np.zeros((25, H, W, 3), np.uint8))
-    segments = writer.close()
+    segments = writer.write(np.zeros((25, H, W, 3), np.uint8))
+    writer.close()
     (tmp_path / "init.mp4").write_bytes(segments[0].init)
     for s in segments:
         (tmp_path / f"segment_{s.index}.m4s").write_bytes(s.data)
@@ -152,9 +156,8 @@ def test_playlist_text_is_plain_hls():
 
 def test_a_silent_video_makes_a_video_only_stream(tmp_path):
     writer = SegmentedMp4Writer(H + 1, W, [5, 4], None, 25, preset="veryfast")  # odd height: padded, as the mp4
-    writer.write(np.zeros((5, H + 1, W, 3), np.uint8))
-    first = writer.wait_segment(0, timeout=60)
-    writer.write(np.zeros((6, H + 1, W, 3), np.uint8))  # two frames too many: dropped
-    segments = writer.close()
-    info = probe_mp4(first.init + b"".join(s.data for s in segments))
+    segments = writer.write(np.zeros((5, H + 1, W, 3), np.uint8))
+    segments += writer.write(np.zeros((6, H + 1, W, 3), np.uint8))  # two frames too many: dropped
+    writer.close()
+    info = probe_mp4(segments[0].init + b"".join(s.data for s in segments))
     assert info["num_frames"] == 9 and info["audio_codec"] is None and (info["height"], info["width"]) == (H + 2, W)

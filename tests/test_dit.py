@@ -19,7 +19,7 @@ def _inputs(people: int, seed: int = 0):
     return tiny_dit_inputs(people, seed=seed)
 
 
-@pytest.mark.parametrize("people", [1, 2])
+@pytest.mark.parametrize("people", [1, 2, 4])
 def test_forward_shapes_and_determinism(people):
     model = tiny_dit(0)
     inp = _inputs(people)
@@ -104,7 +104,7 @@ def test_without_adapter_the_plain_i2v_model_loads(tiny_official):
     assert out.shape == inp["x"].shape
 
 
-@pytest.mark.parametrize("people", [1, 2])
+@pytest.mark.parametrize("people", [1, 2, 4])
 def test_batched_guidance_equals_the_separate_passes(people):
     """The three guidance passes as one batch give the three separate forwards' outputs."""
     model = tiny_dit(0)
@@ -236,3 +236,32 @@ def test_fp8_dynamic_quantisation_is_refused_clearly_without_fp8_tensor_cores():
 
     with pytest.raises(ValueError, match="compute capability 8.9"):
         quantize_dit_blocks(tiny_dit(0), "fp8_dynamic")
+
+
+def test_rope_rotations_are_built_once_per_grid_on_the_tokens_device():
+    """The DiT keeps each grid's rotary table (float64, Wan's numbers) on its device: built
+    once for a job's grid and reused by every block, step and forward; a forward equals one
+    with the table rebuilt from scratch (the official per-forward computation)."""
+    from multitalk.modules.rope import video_rope_freqs, video_rope_grid
+
+    model = tiny_dit(0)
+    inp = _inputs(2)
+    with torch.no_grad():
+        first = model(**inp)
+        model.forward_branches(inp["x"], inp["t"], [inp["context"]] * 2, inp["clip_fea"], inp["y"],
+                               [inp["audio"], inp["audio"][:1] * 0], inp["ref_target_masks"])
+        again = model(**inp)
+    grid = model.token_grid(tuple(inp["x"].shape))
+    assert model.rope.built == 1 and torch.equal(first, again)
+    cached = model.rope.rotations(grid, "cpu")
+    assert cached.dtype == torch.float64 and cached.device.type == "cpu"
+    assert torch.equal(cached, video_rope_grid(video_rope_freqs(model.config.dim // model.config.num_heads), grid))
+    model.rope.clear()  # rebuilt from scratch: the very same output
+    with torch.no_grad():
+        assert torch.equal(model(**inp), first)
+    assert model.rope.built == 2
+    import copy
+
+    twin = copy.deepcopy(model)  # a copied model gets a cache of its own
+    with torch.no_grad():
+        assert torch.equal(twin(**inp), first) and twin.rope.built == 1

@@ -224,6 +224,7 @@ def test_served_decode_call_is_resent_when_its_replica_died():
     from ray.exceptions import ActorDiedError
 
     from deployments.serve_stages import ServeStages
+    from multitalk.stages import DecodeRequest
 
     class Response:
         def __init__(self, outcome):
@@ -243,21 +244,21 @@ def test_served_decode_call_is_resent_when_its_replica_died():
         def __init__(self, outcomes):
             self.outcomes, self.calls = list(outcomes), []
 
-        def remote(self, latents, **kw):
+        def remote(self, latents, request, **kw):
             self.calls.append(latents)
             return Response(self.outcomes.pop(0))
 
     class Decoder:
         def __init__(self, outcomes):
-            self.decode = Method(outcomes)
+            self.decode_chunk = Method(outcomes)
 
     async def run(outcomes, latents):
         decoder = Decoder(outcomes)
         stages = ServeStages(None, None, None, None, decoder).for_job("job-1")
         try:
-            return await stages.vae_decode(latents), decoder.decode.calls
+            return await stages.vae_decode(latents, DecodeRequest()), decoder.decode_chunk.calls
         except Exception as e:  # noqa: BLE001
-            return e, decoder.decode.calls
+            return e, decoder.decode_chunk.calls
 
     async def streamed_latents():
         return "latents"

@@ -124,6 +124,26 @@ def test_cancel_running_job(tmp_path):
     assert JobStore(store).get(job_id).state == JobState.CANCELLED
 
 
+def test_finished_jobs_leave_the_runner(tmp_path):
+    """Once a job's final record is saved the runner forgets it (its maps hold running jobs
+    only); the job is answered from the store, also by runsync and cancel."""
+    client, service, store = make_client(tmp_path)
+    with client:
+        ids = [client.post("/v1/jobs", json=job_body(prompt=f"job {i}")).json()["id"] for i in range(6)]
+        assert all(wait_state(client, job_id)["state"] == "COMPLETED" for job_id in ids)
+        runner = service.runner
+        deadline = time.monotonic() + 10
+        while (runner.records or runner.tasks or runner.done) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not runner.records and not runner.tasks and not runner.done
+        assert client.get(f"/v1/jobs/{ids[0]}").json()["result"]["key"] == f"outputs/{ids[0]}.mp4"
+        assert client.delete(f"/v1/jobs/{ids[1]}").json()["state"] == "COMPLETED"
+        r = client.post("/runsync", json={"input": {"action": "generate", "audio_1": "1.wav",
+                                                    "condition_image": "multi1.png", "frames": 9}})
+        assert r.json()["status"] == "COMPLETED" and not runner.records
+    assert JobStore(store).get(ids[0]).state == JobState.COMPLETED
+
+
 def test_overload_429(tmp_path):
     stages = FakeStages()
     stages.step_delay = 0.2

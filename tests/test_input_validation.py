@@ -98,7 +98,9 @@ def test_bbox_errors(app):
 
 def test_speakers_prompt_frames(app):
     client, *_ = app
-    err(client.post("/v1/jobs", json=body(audio=["1.wav", "2.wav", "1.wav"])), 422, "audio")
+    err(client.post("/v1/jobs", json=body(audio=["1.wav", "2.wav", "1.wav", "2.wav", "1.wav"])), 422, "audio")
+    # Two or more speakers without bbox: boxes from the faces; this noise image has none.
+    err(client.post("/v1/jobs", json=body(audio=["1.wav", "2.wav", "1.wav"])), 422, "bbox", "no face")
     err(client.post("/v1/jobs", json=body(prompt="x" * 2001)), 422, "prompt", "limit is 2000")
     err(client.post("/v1/jobs", json=body(prompt="x" * 4001)), 422, "prompt")
     err(client.post("/v1/jobs", json=body(frames=80)), 422, "frames", "4n+1")

@@ -127,7 +127,7 @@ def test_job_request_validation():
     with pytest.raises(ValidationError):
         JobRequest(image="a.png", audio=[])
     with pytest.raises(ValidationError):
-        JobRequest(image="a.png", audio=["1", "2", "3"])
+        JobRequest(image="a.png", audio=["1", "2", "3", "4", "5"])  # at most four speakers
     with pytest.raises(ValidationError):
         _req(frames=80)
     with pytest.raises(ValidationError):
@@ -155,6 +155,14 @@ def test_runpod_request_models():
     )
     assert two.input.to_job_request().audio == ["1.wav", "2.wav"]
     assert two.input.to_job_request().sampling.steps == 4
+    four = {f"audio_{i}": f"{i}.wav" for i in (1, 2, 3, 4)}
+    job = RunPodRequest.model_validate({"input": {**four, "condition_image": "m.png", "speaker_order": [2, 1, 3, 4]}})
+    assert job.input.to_job_request().audio == ["1.wav", "2.wav", "3.wav", "4.wav"]
+    assert job.input.to_job_request().speaker_order == [2, 1, 3, 4]
+    with pytest.raises(InputError) as e:  # speakers numbered without a gap
+        RunPodRequest.model_validate({"input": {"audio_1": "1.wav", "audio_3": "3.wav", "condition_image": "m.png"}}
+                                     ).input.to_job_request()
+    assert e.value.field == "audio_3"
     assert RunPodRequest.model_validate({"input": {"action": "model_check"}}).input.action == "model_check"
     with pytest.raises(ValidationError):
         RunPodRequest.model_validate({"input": {"action": "explode"}})
@@ -202,3 +210,34 @@ def test_recent_pages_newest_first_reading_one_page_of_records(tmp_path):
     with pytest.raises(InputError) as e:
         jobs.recent(after="../../etc")
     assert e.value.field == "after" and e.value.status == 400
+
+
+def test_an_idempotency_key_reserved_by_a_creator_that_died_is_taken_over(tmp_path):
+    """A replica reserved the key, then died before writing the job: after the wait, a retry
+    with the same key and body makes the job (once), instead of waiting forever."""
+    import json
+
+    store = LocalStore(tmp_path)
+    jobs = JobStore(store, idempotency_wait_s=0.1)
+    fingerprint = jobs._fingerprint(_req(), "generate")
+    dead = {"key": "k", "job_id": "00000000-0000-4000-8000-000000000000", "fingerprint": fingerprint}
+    assert store.put_if(jobs._idem_key("k"), json.dumps(dead).encode(), if_version=None) is not None
+    rec, created = jobs.create(_req(), idempotency_key="k")
+    again, created_again = jobs.create(_req(), idempotency_key="k")
+    assert created and not created_again and again.id == rec.id != dead["job_id"]
+    assert jobs.list_ids() == [rec.id]
+
+
+def test_conditional_record_writes(tmp_path):
+    from deployments.jobs import RecordConflict
+
+    jobs = JobStore(LocalStore(tmp_path))
+    rec, _ = jobs.create(_req())
+    stale = jobs.get(rec.id)
+    rec.state = JobState.IN_PROGRESS
+    jobs.save(rec)  # based on the version it was created at
+    stale.state = JobState.FAILED
+    with pytest.raises(RecordConflict) as e:
+        jobs.save(stale)  # based on a version another write replaced
+    assert e.value.stored.state == JobState.IN_PROGRESS and jobs.get(rec.id).state == JobState.IN_PROGRESS
+    assert not jobs.changed(rec) and jobs.changed(stale)

@@ -22,7 +22,8 @@ from multitalk.utils.image import (
     resize_and_center_crop,
     speaker_masks,
 )
-from multitalk.utils.video import color_match, lab_to_rgb, probe_mp4, rgb_to_lab, write_mp4
+from multitalk.utils.color import ColorTarget, color_match, lab_to_rgb, rgb_to_lab
+from multitalk.utils.video import probe_mp4, write_mp4
 
 RATE = 16000
 
@@ -358,7 +359,7 @@ def test_write_mp4_reports_ffmpeg_errors():
 
 
 def test_lab_conversion_reference_values():
-    colours = np.array([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.2, 0.5, 0.7]])
+    colours = torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.2, 0.5, 0.7]], dtype=torch.float64)
     # skimage 0.26 color.rgb2lab on the same colours.
     skimage_lab = [
         [100.0, -2.45493786e-03, 4.65342115e-03],
@@ -366,23 +367,97 @@ def test_lab_conversion_reference_values():
         [53.2405879, 80.0923082, 67.2027510],
         [50.9720364, -6.39817671, -33.7093230],
     ]
-    np.testing.assert_allclose(rgb_to_lab(colours), skimage_lab, atol=1e-6)
-    rgb = np.random.default_rng(2).random((50, 3))
-    np.testing.assert_allclose(lab_to_rgb(rgb_to_lab(rgb)), rgb, atol=1e-9)
+    np.testing.assert_allclose(rgb_to_lab(colours).numpy(), skimage_lab, atol=1e-6)
+    rgb = torch.from_numpy(np.random.default_rng(2).random((50, 3)))
+    np.testing.assert_allclose(lab_to_rgb(rgb_to_lab(rgb)).numpy(), rgb.numpy(), atol=1e-9)
+
+
+def _official_match_and_blend(video: np.ndarray, reference: np.ndarray, strength: float) -> np.ndarray:
+    """The official ``match_and_blend_colors`` in NumPy float32 (skimage's formulas, float64
+    statistics), the oracle the torch version is held to: [3, T, H, W] in [-1, 1]."""
+    xyz_from_rgb = np.array([[0.412453, 0.357580, 0.180423], [0.212671, 0.715160, 0.072169],
+                             [0.019334, 0.119193, 0.950227]])
+    white = np.array([0.95047, 1.0, 1.08883])
+
+    def to_lab(rgb):
+        lin = np.where(rgb > 0.04045, np.power((rgb + 0.055) / 1.055, 2.4, dtype=np.float32), rgb / 12.92)
+        xyz = lin @ (xyz_from_rgb.T / white).astype(np.float32)
+        f = np.where(xyz > 0.008856, np.cbrt(xyz), 7.787 * xyz + 16.0 / 116.0)
+        return np.stack([116.0 * f[..., 1] - 16.0, 500.0 * (f[..., 0] - f[..., 1]), 200.0 * (f[..., 1] - f[..., 2])], -1)
+
+    def to_rgb(lab):
+        fy = (lab[..., 0] + 16.0) / 116.0
+        f = np.stack([lab[..., 1] / 500.0 + fy, fy, np.maximum(fy - lab[..., 2] / 200.0, 0.0)], -1)
+        xyz = np.where(f > 0.2068966, f * f * f, (f - 16.0 / 116.0) / 7.787)
+        lin = xyz @ (np.linalg.inv(xyz_from_rgb) * white).T.astype(np.float32)
+        gamma = 1.055 * np.power(np.maximum(lin, 0.0), 1.0 / 2.4, dtype=np.float32) - 0.055
+        return np.clip(np.where(lin > 0.0031308, gamma, lin * 12.92), 0.0, 1.0).astype(np.float32)
+
+    def stats(lab):
+        flat = lab.reshape(-1, 3)
+        return ([flat[:, c].mean(dtype=np.float64) for c in range(3)], [flat[:, c].std(dtype=np.float64) for c in range(3)])
+
+    ref_mean, ref_std = stats(to_lab(np.clip((reference.transpose(1, 2, 0) + 1) / 2, 0, 1).astype(np.float32)))
+    out = np.empty(video.shape[1:] + (3,), np.float32)
+    for t in range(video.shape[1]):
+        frame = np.clip((video[:, t].transpose(1, 2, 0) + 1.0) / 2.0, 0.0, 1.0).astype(np.float32)
+        lab = to_lab(frame)
+        mean, std = stats(lab)
+        for c in range(3):
+            lab[..., c] = ref_mean[c] if std[c] < 1e-4 else (lab[..., c] - mean[c]) * (ref_std[c] / std[c]) + ref_mean[c]
+        out[t] = (1.0 - strength) * frame + strength * to_rgb(lab)
+    return (out * 2.0 - 1.0).transpose(3, 0, 1, 2)
 
 
 def test_color_match():
     generator = torch.Generator().manual_seed(0)
-    video = torch.rand(3, 4, 24, 32, generator=generator) * 0.5 - 0.8  # dark, low contrast
+    video = torch.rand(3, 10, 24, 32, generator=generator) * 0.5 - 0.8  # dark, low contrast
     video[:, 1] = 0.25  # a flat frame
     reference = torch.rand(3, 24, 32, generator=generator) * 2 - 1
-    assert color_match(video, reference, 0.0) is video
-    matched = color_match(video, reference, 1.0)
-    assert matched.shape == video.shape and matched.dtype == video.dtype
-    reference_lab = rgb_to_lab(((reference.permute(1, 2, 0).numpy() + 1) / 2).astype(np.float64))
-    frame_lab = rgb_to_lab(((matched[:, 0].permute(1, 2, 0).numpy() + 1) / 2).astype(np.float64))
+    assert ColorTarget.of(reference, 0.0) is None and color_match(video, None) is video
+    target = ColorTarget.of(reference, 1.0)
+    matched = color_match(video, target)
+    assert matched.shape == video.shape and matched.dtype == torch.float32
+    # Against the official's float32 NumPy computation (the pipeline's parity bar is 1e-4).
+    official = _official_match_and_blend(video.numpy(), reference.numpy(), 1.0)
+    assert np.abs(matched.numpy() - official).max() < 5e-5
+    reference_lab = rgb_to_lab(((reference.permute(1, 2, 0) + 1) / 2).double())
+    frame_lab = rgb_to_lab(((matched[:, 0].permute(1, 2, 0) + 1) / 2).double())
     # Means land on the reference's (up to gamut clipping).
     np.testing.assert_allclose(frame_lab.reshape(-1, 3).mean(0), reference_lab.reshape(-1, 3).mean(0), atol=3.0)
-    half = color_match(video, reference, 0.5)
+    half = color_match(video, ColorTarget.of(reference, 0.5))
     torch.testing.assert_close(half, (video + matched) / 2, atol=1e-5, rtol=0)
-    _raises("color_correction", color_match, video, reference, 1.5)
+    _raises("color_correction", ColorTarget.of, reference, 1.5)
+
+
+def test_probe_reads_containers_and_streams_by_structure(tmp_path):
+    """PyAV, not ffmpeg's banner text: codecs, sizes, rates, rotation and durations are
+    fields; its wheel decodes what the project reads."""
+    import subprocess
+
+    import av
+
+    from multitalk.utils.ffmpeg import ffmpeg_exe
+    from multitalk.utils.probe import UnreadableMedia, probe
+
+    for name in ("h264", "hevc", "vp8", "vp9", "av1", "mpeg4", "aac", "mp3", "opus", "flac", "pcm_s16le"):
+        assert av.codec.Codec(name, "r").is_decoder, name
+    mp4 = tmp_path / "a.mp4"
+    mp4.write_bytes(write_mp4(np.zeros((10, 32, 48, 3), np.uint8), _tone(0.4)))
+    info = probe(str(mp4))
+    video, audio = info.first("video"), info.first("audio")
+    assert info.container.startswith("mov,mp4") and info.duration == pytest.approx(0.4, abs=0.05)
+    assert (video.codec, video.width, video.height, video.fps, video.rotation) == ("h264", 48, 32, 25.0, 0)
+    assert (audio.codec, audio.sample_rate) == ("aac", 16000)
+    rotated = tmp_path / "rotated.mp4"
+    subprocess.run([ffmpeg_exe(), "-v", "error", "-display_rotation", "90", "-i", str(mp4), "-c", "copy",
+                    str(rotated)], check=True)
+    turned = probe(str(rotated)).first("video")
+    assert (turned.rotation, turned.width, turned.height) == (90, 32, 48)  # as displayed
+    png = tmp_path / "still.png"
+    Image.new("RGB", (20, 10)).save(png)
+    assert probe(str(png)).container == "png_pipe"
+    text = tmp_path / "notes.txt"
+    text.write_text("not media")
+    with pytest.raises(UnreadableMedia):
+        probe(str(text))

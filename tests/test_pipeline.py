@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from multitalk.api import GenerationRequest, InputError, SamplingOptions
-from multitalk.driver import plan_chunks
+from multitalk.generation.planning import plan_chunks
 from multitalk.utils.video import probe_mp4
 
 
@@ -206,7 +206,7 @@ def test_decode_of_one_job_overlaps_the_next_jobs_diffusion(tiny_official, fixtu
     sample_seeds: list[int] = []
     other_started = threading.Event()
     overlapped: list[bool] = []
-    original_sample, original_decode = diffusion.sample, decode.decode
+    original_sample, original_decode = diffusion.sample, decode.decode_chunk
 
     def sample(job, audio, image, text, on_step=None):
         sample_seeds.append(job.seed)
@@ -220,12 +220,12 @@ def test_decode_of_one_job_overlaps_the_next_jobs_diffusion(tiny_official, fixtu
 
         return original_sample(job, audio, image, text, step)
 
-    def decode_fn(latents):
+    def decode_fn(latents, request):
         if not overlapped:  # the first decode (job A's): B's sampler must start meanwhile
             overlapped.append(other_started.wait(timeout=60))
-        return original_decode(latents)
+        return original_decode(latents, request)
 
-    diffusion.sample, decode.decode = sample, decode_fn
+    diffusion.sample, decode.decode_chunk = sample, decode_fn
 
     async def both():
         one = _request(fixtures_dir, 1, frames=9, sampling=SamplingOptions(steps=2, seed=1))

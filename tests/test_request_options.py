@@ -8,7 +8,7 @@ from inputs import err, face, png, tone, wav
 from deployments.request_options import apply_layers
 from deployments.service import ServiceSettings
 from multitalk.api import GenerationRequest, InputError, Limits
-from multitalk.driver import fit_frames
+from multitalk.generation.planning import fit_frames
 
 
 def _req(**kw) -> GenerationRequest:

@@ -1,7 +1,7 @@
 """Sequence parallelism on CPU over gloo: 2 ranks must reproduce the serial DiT.
 
 One spawn of 2 ranks runs every case (spawning costs more than the tiny forwards):
-backends {yunchang, torch} x people {1, 2} x latent frames {5 (uneven split 3/2), 4 (2/2)},
+backends {yunchang, torch} x people {1, 2, 3} x latent frames {5 (uneven split 3/2), 4 (2/2)},
 plus the head-count guard on a 3-head model. Rank 0 saves the measurements; the tests
 below read them.
 """
@@ -32,7 +32,7 @@ def _worker(rank: int, world_size: int, result_path: str) -> None:
     model = tiny_dit(0)
     for backend in BACKENDS:
         sp = SequenceParallel(None, ulysses_degree=world_size, backend=backend)
-        for people in (1, 2):
+        for people in (1, 2, 3):
             for t_lat in (5, 4):
                 inp = _inputs(people, t_lat)
                 with torch.no_grad():
@@ -82,7 +82,7 @@ def two_rank_results(tmp_path_factory):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("people", [1, 2])
+@pytest.mark.parametrize("people", [1, 2, 3])
 @pytest.mark.parametrize("t_lat", [5, 4], ids=["uneven-frames", "even-frames"])
 def test_two_ranks_match_the_serial_model(two_rank_results, backend, people, t_lat):
     key = (backend, people, t_lat)

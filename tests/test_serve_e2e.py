@@ -70,14 +70,17 @@ class FakeDiffusionStage(_FakeStage):
 
 
 class FakeDecodeStage(_FakeStage):
-    def decode(self, latents):
-        return {"frames": latents}
+    def decode_chunk(self, latents, request):
+        from multitalk.stages import DecodedChunk
+
+        return DecodedChunk({"frames": latents})
 
 
 async def fake_driver(request, stages, progress=None, limits=None, on_chunk=None):
     """Calls the stages like multitalk.driver.generate: the encoders' handles go
     un-awaited into the DiT call (chained by Serve), the DiT result into the decoder."""
     from multitalk.api import GenerationResult, Progress
+    from multitalk.stages import DecodeRequest
 
     emit = progress or (lambda p: None)
     await stages.prepare()
@@ -93,10 +96,97 @@ async def fake_driver(request, stages, progress=None, limits=None, on_chunk=None
     assert await audio == [len(request.audio[0])]  # handles may be awaited again
     await latents
     emit(Progress(stage="decode", step=steps, total_steps=steps))
-    frames = await stages.vae_decode(latents)
-    assert frames == {"frames": {"latents": steps}}, frames
+    decoded = await stages.vae_decode(latents, DecodeRequest())
+    assert decoded.frames == {"frames": {"latents": steps}} and decoded.motion is None, decoded
     return GenerationResult(video=VIDEO, num_frames=request.frames or 81, fps=25, width=32, height=32,
                             chunks=1, lip_sync=stages.lip_sync, timings={"diffusion": 0.1})
+
+
+# --- stand-ins for the real chunk loop (multitalk.driver's MultiTalkLoop): no model, the real
+# contract of each stage at the request's real shapes ---------------------------------
+
+
+class LoopAudioStage(_FakeStage):
+    def encode(self, speeches):
+        import torch
+
+        return torch.zeros(len(speeches), 4, 1, 1)
+
+
+class LoopImageStage(_FakeStage):
+    def encode(self, cond_pixels, frames):
+        return {"frames": frames, "conditioned_on": int(cond_pixels.shape[1])}
+
+
+class LoopTextStage(_FakeStage):
+    def encode(self, prompt, negative_prompt):
+        return prompt
+
+
+class LoopDiffusionStage(_FakeStage):
+    lip_sync = True
+
+    def sample(self, job, audio, image, text, on_step=None):
+        import torch
+
+        # Chunk 0 is conditioned on the reference image, every later one on the previous chunk's
+        # motion frames, which the image encoder received from the decoder through the object store.
+        assert image["conditioned_on"] == (1 if job.audio_start == 0 else 5), image
+        try:
+            for i in range(job.steps):
+                time.sleep(0.2 if text.startswith("slow") else 0.0)
+                if on_step:
+                    on_step(i + 1, job.steps)
+        except Exception as e:  # the replica's StageCancelled: leave a trace for the test
+            (self.root / f"stopped-{text}").write_text(type(e).__name__)
+            raise
+        h, w = job.latent_hw
+        return torch.full((16, 1 + (job.frames - 1) // 4, h, w), float(job.seed))
+
+
+class LoopDecodeStage(_FakeStage):
+    def decode_chunk(self, latents, request):
+        """``DecodeStage.decode_chunk``'s contract: uint8 frames at 8x the latents, float motion frames."""
+        import numpy as np
+        import torch
+
+        from multitalk.stages import DecodedChunk
+
+        _, n_t, h, w = latents.shape
+        count = 1 + 4 * (n_t - 1) - request.first if request.count is None else request.count
+        frames = np.full((count, 8 * h, 8 * w, 3), int(latents[0, 0, 0, 0]) % 256, np.uint8)
+        motion = torch.zeros(3, request.motion_frames, 8 * h, 8 * w) if request.motion_frames else None
+        return DecodedChunk(frames, motion)
+
+
+async def watching_driver(request, stages, progress=None, limits=None, on_chunk=None):
+    """``multitalk.driver.generate``, watched from inside the ingress: each time a chunk's
+    frames arrive, how many chunks' frames are still alive (weak references) and how many
+    calls the job's tracker holds. Reported in the result's timings."""
+    import weakref
+
+    from multitalk.driver import generate
+
+    refs, alive, tracked = [], [], []
+    decode = stages.vae_decode
+
+    def watched(latents, wanted):
+        task = decode(latents, wanted)
+
+        def arrived(t):
+            if not t.cancelled() and t.exception() is None:
+                refs.append(weakref.ref(t.result().frames))
+                alive.append(sum(r() is not None for r in refs))
+                tracked.append(len(stages.calls))
+
+        task.add_done_callback(arrived)
+        return task
+
+    stages.vae_decode = watched  # this job's view only
+    result = await generate(request, stages, progress, limits, on_chunk)
+    result.timings.update(chunks_decoded=len(refs), most_frames_alive=max(alive), most_calls_tracked=max(tracked),
+                          calls_tracked_after=len(stages.calls))
+    return result
 
 
 # --- fixtures --------------------------------------------------------------------------
@@ -244,3 +334,62 @@ def test_tiny_model(serve_env, fixtures_dir, embedded_cache):
         assert loaded["class"] == "multitalk.stages:DiffusionStage"
     finally:
         serve.delete("multitalk-tiny")
+
+
+def test_a_long_served_job_holds_one_chunk_at_a_time_and_stops_when_cancelled(serve_env, fixtures_dir):
+    """The real chunk loop and ServeStages over Serve, with model-free stages: a 22-chunk
+    streaming job holds at most two chunks' frames at any time (the one just decoded and the
+    one being encoded), its tracker a bounded number of calls and none at the end; the motion
+    frames reach the next chunk's encoder from the decoder. Cancelled mid-job, the running
+    sampler stops."""
+    import requests
+    from ray import serve
+
+    from multitalk.utils.video import probe_mp4
+    from pipeline_graph import build_app
+
+    url, tmp = serve_env
+    models, store_dir = tmp / "models-long", tmp / "store-long"
+    models.mkdir()
+    store_dir.mkdir()
+    (store_dir / "1.wav").write_bytes((fixtures_dir / "single" / "1.wav").read_bytes())
+    (store_dir / "single1.png").write_bytes((fixtures_dir / "single" / "single1.png").read_bytes())
+    mod = "test_serve_e2e"
+    app = build_app({
+        "models_root": str(models), "device": "cpu",
+        "stage_classes": {name: f"{mod}:Loop{cls}Stage" for name, cls in (
+            ("audio", "Audio"), ("image", "Image"), ("text", "Text"), ("diffusion", "Diffusion"), ("decode", "Decode"))},
+        "store": {"local_root": str(store_dir)},
+        "ingress": {"driver": f"{mod}:watching_driver", "persist_interval_s": 0.1},
+    })
+    serve.run(app, name="multitalk-long", route_prefix="/")
+    try:
+        body = {"image": "single1.png", "audio": ["1.wav"], "prompt": "long", "mode": "streaming", "frames": 17,
+                "motion_frames": 5, "size": "multitalk-64", "sampling": {"steps": 2}}
+        r = requests.post(f"{url}/v1/jobs", json=body, timeout=30)
+        assert r.status_code == 202, r.text
+        status, _ = _wait(url, r.json()["id"], timeout=300)
+        assert status["state"] == "COMPLETED", status
+        timings = status["timings"]
+        assert status["result"]["chunks"] == timings["chunks_decoded"] >= 20, timings
+        assert timings["most_frames_alive"] <= 2 and timings["most_calls_tracked"] <= 2, timings
+        assert timings["calls_tracked_after"] == 0, timings
+        assert len(status["chunks"]) == status["result"]["chunks"]  # every chunk stored as it was encoded
+        video = requests.get(f"{url}/v1/jobs/{status['id']}/video", timeout=60).content
+        assert probe_mp4(video)["num_frames"] == status["result"]["frames"]
+
+        r = requests.post(f"{url}/v1/jobs", json={**body, "prompt": "slow-long", "sampling": {"steps": 4}}, timeout=30)
+        job_id = r.json()["id"]
+        deadline = time.monotonic() + 120
+        while requests.get(f"{url}/v1/jobs/{job_id}", timeout=10).json()["progress"]["chunk"] < 3:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert requests.delete(f"{url}/v1/jobs/{job_id}", timeout=60).json()["state"] == "CANCELLED"
+        marker = models / "stopped-slow-long"
+        deadline = time.monotonic() + 30
+        while not marker.exists():
+            assert time.monotonic() < deadline, "the sampler kept running after the cancel"
+            time.sleep(0.1)
+        assert marker.read_text() == "StageCancelled"
+    finally:
+        serve.delete("multitalk-long")

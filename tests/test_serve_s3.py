@@ -450,3 +450,70 @@ def test_ingress_restart_mid_job(s3_serve):
     assert final["started_at"] > killed_at, final  # started again after the kill
     assert final["result"]["frames"] == FRAMES
     _check_mp4(s3_serve["s3"].get_object(Bucket=BUCKET, Key=final["result"]["key"])["Body"].read())
+
+
+def test_runpod_sdk_through_v2_on_the_served_app(s3_serve, monkeypatch):
+    """The unmodified ``runpod`` SDK, ``RUNPOD_ENDPOINT_BASE_URL`` at the server's ``/v2``:
+    health, a generate job run to COMPLETED (status and output read, the mp4 in the bucket),
+    another cancelled."""
+    import runpod
+
+    url, s3 = s3_serve["url"], s3_serve["s3"]
+    monkeypatch.setenv("RUNPOD_ENDPOINT_BASE_URL", f"{url}/v2")
+    monkeypatch.setattr(runpod, "endpoint_url_base", f"{url}/v2")  # the SDK read the variable at import
+    monkeypatch.setattr(runpod, "api_key", "open-server")
+    endpoint = runpod.Endpoint("multitalk-endpoint")
+    health = endpoint.health()
+    assert set(health["jobs"]) == {"completed", "failed", "inProgress", "inQueue", "retried"}, health
+    assert health["workers"]["idle"] + health["workers"]["running"] == 1, health
+    job = endpoint.run({"action": "generate", "audio_1": "1.wav", "condition_image": "multi1.png",
+                        "output_format": "s3", **SMALL})
+    s3_serve["jobs"].append(job.job_id)
+    output = job.output(timeout=300)
+    assert job.status() == "COMPLETED", output
+    assert output["frames"] == FRAMES and output["s3_key"] == f"outputs/{job.job_id}.mp4", output
+    _check_mp4(s3.get_object(Bucket=BUCKET, Key=output["s3_key"])["Body"].read())
+    slow = endpoint.run({"action": "generate", "audio_1": "1.wav", "condition_image": "multi1.png",
+                         **{**SMALL, "sample_steps": 40}})
+    cancelled = slow.cancel(timeout=30)
+    assert cancelled["status"] == "CANCELLED" and slow.status() == "CANCELLED", cancelled
+    assert endpoint.health()["jobs"]["inQueue"] == 0
+
+
+def test_openai_sdk_makes_a_talking_video_on_the_served_app(s3_serve, fixtures_dir):
+    """The unmodified ``openai`` SDK against ``/v1``: the image uploaded as
+    ``input_reference``, the speech as vLLM-Omni's ``audio_reference`` object holding a
+    presigned URL of the bucket; polled to completed; the mp4 downloaded has H.264 video and
+    AAC audio as long as asked; listed; deleted with its files."""
+    import warnings
+
+    from openai import NotFoundError, OpenAI
+
+    from multitalk.utils.video import probe_mp4
+
+    warnings.simplefilter("ignore", DeprecationWarning)  # the SDK marks the hosted API as retired
+    url, s3 = s3_serve["url"], s3_serve["s3"]
+    client = OpenAI(base_url=f"{url}/v1", api_key="open-server", max_retries=0)
+    presigned = s3.generate_presigned_url("get_object", Params={"Bucket": BUCKET, "Key": "1.wav"}, ExpiresIn=600)
+    image = (fixtures_dir / "multi1" / "multi1.png").read_bytes()
+    video = client.videos.create(prompt="a man and a woman talking", model="multitalk",
+                                 input_reference=("multi1.png", image, "image/png"), seconds="0.68",
+                                 extra_body={"audio_reference": {"audio_url": presigned}, "num_inference_steps": 2})
+    deadline = time.monotonic() + 300
+    while (video := client.videos.retrieve(video.id)).status in ("queued", "in_progress"):
+        assert time.monotonic() < deadline and 0 <= video.progress <= 100, video
+        time.sleep(0.5)
+    assert video.status == "completed" and video.progress == 100, video
+    mp4 = client.videos.download_content(video.id).read()
+    info = probe_mp4(mp4)
+    assert video.seconds == "0.68" and video.size == f"{info['width']}x{info['height']}", (video, info)
+    assert info["video_codec"] == "h264" and info["num_frames"] == FRAMES and abs(info["fps"] - 25) < 1e-6, info
+    assert info["audio_codec"] == "aac" and abs(info["audio_duration"] - FRAMES / 25) < 0.1, info
+    assert client.videos.download_content(video.id, variant="thumbnail").read()[:2] == b"\xff\xd8"
+    assert video.id in [v.id for v in client.videos.list(limit=5).data]
+    key = f"outputs/{video.id}.mp4"
+    assert s3.head_object(Bucket=BUCKET, Key=key)
+    assert client.videos.delete(video.id).deleted
+    with pytest.raises(NotFoundError):
+        client.videos.retrieve(video.id)
+    assert "Contents" not in s3.list_objects_v2(Bucket=BUCKET, Prefix=f"outputs/{video.id}")

@@ -249,7 +249,7 @@ def test_request_errors_name_the_field(speech_pipeline, fixtures_dir):
 
 
 def test_text_over_the_caps_is_refused(speech_pipeline, fixtures_dir):
-    from multitalk.driver import Limits
+    from multitalk.api import Limits
     from multitalk.pipeline import MultiTalkPipeline
 
     capped = MultiTalkPipeline(speech_pipeline.stages, speech_pipeline.checkpoints,

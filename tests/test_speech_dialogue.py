@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from multitalk.api import GenerationRequest, InputError, SpeechRequest
-from multitalk.driver import Limits, validate_speech
+from multitalk.api import Limits
+from multitalk.generation.speech import validate_speech
 from multitalk.utils.dialogue import Turn, has_turn_tags, lay_out_turns, parse_script
 
 

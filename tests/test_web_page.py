@@ -85,6 +85,113 @@ def test_page_and_job_list_routes(tmp_path):
         assert {"id", "state", "progress", "video_url", "error"} <= set(jobs[0])
         assert len(client.get("/v1/jobs?limit=1").json()["jobs"]) == 1
         assert client.get("/v1/jobs?limit=0").status_code == 422
+        # The page's speaker-box helper: the job's own checks (here: no picture, 5 speakers).
+        r = client.post("/v1/speaker-boxes", files=[("image", ("x.png", b"not a picture"))], data={"speakers": "2"})
+        assert r.status_code == 422 and r.json()["error"]["field"] == "image"
+        r = client.post("/v1/speaker-boxes", files=[("image", ("x.png", b"\x89PNG"))], data={"speakers": "5"})
+        assert r.status_code == 422 and r.json()["error"]["field"] == "speakers"
+
+
+@pytest.fixture
+def boxes_app(tmp_path):
+    """The HTTP app over fake stages (no Ray, no models) on a loopback port: the page and its
+    speaker-box route are real; the detection runs for real at submit too."""
+    import threading
+
+    import uvicorn
+    from fakes import FakeStages, fake_generate
+
+    from deployments.routes import create_app
+    from deployments.service import JobService, ServiceSettings
+    from deployments.storage import LocalStore
+
+    service = JobService(store=LocalStore(tmp_path / "store"), stages=FakeStages(), generate_fn=fake_generate,
+                         settings=ServiceSettings(precheck_inputs=True, persist_interval_s=0.05,
+                                                  models_root=str(tmp_path)))
+    server = uvicorn.Server(uvicorn.Config(create_app(service), host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert time.monotonic() < deadline, "the test server did not start"
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}", service
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def _bbox_field(page) -> list[list[int]]:
+    return [[int(v) for v in box.split(",")] for box in page.input_value("#bbox").split(";")]
+
+
+@pytest.mark.timeout(300)
+def test_page_shows_the_speaker_boxes_and_lets_them_be_moved_and_redrawn(browser, boxes_app, fixtures_dir):
+    from multitalk.utils.faces import boxes_for_image
+
+    url, service = boxes_app
+    image = fixtures_dir / "multi1" / "multi1.png"
+    found = boxes_for_image(image.read_bytes(), 2)["boxes"]
+    page = browser.new_page(viewport={"width": 1280, "height": 1600})  # the whole form in view: no scrolling
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(url + "/")
+    page.set_input_files("#image-file", str(image))
+    page.set_input_files("#audio-file-1", str(fixtures_dir / "multi1" / "1.wav"))
+    assert page.is_hidden("#box-editor")  # one speaker: the whole frame, no boxes
+    page.set_input_files("#audio-file-2", str(fixtures_dir / "multi1" / "2.wav"))
+    page.wait_for_selector(".speaker-box[data-speaker='2']", timeout=30_000)
+    # The detected boxes, labelled per speaker, where the image shows them (speaker 1 on the left).
+    assert _bbox_field(page) == found
+    labels = page.eval_on_selector_all(".speaker-box .label", "ls => ls.map(l => l.textContent)")
+    assert labels == ["Speaker 1", "Speaker 2"]
+    scale = page.evaluate("(() => { const i = document.getElementById('box-image'); "
+                          "return i.clientWidth / i.naturalWidth; })()")
+    one, two = (page.query_selector(f".speaker-box[data-speaker='{k}']").bounding_box() for k in (1, 2))
+    stage = page.query_selector("#box-stage").bounding_box()
+    assert one["x"] - stage["x"] == pytest.approx(found[0][1] * scale, abs=1.5)
+    assert one["width"] == pytest.approx((found[0][3] - found[0][1]) * scale, abs=1.5)
+    assert one["x"] + one["width"] <= two["x"]
+
+    # Drag speaker 1's box 30 px right and 10 px up.
+    page.mouse.move(one["x"] + one["width"] / 2, one["y"] + one["height"] / 2)
+    page.mouse.down()
+    page.mouse.move(one["x"] + one["width"] / 2 + 15, one["y"] + one["height"] / 2 - 5, steps=3)
+    page.mouse.move(one["x"] + one["width"] / 2 + 30, one["y"] + one["height"] / 2 - 10, steps=3)
+    page.mouse.up()
+    moved = _bbox_field(page)[0]
+    shift = [-10 / scale, 30 / scale, -10 / scale, 30 / scale]
+    assert moved == pytest.approx([v + d for v, d in zip(found[0], shift)], abs=1 / scale + 1)
+
+    # Redraw speaker 2's box: pick the speaker, drag a new rectangle between the two people.
+    page.select_option("#box-speaker", "1")
+    x0, y0 = stage["x"] + (1480 * scale), stage["y"] + (200 * scale)  # between box 1 (now to 1434) and box 2
+    x1, y1 = stage["x"] + (2300 * scale), stage["y"] + (1000 * scale)
+    page.mouse.move(x0, y0)
+    page.mouse.down()
+    page.mouse.move((x0 + x1) / 2, (y0 + y1) / 2, steps=3)
+    page.mouse.move(x1, y1, steps=3)
+    page.mouse.up()
+    drawn = _bbox_field(page)[1]
+    assert drawn == pytest.approx([200, 1480, 1000, 2300], abs=2 / scale + 1)
+    assert _bbox_field(page)[0] == moved
+
+    # Submitted as shown: the job's bbox is the edited boxes.
+    page.fill("#frames", "17")
+    with page.expect_response(lambda r: r.url.endswith("/v1/jobs") and r.request.method == "POST") as reply:
+        page.click("#submit")
+    assert reply.value.status == 202, reply.value.text()
+    job = reply.value.json()["id"]
+    record = service.jobs.get(job)
+    assert record.request.bbox == [moved, drawn]
+
+    # A picture with fewer faces than speakers: the 422 is shown, and the boxes are drawn by hand.
+    page.set_input_files("#image-file", str(fixtures_dir / "single" / "single1.png"))
+    page.wait_for_function("document.getElementById('box-note').textContent.includes('bbox')", timeout=30_000)
+    assert "1 face" in page.text_content("#box-note") and page.query_selector(".speaker-box") is None
+    assert errors == [], errors
+    page.close()
 
 
 @pytest.mark.serve

@@ -1,6 +1,7 @@
-"""Webhooks: the final status POSTed once to a local receiver, signed, retried after an
-error, delivered by the next replica when its owner stopped mid-delivery, and refused at
-submit for a host the server does not allow."""
+"""Webhooks: the final status POSTed once to a local receiver, signed (Standard Webhooks,
+verified by the ``standardwebhooks`` library's own verifier; the deprecated header too),
+retried after an error, delivered by the next replica when its owner stopped mid-delivery,
+and refused at submit for a host the server does not allow."""
 from __future__ import annotations
 
 import hashlib
@@ -12,10 +13,12 @@ import time
 
 import pytest
 from fakes import make_client, wait_state
+from standardwebhooks import Webhook, WebhookVerificationError
 
+from deployments.webhook_signing import standard_secret
 from deployments.webhooks import DELIVERY_HEADER, SIGNATURE_HEADER, Webhooks, WebhookSettings, sign
 
-SECRET = "s3cret-for-open-service"
+SECRET = "s3cret-for-open-service"  # a plain secret (the old form); whsec_ secrets below
 
 
 class Receiver(http.server.BaseHTTPRequestHandler):
@@ -53,11 +56,15 @@ def client(tmp_path, monkeypatch):
         yield client, service
 
 
-def _verify(delivery: dict) -> dict:
+def _verify(delivery: dict, secret: str = SECRET) -> dict:
+    """Both signatures: the Standard Webhooks one with the library's own verifier (given the
+    secret's whsec_ form, as a receiver holds it) and the deprecated header."""
+    payload = Webhook(standard_secret(secret)).verify(delivery["body"], delivery["headers"])
     t, mac = (part.split("=", 1)[1] for part in delivery["headers"][SIGNATURE_HEADER].split(","))
-    expected = hmac.new(SECRET.encode(), f"{t}.".encode() + delivery["body"], hashlib.sha256).hexdigest()
+    expected = hmac.new(secret.encode(), f"{t}.".encode() + delivery["body"], hashlib.sha256).hexdigest()
     assert hmac.compare_digest(mac, expected), "bad signature"
-    return json.loads(delivery["body"])
+    assert payload == json.loads(delivery["body"])
+    return payload
 
 
 def _wait_delivered(client, job_id, timeout=20.0) -> dict:
@@ -83,6 +90,7 @@ def test_delivered_once_with_a_valid_signature(client, receiver):
     payload = _verify(rx.received[0])
     assert payload["id"] == job_id and payload["state"] == "COMPLETED" and payload["result"]["frames"] == 9
     assert rx.received[0]["headers"][DELIVERY_HEADER] == job_id
+    assert rx.received[0]["headers"]["webhook-id"] == f"msg_{job_id}_1"
     assert st["webhook"]["ended_at"] and not service.store.exists(f"jobs/active/{job_id}")  # nothing left to do
 
 
@@ -169,3 +177,161 @@ def test_refused_at_submit_for_disallowed_hosts(tmp_path, monkeypatch):
 def test_signature_is_hmac_of_timestamp_and_body():
     value = sign("k", b'{"a":1}', timestamp=1700000000)
     assert value == "t=1700000000,v1=" + hmac.new(b"k", b'1700000000.{"a":1}', hashlib.sha256).hexdigest()
+
+
+# --- the transport: connect where checked, resolve off the loop, secrets that rotate -------
+
+
+class Lookups:
+    """``socket.getaddrinfo`` for test names: ``answers(n)`` gives the address of the n-th
+    lookup of the name (from 1); every other name resolves for real. Records, per lookup,
+    whether it ran on a thread with a running event loop."""
+
+    def __init__(self, name, answers):
+        import socket
+
+        self.name, self.answers, self.real = name, answers, socket.getaddrinfo
+        self.calls: list[bool] = []
+
+    def __call__(self, host, port, *args, **kw):
+        import asyncio
+        import socket
+
+        if host != self.name:
+            return self.real(host, port, *args, **kw)
+        try:
+            asyncio.get_running_loop()
+            on_loop = True
+        except RuntimeError:
+            on_loop = False
+        self.calls.append(on_loop)
+        address = self.answers(len(self.calls))
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, port or 0))]
+
+
+def test_a_host_that_rebinds_to_loopback_is_never_contacted_there(tmp_path, monkeypatch, receiver):
+    """The allow-listed name answers a public address to the first two lookups (the check
+    at submit and the check before the POST) and loopback afterwards, as an attacker's DNS
+    with a zero TTL does. The POST goes to the address that was checked (unreachable here:
+    no network), the next attempt's check sees loopback and ends the delivery; the
+    receiver on loopback is never contacted, and no lookup blocks the event loop."""
+    import socket
+
+    url, rx = receiver
+    port = url.split(":")[2].split("/")[0]
+    lookups = Lookups("hooks.rebind.test", lambda n: "93.184.216.34" if n <= 2 else "127.0.0.1")
+    monkeypatch.setattr(socket, "getaddrinfo", lookups)
+    monkeypatch.setenv("MULTITALK_WEBHOOK_SECRETS", f"*:{SECRET}")
+    hooks = {"allowed_hosts": ["hooks.rebind.test"], "attempts": 2, "backoff_s": 0.05, "timeout_s": 1.0}
+    client, service, _ = make_client(tmp_path, webhooks=hooks)
+    with client:
+        job = {"image": "multi1.png", "audio": ["1.wav"], "frames": 9, "sampling": {"steps": 2},
+               "webhook": f"http://hooks.rebind.test:{port}/hook"}
+        job_id = client.post("/v1/jobs", json=job).json()["id"]
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            st = client.get(f"/v1/jobs/{job_id}").json()
+            if (st.get("webhook") or {}).get("ended_at") or rx.received:
+                break
+            time.sleep(0.05)
+    assert rx.received == [], "the webhook was POSTed to loopback"
+    assert st["webhook"]["delivered_at"] is None and st["webhook"]["ended_at"], st["webhook"]
+    assert "private or loopback" in st["webhook"]["error"], st["webhook"]
+    assert len(lookups.calls) == 3  # one at submit, one per attempt: the client never resolved again
+    assert not any(lookups.calls), "a lookup blocked the event loop"
+
+
+def test_the_post_goes_to_the_checked_address_under_the_hosts_name(tmp_path, monkeypatch, receiver):
+    import socket
+
+    url, rx = receiver
+    port = url.split(":")[2].split("/")[0]
+    lookups = Lookups("hooks.pinned.test", lambda n: "127.0.0.1")
+    monkeypatch.setattr(socket, "getaddrinfo", lookups)
+    monkeypatch.setenv("MULTITALK_WEBHOOK_SECRETS", f"*:{SECRET}")
+    hooks = {"allowed_hosts": ["hooks.pinned.test"], "allow_private": True, "backoff_s": 0.05}
+    client, service, _ = make_client(tmp_path, webhooks=hooks)
+    with client:
+        job = {"image": "multi1.png", "audio": ["1.wav"], "frames": 9, "sampling": {"steps": 2},
+               "webhook": f"http://hooks.pinned.test:{port}/hook"}
+        st = _wait_delivered(client, client.post("/v1/jobs", json=job).json()["id"])
+    assert st["webhook"]["status_code"] == 200 and len(rx.received) == 1
+    assert rx.received[0]["headers"]["Host"] == f"hooks.pinned.test:{port}"
+    assert len(lookups.calls) == 2 and not any(lookups.calls)
+
+
+def test_the_secrets_file_is_closed_and_read_again_when_it_changes(tmp_path, receiver):
+    """Rotation without a restart: the file is read (and closed) at start, and again once
+    it changed; deliveries after the change are signed with the new secret."""
+    import asyncio
+    import gc
+    import os
+    import warnings
+
+    from deployments.webhooks import WebhookInfo
+
+    url, rx = receiver
+    secrets = tmp_path / "webhook-secrets"
+    secrets.write_text("*:old-secret\n")
+    settings = WebhookSettings(allowed_hosts=("127.0.0.1",), allow_private=True, secrets_file=str(secrets))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        hooks = Webhooks(settings, env={})
+        gc.collect()
+
+    async def noop(info):
+        return None
+
+    def deliver():
+        return asyncio.run(hooks.deliver(WebhookInfo(url=url), {"id": "j"}, None, "j", noop))
+
+    assert deliver().status_code == 200
+    secrets.write_text("*:new-secret\n")
+    os.utime(secrets, ns=(time.time_ns() + 10**9,) * 2)
+    time.sleep(1.1)  # the file is checked at most once a second
+    assert deliver().status_code == 200
+    for delivery, secret in zip(rx.received, ("old-secret", "new-secret")):
+        t, mac = (part.split("=", 1)[1] for part in delivery["headers"][SIGNATURE_HEADER].split(","))
+        assert mac == hmac.new(secret.encode(), f"{t}.".encode() + delivery["body"], hashlib.sha256).hexdigest(), \
+            f"not signed with {secret}"
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)], [str(w.message) for w in caught]
+
+
+def test_standard_webhooks_per_tenant_whsec_secret_and_replay_with_another_id(tmp_path, monkeypatch, receiver):
+    """A tenant's ``whsec_`` secret: its delivery verifies with the standardwebhooks library;
+    the same delivery replayed with a changed ``webhook-id`` (a receiver deduping on the id
+    would take it as new) is rejected by that verifier, as is another tenant's secret."""
+    import base64
+    import os
+
+    acme = "whsec_" + base64.b64encode(os.urandom(24)).decode()
+    other = "whsec_" + base64.b64encode(os.urandom(24)).decode()
+    monkeypatch.setenv("MULTITALK_API_KEYS", "acme:key-acme,other:key-other")
+    monkeypatch.setenv("MULTITALK_WEBHOOK_SECRETS", f"acme:{acme},other:{other}")
+    url, rx = receiver
+    hooks = {"allowed_hosts": ["127.0.0.1"], "allow_private": True, "backoff_s": 0.05}
+    client, service, store = make_client(tmp_path, webhooks=hooks)
+    auth = {"Authorization": "Bearer key-acme"}
+    with client:
+        job = {"image": "multi1.png", "audio": ["1.wav"], "frames": 9, "sampling": {"steps": 1}, "webhook": url}
+        job_id = client.post("/v1/jobs", json=job, headers=auth).json()["id"]
+        deadline = time.monotonic() + 20
+        while not rx.received:
+            assert time.monotonic() < deadline, "no delivery"
+            time.sleep(0.02)
+    delivery = rx.received[0]
+    headers = {k.lower(): v for k, v in delivery["headers"].items()}
+    assert headers["webhook-id"] == f"msg_{job_id}_1" and headers["webhook-signature"].startswith("v1,")
+    assert abs(int(headers["webhook-timestamp"]) - time.time()) < 60
+    payload = Webhook(acme).verify(delivery["body"], headers)
+    assert payload["id"] == job_id and payload["state"] == "COMPLETED"
+    replayed = {**headers, "webhook-id": f"msg_{job_id}_2"}
+    with pytest.raises(WebhookVerificationError):
+        Webhook(acme).verify(delivery["body"], replayed)
+    with pytest.raises(WebhookVerificationError):
+        Webhook(acme).verify(delivery["body"].replace(b"COMPLETED", b"FAILED"), headers)  # a changed body
+    with pytest.raises(WebhookVerificationError):
+        Webhook(other).verify(delivery["body"], headers)  # another tenant's secret
+    stale = {**headers, "webhook-timestamp": str(int(time.time()) - 3600)}
+    with pytest.raises(WebhookVerificationError):
+        Webhook(acme).verify(delivery["body"], stale)  # an old delivery replayed as it was

@@ -11,13 +11,15 @@ from typing import Optional
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from multitalk.api import InputError
 
 from ..admission import Overloaded
 from ..schemas import ErrorBody, as_input_error
 
-ERROR_RESPONSES = {status: {"model": ErrorBody} for status in (400, 403, 404, 409, 422, 429)}
+ERROR_RESPONSES = {status: {"model": ErrorBody} for status in (400, 401, 403, 404, 409, 413, 422, 429)}
 __all__ = ["ERROR_RESPONSES", "as_input_error", "error_response", "install"]
 
 
@@ -36,7 +38,20 @@ def install(app: FastAPI) -> None:
     async def _overloaded(request: Request, exc: Overloaded):
         return error_response(429, str(exc), headers={"Retry-After": str(exc.retry_after)})
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:  # every method of the path (Starlette names the first route's only)
+            methods = set()
+            for route in request.app.router.routes:
+                if route.matches(request.scope)[0] != Match.NONE:
+                    methods |= set(getattr(route, "methods", None) or ())
+            headers["Allow"] = ", ".join(sorted(methods))
+        return error_response(exc.status_code, str(exc.detail), headers=headers or None)
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
+        if any(err.get("type") == "json_invalid" for err in exc.errors()):
+            return error_response(400, "body is not valid JSON", "body")  # malformed, not invalid
         e = as_input_error(exc)
         return error_response(e.status, e.message, e.field)

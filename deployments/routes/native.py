@@ -1,7 +1,7 @@
 """The native job API: ``/v1/jobs``.
 
 * ``POST /v1/jobs``            202 ``{id, state, status_url}``; JSON :class:`JobRequest`, or multipart
-                               with files ``image``, ``audio`` (1-2, or ``audio_2``) and a
+                               with files ``image``, ``audio`` (1-4, or ``audio_2``..``audio_4``) and a
                                ``request`` field holding the JSON options. ``Idempotency-Key`` header.
 * ``GET /v1/jobs``             recent jobs, newest first (``?limit=20&after=<cursor>``)
 * ``GET /v1/jobs/{id}``        :class:`JobStatus` (state, progress, timings, result + URL, error)
@@ -16,18 +16,18 @@ import asyncio
 import json
 from typing import Optional
 
-from fastapi import APIRouter, Depends, Header, Query, Request
-from fastapi.responses import FileResponse, Response, StreamingResponse
+from fastapi import APIRouter, Depends, Header, Path, Query, Request
+from fastapi.responses import Response, StreamingResponse
 from multitalk.api import InputError
 
 from multitalk.utils.segments import hls_playlist
 
 from ..chunk_results import INIT_NAME, partial_video, segment_name, stored_prefix
-from ..jobs import JobRecord
+from ..jobs import CURSOR_PATTERN, JobRecord
 from ..schemas import JobState, JobStatus, SubmitResponse
 from ..service import JobService
-from ..storage import LocalStore, NotFound
-from .deps import get_job, get_service, get_tenant, json_body
+from ..storage import NotFound
+from .deps import get_job, get_service, get_tenant, json_body, stored_file
 from .errors import ERROR_RESPONSES
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -44,6 +44,8 @@ _MULTIPART_BODY = {
                         "video": {"type": "string", "format": "binary", "description": "InfiniteTalk: a video to dub"},
                         "audio": {"type": "array", "items": {"type": "string", "format": "binary"}},
                         "audio_2": {"type": "string", "format": "binary"},
+                        "audio_3": {"type": "string", "format": "binary"},
+                        "audio_4": {"type": "string", "format": "binary"},
                         "request": {"type": "string", "description": "JobRequest JSON without image/audio"},
                     },
                     "required": ["audio"],
@@ -96,8 +98,9 @@ async def _from_multipart(request: Request, service: JobService, tenant: Optiona
     if not visual:
         raise InputError("image", "missing image file (or video, a source video to dub)")
     audios = list(form.getlist("audio"))
-    if form.get("audio_2") is not None:
-        audios.append(form.get("audio_2"))
+    for name in ("audio_2", "audio_3", "audio_4"):
+        if form.get(name) is not None:
+            audios.append(form.get(name))
     audio_refs = [await _upload_or_reference(service, f"audio[{i}]", a, tenant) for i, a in enumerate(audios)]
     if not audio_refs:
         audio_refs = options.get("audio") or []
@@ -107,7 +110,8 @@ async def _from_multipart(request: Request, service: JobService, tenant: Optiona
 
 
 @router.get("")
-async def list_jobs(limit: int = Query(20, ge=1, le=200), after: Optional[str] = None,
+async def list_jobs(limit: int = Query(20, ge=1, le=200),
+                    after: Optional[str] = Query(None, pattern=CURSOR_PATTERN, description="'next' of the page before"),
                     service: JobService = Depends(get_service), tenant: Optional[str] = Depends(get_tenant)):
     """Recent jobs, newest first: ``{"jobs": [{id, state, created_at, finished_at, progress,
     prompt, video_url, error}], "next": cursor}``; pass ``after=<next>`` for the page after.
@@ -139,7 +143,7 @@ async def get_video(rec: JobRecord = Depends(get_job), service: JobService = Dep
     """The finished mp4; before that (and after a late failure) the chunks finished so far of
     a streaming job, as one fragmented MP4 that plays (``X-MultiTalk-Chunks: done/total``)."""
     if rec.state == JobState.COMPLETED and rec.result is not None:
-        return _stored_file(service, rec, rec.result.key, "video/mp4", f"{rec.id}.mp4")
+        return await stored_file(service, rec, rec.result.key, "video/mp4", f"{rec.id}.mp4")
     if rec.chunks:
         chunks = list(rec.chunks)  # a snapshot: the live list grows while the job runs
         headers = {"Content-Disposition": f'inline; filename="{rec.id}.partial.mp4"', "Cache-Control": "no-store",
@@ -150,8 +154,10 @@ async def get_video(rec: JobRecord = Depends(get_job), service: JobService = Dep
 
 
 @router.get("/{job_id}/chunks/{name}", responses={200: {"content": {"application/vnd.apple.mpegurl": {},
-                                                                   "video/mp4": {}}}, **ERROR_RESPONSES})
-async def get_chunk(name: str, rec: JobRecord = Depends(get_job), service: JobService = Depends(get_service)):
+                                                                   "video/mp4": {}, "video/iso.segment": {}}},
+                                                   **ERROR_RESPONSES})
+async def get_chunk(name: str = Path(..., description="index.m3u8, init.mp4 or NNNNN.m4s (others: 404)"),
+                    rec: JobRecord = Depends(get_job), service: JobService = Depends(get_service)):
     """A streaming job's chunks for HLS players: ``index.m3u8`` (the playlist: EVENT while
     the job runs, VOD once it has ended), ``init.mp4`` and ``NNNNN.m4s``."""
     if not rec.chunks:
@@ -178,17 +184,4 @@ async def get_speech(rec: JobRecord = Depends(get_job), service: JobService = De
         raise InputError("id", f"job is {rec.state.value}, no speech yet", 409)
     if not rec.result.speech_key:
         raise InputError("id", "this job spoke no text (it was given audio)", 404)
-    return _stored_file(service, rec, rec.result.speech_key, "audio/wav", f"{rec.id}.speech.wav")
-
-
-def _stored_file(service: JobService, rec: JobRecord, key: str, media_type: str, filename: str):
-    """A result file from the job's store, streamed (a local store's file served directly)."""
-    store, _ = service.video_location(rec)
-    headers = {"Content-Disposition": f'inline; filename="{filename}"'}
-    if isinstance(store, LocalStore):
-        return FileResponse(store.path(key), media_type=media_type, headers=headers)
-    try:
-        chunks = store.stream(key)
-    except NotFound:
-        raise InputError("id", f"{filename} missing from the store", 404)
-    return StreamingResponse(chunks, media_type=media_type, headers=headers)
+    return await stored_file(service, rec, rec.result.speech_key, "audio/wav", f"{rec.id}.speech.wav")

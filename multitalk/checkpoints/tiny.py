@@ -86,16 +86,25 @@ def tiny_dit_inputs(people: int, t_lat: int = 5, seed: int = 0, hw: tuple[int, i
     """Valid keyword inputs for :func:`tiny_dit`'s forward (tests and benches).
 
     ``people`` speakers, ``t_lat`` latent frames (``1 + 4 (t_lat - 1)`` video frames) of
-    ``hw`` latents; person masks: left and right thirds, background in between.
+    ``hw`` latents; person masks: up to two people the left and right parts with background
+    in between; three or four people side by side in columns, a background column between
+    each two.
     """
     g = torch.Generator().manual_seed(seed)
     cfg = tiny_dit_config()
     h, w = hw
     frames = 1 + 4 * (t_lat - 1)
-    masks = torch.zeros(3, h, w)
-    masks[0, :, : w // 2 - 1] = 1
-    masks[1, :, w // 2 + 1 :] = 1
-    masks[2] = 1 - masks[0] - masks[1]
+    if people <= 2:
+        masks = torch.zeros(3, h, w)
+        masks[0, :, : w // 2 - 1] = 1
+        masks[1, :, w // 2 + 1 :] = 1
+        masks[2] = 1 - masks[0] - masks[1]
+    else:
+        masks = torch.zeros(people + 1, h, w)
+        width = w // people
+        for k in range(people):
+            masks[k, :, k * width : (k + 1) * width - 1] = 1
+        masks[people] = 1 - masks[:people].sum(0)
     return dict(
         x=torch.randn(16, t_lat, h, w, generator=g),
         t=torch.tensor([811.0]),

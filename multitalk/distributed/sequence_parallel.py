@@ -21,7 +21,7 @@ How the sequence is split (why it matches the serial model exactly):
   the ``S`` real tokens for ``H / ulysses_degree`` heads, then re-pads and exchanges back.
 * Everything else is per token or per latent frame: text/image cross-attention, FFN,
   head; the audio cross-attention gets the rank's frames and those frames' audio tokens.
-* Two-person L-RoPE: the reference frame (latent frame 0) always lives on rank 0, whose
+* Multi-person L-RoPE: the reference frame (latent frame 0) always lives on rank 0, whose
   reference keys are broadcast to the group; each rank computes its queries' map against
   them, and the per-person (min, max) used to scale the map into RoPE positions is
   all-reduced so every rank scales exactly like the serial model.
@@ -358,23 +358,23 @@ class SequenceParallel:
     @torch.no_grad()
     def reference_map(self, q: torch.Tensor, k: torch.Tensor, layout: TokenLayout,
                       ref_masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The block's ``ref_map_fn``: two-person reference map for this rank's tokens.
+        """The block's ``ref_map_fn``: the people's reference map for this rank's tokens.
 
         Args:
             q, k: this rank's roped queries/keys ``[1, S_local, H, D]``.
             layout: the rank's :class:`TokenLayout` (frame 0 = first ``h*w`` tokens of rank 0).
-            ref_masks: ``[3, h*w]`` token masks of the reference frame.
+            ref_masks: ``[P + 1, h*w]`` token masks of the reference frame (persons, background).
         Returns:
-            ``(ref_map [3, S_local], value_range [2, 2])``: value_range holds (min, max) per
-            person over *all* ranks' tokens.
+            ``(ref_map [P + 1, S_local], value_range [P, 2])``: value_range holds (min, max)
+            per person over *all* ranks' tokens.
         """
         _, h, w = layout.grid
         ref_k = k[:, : h * w].contiguous() if self.rank == 0 else k.new_empty(1, h * w, *k.shape[2:])
         if self.world_size > 1:
             dist.broadcast(ref_k, src=self.reference_src, group=self.group)
         ref_map = reference_attention_map(q, k, layout.grid, ref_masks, ref_k=ref_k)
-        lows = ref_map[:2].min(dim=1).values.contiguous()
-        highs = ref_map[:2].max(dim=1).values.contiguous()
+        lows = ref_map[:-1].min(dim=1).values.contiguous()
+        highs = ref_map[:-1].max(dim=1).values.contiguous()
         if self.world_size > 1:
             dist.all_reduce(lows, op=dist.ReduceOp.MIN, group=self.group)
             dist.all_reduce(highs, op=dist.ReduceOp.MAX, group=self.group)

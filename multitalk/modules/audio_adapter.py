@@ -9,12 +9,16 @@ regroups them per *latent* frame (the VAE packs 4 video frames into one latent f
 projects each group into ``context_tokens`` tokens, and every latent frame's video tokens
 cross-attend to that frame's audio tokens only.
 
-With two people, "L-RoPE" binds each person's video tokens to their own audio: the
+With several people, "L-RoPE" binds each person's video tokens to their own audio: the
 self-attention map between video queries and the reference frame's keys, restricted by
 per-person masks, says how much each token "belongs" to each person; that score is
-scaled into a person-specific 1-D RoPE position range (person 1: [0, 4], person 2:
-[20, 24], background: 12), and each person's audio tokens sit at the middle of their
-range (2 and 22). Attention then favours matching positions.
+scaled into a person-specific 1-D RoPE position range (two people, the official layout:
+person 1 [0, 4], person 2 [20, 24], background 12), and each person's audio tokens sit
+at the middle of their range (2 and 22). Attention then favours matching positions.
+
+Three and four people (:func:`lrope_layout`) spread the ranges evenly over the same
+[0, 24] span, as ComfyUI-WanVideoWrapper drives more than two speakers; the model was
+trained on one and two people only, so quality past two is not what it was trained for.
 """
 from __future__ import annotations
 
@@ -165,29 +169,59 @@ def _rescale(values: torch.Tensor, src: tuple[torch.Tensor, torch.Tensor], dst: 
     return (values - lo) / (hi - lo + 1e-8) * (dst[1] - dst[0]) + dst[0]
 
 
+def lrope_layout(people: int, class_range: int = 24, class_interval: int = 4
+                 ) -> tuple[tuple[tuple[float, float], ...], float]:
+    """Each person's 1-D RoPE range and the background's position, for ``people`` >= 2.
+
+    Person ``i`` gets ``[s_i, s_i + class_interval]`` with the starts spread evenly from 0
+    to ``class_range - class_interval``: two people get exactly the official ranges
+    ([0, 4], [20, 24]); three [0, 4], [10, 14], [20, 24]; four [0, 4], [6.67, 10.67],
+    [13.33, 17.33], [20, 24]. The background stays at the official ``class_range // 2``
+    (12) unless a person's range covers it (three people): then it moves to the middle of
+    the free gap nearest to it (7), so no person's audio is bound to the background.
+    """
+    if people < 2:
+        raise ValueError(f"L-RoPE binds two or more people, got {people}")
+    step = (class_range - class_interval) / (people - 1)
+    if step < class_interval:  # ranges would overlap: at most class_range // class_interval people
+        raise ValueError(f"{people} people do not fit a RoPE class range of {class_range} in steps of {class_interval}")
+    ranges = tuple((i * step, i * step + class_interval) for i in range(people))
+    background = float(class_range // 2)
+    if any(lo <= background <= hi for lo, hi in ranges):
+        gaps = [((a[1] + b[0]) / 2, b[0] - a[1]) for a, b in zip(ranges, ranges[1:]) if b[0] > a[1]]
+        if not gaps:
+            raise ValueError(f"no room for the background among {people} people's ranges")
+        background = min(gaps, key=lambda gap: abs(gap[0] - class_range / 2))[0]
+    return ranges, background
+
+
 def lrope_positions(
     ref_map: torch.Tensor,
-    person_ranges: tuple[tuple[float, float], tuple[float, float]],
+    person_ranges: tuple[tuple[float, float], ...],
     background: float,
     value_range: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Per-token 1-D positions for two people from the reference attention map.
+    """Per-token 1-D positions for ``P`` people from the reference attention map.
 
     Args:
-        ref_map: ``[3, S]`` (person 1, person 2, background).
-        value_range: ``[2, 2]`` (min, max) per person over *all* tokens; defaults to the
+        ref_map: ``[P + 1, S]`` (person 1, ..., person P, background).
+        person_ranges: ``P`` ranges (:func:`lrope_layout`).
+        value_range: ``[P, 2]`` (min, max) per person over *all* tokens; defaults to the
             range over ``ref_map``. Sequence parallelism passes the global range so a
             rank's slice is scaled exactly like the whole sequence.
     Returns:
-        ``[S]`` positions in ``ref_map``'s dtype.
+        ``[S]`` positions in ``ref_map``'s dtype: each token takes the position of the
+        class it attends to most (its person's rescaled score, or the background's).
     """
+    people = ref_map.shape[0] - 1
+    if len(person_ranges) != people:
+        raise ValueError(f"{len(person_ranges)} RoPE ranges for a map of {people} people")
     if value_range is None:
-        value_range = torch.stack([ref_map[:2].min(1).values, ref_map[:2].max(1).values], dim=1)
-    p1 = _rescale(ref_map[0], (value_range[0, 0], value_range[0, 1]), person_ranges[0])
-    p2 = _rescale(ref_map[1], (value_range[1, 0], value_range[1, 1]), person_ranges[1])
-    bg = torch.full_like(p1, background)
+        value_range = torch.stack([ref_map[:people].min(1).values, ref_map[:people].max(1).values], dim=1)
+    persons = [_rescale(ref_map[i], (value_range[i, 0], value_range[i, 1]), person_ranges[i]) for i in range(people)]
+    bg = torch.full_like(persons[0], background)
     owner = ref_map.argmax(dim=0)
-    candidates = torch.stack([p1, p2, bg], dim=1)  # [S, 3]
+    candidates = torch.stack([*persons, bg], dim=1)  # [S, P + 1]
     return candidates.gather(1, owner[:, None]).squeeze(1)
 
 
@@ -215,8 +249,7 @@ class AudioCrossAttention(nn.Module):
         self.q_linear = nn.Linear(dim, dim, bias=qkv_bias)
         self.kv_linear = nn.Linear(encoder_hidden_states_dim, dim * 2, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
-        self.person_ranges = ((0.0, float(class_interval)), (float(class_range - class_interval), float(class_range)))
-        self.background_position = float(class_range // 2)
+        self.class_range, self.class_interval = class_range, class_interval
         self.attention: AttentionKernel = LocalAttention()
 
     def forward(
@@ -233,7 +266,8 @@ class AudioCrossAttention(nn.Module):
             x: ``[1, frames * S_f, dim]`` video tokens grouped by latent frame (S_f tokens
                 per frame; a sequence-parallel rank passes whole frames).
             audio_tokens: ``[frames, people * context_tokens, audio_dim]``.
-            people: 1 or 2; with 2, ``ref_map`` ``[3, frames * S_f]`` is required.
+            people: 1 to 4 (``audio_tokens`` holds each person's ``context_tokens`` in
+                turn); with 2 or more, ``ref_map`` ``[people + 1, frames * S_f]`` is required.
         Returns:
             ``[1, frames * S_f, dim]``.
         """
@@ -244,15 +278,17 @@ class AudioCrossAttention(nn.Module):
         kv = self.kv_linear(audio_tokens).view(frames, -1, 2, n, d)
         k, v = kv.unbind(2)  # [frames, A, n, d]
 
-        if people == 2:
-            assert ref_map is not None, "two people need the reference attention map"
-            q_pos = lrope_positions(ref_map, self.person_ranges, self.background_position, ref_map_range)
+        if people >= 2:
+            assert ref_map is not None, "two or more people need the reference attention map"
+            ranges, background = lrope_layout(people, self.class_range, self.class_interval)
+            q_pos = lrope_positions(ref_map, ranges, background, ref_map_range)
             q = apply_rope_1d(q.reshape(1, seq, n, d).transpose(1, 2), q_pos).transpose(1, 2)
             q = q.reshape(frames, per_frame, n, d)
             tokens_per_frame = k.shape[1]
+            per_person = tokens_per_frame // people
             k_pos = torch.empty(tokens_per_frame, dtype=k.dtype, device=k.device)
-            k_pos[: tokens_per_frame // 2] = sum(self.person_ranges[0]) / 2
-            k_pos[tokens_per_frame // 2 :] = sum(self.person_ranges[1]) / 2
+            for person, (lo, hi) in enumerate(ranges):  # each person's audio tokens at their range's middle
+                k_pos[person * per_person : (person + 1) * per_person] = (lo + hi) / 2
             k_pos = k_pos.repeat(frames)
             k = apply_rope_1d(k.reshape(1, -1, n, d).transpose(1, 2), k_pos).transpose(1, 2)
             k = k.reshape(frames, tokens_per_frame, n, d)

@@ -12,6 +12,9 @@ Two kinds:
 """
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
+
 import torch
 
 
@@ -59,16 +62,70 @@ def video_rope_grid(freqs: torch.Tensor, grid: tuple[int, int, int]) -> torch.Te
     return torch.view_as_real(grid_freqs.reshape(f * h * w, 1, -1))
 
 
+class VideoRotaryCache:
+    """The 3-axis rotations of token grids, each computed once and kept on its device.
+
+    A DiT forward needs the rotations of its ``(f, h, w)`` grid in every block; the grid
+    is the same for every step and chunk of a job, so they are built once (in float64 on
+    the CPU, exactly as :func:`video_rope_grid`), copied to the device once, and reused
+    (diffusers' ``WanRotaryPosEmbed`` keeps its tables as buffers for the same reason).
+    Not a module buffer: the official state dict has no rope tensors, and a model cast to
+    bf16 must not cast them. The most recent ``max_grids`` grid shapes are kept (at 480p a
+    grid is about 34 MB).
+    """
+
+    def __init__(self, head_dim: int, max_seq_len: int = 1024, max_grids: int = 4):
+        self.head_dim, self.max_seq_len, self.max_grids = head_dim, max_seq_len, max_grids
+        self._freqs: "torch.Tensor | None" = None
+        self._grids: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
+        self._lock = threading.Lock()
+        self.built = 0  # grids computed so far (the tests count them)
+
+    @property
+    def freqs(self) -> torch.Tensor:
+        """``[max_seq_len, head_dim // 2]`` complex128 on the CPU (:func:`video_rope_freqs`)."""
+        if self._freqs is None:
+            self._freqs = video_rope_freqs(self.head_dim, self.max_seq_len)
+        return self._freqs
+
+    def rotations(self, grid: tuple[int, int, int], device: "torch.device | str") -> torch.Tensor:
+        """``[f*h*w, 1, head_dim // 2, 2]`` float64 on ``device`` (see :func:`video_rope_grid`)."""
+        key = (tuple(int(g) for g in grid), torch.device(device))
+        with self._lock:
+            cached = self._grids.get(key)
+            if cached is not None:
+                self._grids.move_to_end(key)
+                return cached
+            rotations = video_rope_grid(self.freqs, key[0]).to(key[1])
+            self._grids[key] = rotations
+            self.built += 1
+            while len(self._grids) > self.max_grids:
+                self._grids.popitem(last=False)
+            return rotations
+
+    def clear(self) -> None:
+        with self._lock:
+            self._grids.clear()
+
+    def __getstate__(self) -> dict:
+        # A copied (or pickled) model starts with an empty cache of its own.
+        return {"head_dim": self.head_dim, "max_seq_len": self.max_seq_len, "max_grids": self.max_grids}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(**state)
+
+
 def apply_video_rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
     """Rotate ``x`` ``[B, S, H, D]`` by ``rotations`` ``[S, 1, D/2, 2]`` (cos, sin); returns float32.
 
     Consecutive channel pairs ``(re, im)`` are multiplied by ``cos + i sin`` in float64,
-    written out in real arithmetic.
+    written out in real arithmetic. ``rotations`` must be on ``x``'s device already
+    (:class:`VideoRotaryCache` keeps them there): no copy per block.
     """
     b, s, n, d = x.shape
     pairs = x.to(torch.float64).reshape(b, s, n, d // 2, 2)
     re, im = pairs.unbind(-1)
-    cos, sin = rotations.to(x.device).unbind(-1)
+    cos, sin = rotations.unbind(-1)
     out = torch.stack((re * cos - im * sin, re * sin + im * cos), dim=-1).flatten(3)
     return out.float()
 

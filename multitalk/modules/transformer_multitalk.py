@@ -13,7 +13,7 @@ Shapes (one sample, as the official sampler calls it):
 * ``clip_fea`` CLIP tokens             ``[1, 257, image_dim]``
 * ``y``      mask + VAE conditioning   ``[4 + 16, N_t, h, w]``
 * ``audio``  wav2vec2 windows          ``[P, frames, audio_window, audio_blocks, audio_channels]``
-* ``ref_target_masks`` person masks    ``[3, h, w]`` (latent resolution; persons..., background)
+* ``ref_target_masks`` person masks    ``[P + 1, h, w]`` (latent resolution; persons..., background)
 * output: velocity                     ``[16, N_t, h, w]`` float32
 
 Tokens: patches of (1, 2, 2) latents, ``N_t * h/2 * w/2`` of them, frame-major.
@@ -32,7 +32,7 @@ from diffusers.models.modeling_utils import ModelMixin
 
 from .attention import AttentionKernel, LocalAttention
 from .audio_adapter import AudioCrossAttention, AudioProjModel, reference_attention_map, window_audio_per_latent_frame
-from .rope import apply_video_rope, video_rope_freqs, video_rope_grid
+from .rope import VideoRotaryCache, apply_video_rope
 
 
 def sinusoidal_embedding_1d(dim: int, position: torch.Tensor) -> torch.Tensor:
@@ -211,7 +211,7 @@ class MultiTalkBlock(nn.Module):
 
     def _audio_attention(self, x, q, k, audio_tokens, people, ref_masks, layout) -> torch.Tensor:
         ref_map = ref_range = None
-        if people == 2:
+        if people >= 2:
             if self.ref_map_fn is not None:
                 ref_map, ref_range = self.ref_map_fn(q, k, layout, ref_masks)
             else:
@@ -254,7 +254,7 @@ class DiTInputs:
     ``tokens`` ``[1, S, dim]``; ``e`` ``[1, dim]`` and ``e0`` ``[1, 6, dim]`` float32;
     ``context`` ``[B, 257 + text_len, dim]`` (one row per guidance pass); per pass
     ``audio_tokens`` ``[N_t, P * context_tokens, output_dim]`` (``None`` without the
-    adapter) and ``people`` ``P``; ``masks`` ``[3, h_tok * w_tok]`` or ``None``;
+    adapter) and ``people`` ``P``; ``masks`` ``[P + 1, h_tok * w_tok]`` or ``None``;
     ``rotations`` the 3-axis RoPE of every token.
     """
 
@@ -288,7 +288,7 @@ class MultiTalkTransformer3DModel(ModelMixin, ConfigMixin):
     _no_split_modules = ["MultiTalkBlock"]
     # diffusers' regional compilation (``compile_repeated_blocks``) compiles this block once:
     # all 40 share the compiled code, and a step's guidance passes need at most two graphs
-    # (one and two speakers), so sampling never recompiles.
+    # (one speaker, and the job's speaker count), so sampling never recompiles.
     _repeated_blocks = ["MultiTalkBlock"]
     ignore_for_config = ["_class_name", "_diffusers_version"]
 
@@ -359,16 +359,10 @@ class MultiTalkTransformer3DModel(ModelMixin, ConfigMixin):
                 norm_output_audio=norm_output_audio,
                 norm_fp32=audio_norm_fp32,
             )
-        # Not a buffer: the official state dict has no rope tensors.
-        self._rope_freqs: Optional[torch.Tensor] = None
+        # The self-attention rotations per token grid, on the device the tokens are on.
+        self.rope = VideoRotaryCache(dim // num_heads)
 
     # ------------------------------------------------------------------ helpers
-    @property
-    def rope_freqs(self) -> torch.Tensor:
-        if self._rope_freqs is None:
-            self._rope_freqs = video_rope_freqs(self.config.dim // self.config.num_heads)
-        return self._rope_freqs
-
     @property
     def has_audio(self) -> bool:
         return self.audio_proj is not None
@@ -461,14 +455,15 @@ class MultiTalkTransformer3DModel(ModelMixin, ConfigMixin):
             audio_tokens.append(tok)
             people.append(n)
         masks = None
-        if 2 in people:
-            if ref_target_masks is None:
-                raise ValueError("two people need ref_target_masks [3, h, w]")
+        if max(people) >= 2:
+            if ref_target_masks is None or ref_target_masks.shape[0] != max(people) + 1:
+                raise ValueError(f"{max(people)} people need ref_target_masks [{max(people) + 1}, h, w] "
+                                 f"(persons..., background)")
             masks = self.token_masks(ref_target_masks, grid, dtype)
         return DiTInputs(
             grid=grid, tokens=tokens, e=embedded[0][0], e0=embedded[0][1],
             context=torch.cat([c for _, _, c in embedded], dim=0), audio_tokens=audio_tokens, people=people,
-            masks=masks, rotations=video_rope_grid(self.rope_freqs, grid),
+            masks=masks, rotations=self.rope.rotations(grid, tokens.device),
         )
 
     def forward(

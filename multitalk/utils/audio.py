@@ -24,7 +24,8 @@ import numpy as np
 
 from multitalk.api import InputError
 
-from .ffmpeg import AUDIO_STREAM_RE, ffmpeg_exe, header_duration, read_header
+from .ffmpeg import ffmpeg_exe
+from .probe import UnreadableMedia, probe
 
 TARGET_LUFS = -23.0
 # Peak below this (about -80 dBFS) counts as "no speech at all".
@@ -119,12 +120,13 @@ def _decode_with_ffmpeg(data: bytes, field: str, max_seconds: float, sample_rate
         source = os.path.join(tmp, "input")
         with open(source, "wb") as handle:
             handle.write(data)
-        header = read_header(source, timeout=60)
-        if "Invalid data found" in header or "Stream #" not in header:
-            raise InputError(field, "not a recognised audio or video file")
-        if not AUDIO_STREAM_RE.search(header):
+        try:
+            info = probe(source)
+        except UnreadableMedia:
+            raise InputError(field, "not a recognised audio or video file") from None
+        if info.first("audio") is None:
             raise InputError(field, "the file has no audio track")
-        seconds = header_duration(header)
+        seconds = info.duration
         if seconds is not None and seconds > max_seconds:
             raise InputError(field, f"audio is {seconds:.1f} s long; the limit is {max_seconds:g} s", 413)
         # -t caps the decode for containers whose header carries no duration; the
@@ -192,33 +194,40 @@ def load_speech(
 def combine_speakers(
     speeches: list[np.ndarray], audio_type: Literal["add", "para"] = "add"
 ) -> tuple[list[np.ndarray], np.ndarray]:
-    """Lay out one or two speakers' speech on a common timeline.
+    """Lay out one to four speakers' speech on a common timeline.
 
     ``speeches``: per speaker float [N_i] samples (16 kHz). Returns
     ``(per_speaker, mixed)``: each speaker's track on the shared timeline (all the same
     length) and their sum (what ends up in the output video's soundtrack).
 
-    Official ``audio_prepare_multi`` semantics:
-    - ``add``: speaker 2 starts when speaker 1 ends: track 1 = s1 + zeros(len s2),
-      track 2 = zeros(len s1) + s2 (length N_1 + N_2 each).
-    - ``para``: both speak at the same time from t=0.
+    Official ``audio_prepare_multi`` semantics, generalised to more speakers as
+    ComfyUI-WanVideoWrapper does:
+    - ``add``: each speaker starts when the one before ends: track i = zeros(N_1 + ... +
+      N_{i-1}) + s_i + zeros(N_{i+1} + ...) (length N_1 + ... + N_P each).
+    - ``para``: all speak at the same time from t=0.
     One speaker: returned unchanged (mixed is the same array).
     """
+    from multitalk.api import MAX_SPEAKERS
+
     if audio_type not in ("add", "para"):
         raise InputError("audio_type", f"must be 'add' or 'para', got {audio_type!r}")
     if len(speeches) == 1:
         return [speeches[0]], speeches[0]
-    if len(speeches) != 2:
-        raise InputError("audio", f"1 or 2 speakers are supported, got {len(speeches)}")
-    first, second = (np.asarray(s, dtype=np.float32) for s in speeches)
+    if not 2 <= len(speeches) <= MAX_SPEAKERS:
+        raise InputError("audio", f"1 to {MAX_SPEAKERS} speakers are supported, got {len(speeches)}")
+    speeches = [np.asarray(s, dtype=np.float32) for s in speeches]
+    lengths = [s.shape[0] for s in speeches]
     if audio_type == "add":
-        track1 = np.concatenate([first, np.zeros(second.shape[0], dtype=np.float32)])
-        track2 = np.concatenate([np.zeros(first.shape[0], dtype=np.float32), second])
+        tracks = [np.concatenate([np.zeros(sum(lengths[:i]), dtype=np.float32), s,
+                                  np.zeros(sum(lengths[i + 1:]), dtype=np.float32)])
+                  for i, s in enumerate(speeches)]
     else:
         # The official code leaves para tracks at their own lengths (and its sum then
-        # only works when they are equal); we zero-pad the shorter one at the end so both
+        # only works when they are equal); we zero-pad the shorter ones at the end so all
         # tracks and the mix share one length.
-        length = max(first.shape[0], second.shape[0])
-        track1 = np.pad(first, (0, length - first.shape[0]))
-        track2 = np.pad(second, (0, length - second.shape[0]))
-    return [track1, track2], track1 + track2
+        length = max(lengths)
+        tracks = [np.pad(s, (0, length - s.shape[0])) for s in speeches]
+    mixed = tracks[0] + tracks[1]
+    for track in tracks[2:]:
+        mixed = mixed + track
+    return tracks, mixed

@@ -207,7 +207,7 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
 
 
-def _validate_bboxes(
+def validate_bboxes(
     bbox: Union[Sequence[BBox], Mapping[str, BBox]], src_h: int, src_w: int, num_speakers: int
 ) -> list[tuple[int, int, int, int]]:
     """Check per-speaker boxes and return them as integer (r0, c0, r1, c1).
@@ -254,23 +254,29 @@ def speaker_masks(
     bbox: Optional[Union[Sequence[BBox], Mapping[str, BBox]]] = None,
     face_scale: float = 0.05,
 ) -> torch.Tensor:
-    """Per-speaker regions of the source image: float32 [3, src_h, src_w] of 0/1.
+    """Per-speaker regions of the source image: float32 [P + 1, src_h, src_w] of 0/1.
 
-    Channels: speaker 1, speaker 2, background (official ``ref_target_masks``).
+    Channels: speaker 1, ..., speaker P, background (official ``ref_target_masks``).
     - 1 speaker: all three masks are all ones (bbox, if given, is validated but unused,
       as in the official code).
-    - 2 speakers with ``bbox``: ones inside each speaker's ``[r0, c0, r1, c1]`` box.
+    - 2 to 4 speakers with ``bbox``: ones inside each speaker's ``[r0, c0, r1, c1]`` box.
     - 2 speakers without: left and right halves, inset by ``face_scale`` of the height
-      (rows) and of the half width (columns), as the official default.
+      (rows) and of the half width (columns), as the official default. (The driver gives
+      boxes found from the faces instead: :mod:`multitalk.utils.faces`.)
+    - 3 or 4 speakers without: an error naming ``bbox``.
     Background is 1 where no speaker mask is set.
     """
-    if num_speakers not in (1, 2):
-        raise InputError("audio", f"1 or 2 speakers are supported, got {num_speakers}")
-    boxes = _validate_bboxes(bbox, src_h, src_w, num_speakers) if bbox is not None else None
+    from multitalk.api import MAX_SPEAKERS
+
+    if not 1 <= num_speakers <= MAX_SPEAKERS:
+        raise InputError("audio", f"1 to {MAX_SPEAKERS} speakers are supported, got {num_speakers}")
+    boxes = validate_bboxes(bbox, src_h, src_w, num_speakers) if bbox is not None else None
     if num_speakers == 1:
         return torch.ones(3, src_h, src_w, dtype=torch.float32)
+    if boxes is None and num_speakers > 2:
+        raise InputError("bbox", f"{num_speakers} speakers need one box per speaker")
 
-    people = torch.zeros(2, src_h, src_w, dtype=torch.float32)
+    people = torch.zeros(num_speakers, src_h, src_w, dtype=torch.float32)
     if boxes is not None:
         for person, (r0, c0, r1, c1) in enumerate(boxes):
             people[person, r0:r1, c0:c1] = 1
@@ -288,11 +294,11 @@ def speaker_masks(
 def masks_to_latent(
     masks: torch.Tensor, target_hw: tuple[int, int], latent_hw: tuple[int, int]
 ) -> torch.Tensor:
-    """Bring source-resolution masks [3, src_h, src_w] onto the latent grid.
+    """Bring source-resolution masks [M, src_h, src_w] onto the latent grid.
 
     Official: the condition image's resize (nearest for tensors) + centre crop to
     ``target_hw``, then nearest interpolation to ``latent_hw`` and ``> 0``.
-    Returns float32 [3, lat_h, lat_w] of 0/1.
+    Returns float32 [M, lat_h, lat_w] of 0/1.
     """
     target_h, target_w = int(target_hw[0]), int(target_hw[1])
     _, orig_h, orig_w = masks.shape

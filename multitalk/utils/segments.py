@@ -1,46 +1,47 @@
-"""Chunk-by-chunk video: one ffmpeg encoding the stream, cut into one fMP4 segment per chunk.
+"""Chunk-by-chunk video: each chunk encoded once (one x264 process per chunk) into one
+fragmented-MP4 segment.
 
-A streaming job produces its video chunk by chunk; :class:`SegmentedMp4Writer` lets each
-finished chunk be played while later ones are still being generated:
+A job produces its video chunk by chunk; :class:`SegmentedMp4Writer` turns each chunk's
+frames into a :class:`ChunkSegment` as soon as they are written, so the chunk can be played
+while later ones are still being generated, and the job's final mp4 is assembled from the
+same encoded frames (``multitalk.utils.video_output``: a remux, no second x264 pass):
 
-* one continuous ffmpeg (the imageio-ffmpeg binary) encodes the frames to H.264 as they
-  are written, with a keyframe forced at the first frame of every chunk;
-* the speech, known up front, is encoded to AAC once at the start;
-* as soon as the last frame of a chunk leaves the encoder, the chunk becomes one
-  :class:`ChunkSegment`: a ``moof`` + ``mdat`` fragment of its video frames and one of the
-  AAC frames that start within its time, after the shared *init* (``ftyp`` + ``moov``);
+* each chunk is one x264 run (the imageio-ffmpeg binary; the same settings as a plain mp4:
+  CRF 18, preset medium, B-frames and lookahead), so it starts with a keyframe and is
+  complete the moment its last frame is in;
+* the speech, known up front, is encoded to AAC once, in the background, when the
+  segments carry audio;
+* a chunk becomes one segment: a ``moof`` + ``mdat`` fragment of its video frames and one of
+  the AAC frames that start within its time, after the shared *init* (``ftyp`` + ``moov``);
 * ``init + segment 0 + ... + segment k`` is a playable fragmented MP4 of chunks ``0..k``;
-  each segment also decodes on its own after the init (it starts with a keyframe), so the
-  segments form an HLS (fMP4, version 7) media playlist as they are (:func:`hls_playlist`).
+  each segment also decodes on its own after the init, so the segments form an HLS (fMP4,
+  version 7) media playlist as they are (:func:`hls_playlist`).
 
 Why the fragments are written here rather than by ffmpeg's muxers: ffmpeg's ``hls`` and
-``dash`` muxers close a segment only when they see the *next* segment's first keyframe —
-after the next chunk has been generated, so the first chunk would play one chunk late —
-and its fragmented ``mp4`` muxer holds every last packet until the next one arrives (it
-needs the next timestamp for the last sample's duration), and miscomputes durations when
-the other track's packet is what flushes it. So ffmpeg writes FLV (each frame a whole
-tag, written the moment it is encoded, with the ``avcC`` decoder configuration up front),
-x264 runs with ``-tune zerolatency`` (no lookahead, no B-frames: a frame leaves the
-encoder as soon as it enters), and this module lays the samples into ISO BMFF boxes with
-exact constant-rate timestamps. Audio priming: the AAC encoder delays its output by one
-frame (1024 samples) and a fragmented ``moov`` has no edit list to hide that, so the speech
-is fed 1024 samples late and decoded sample ``i`` is speech sample ``i``.
+``dash`` muxers close a segment only when they see the *next* segment's first keyframe (one
+chunk late), and its fragmented ``mp4`` muxer cannot be told where a chunk's timeline
+starts. So each chunk's ffmpeg writes FLV (each frame a tag with its decode time and
+composition offset, the ``avcC`` decoder configuration up front), and this module lays the
+samples into ISO BMFF boxes on one constant-rate timeline, the composition offsets taken
+relative to the chunk's first (key) frame so that it is presented at the chunk's start.
+Every chunk's encoder has the same settings and frame size, so every chunk has the same
+``avcC``: one init serves all (checked). Audio priming: the AAC encoder delays its output by
+one frame (1024 samples) and a fragmented ``moov`` has no edit list to hide that, so the
+speech is fed 1024 samples late and decoded sample ``i`` is speech sample ``i``.
 
-The fMP4 does not replace the final mp4 (:class:`multitalk.utils.video.Mp4Writer`), which
-stays a normal faststart file: zerolatency has no B-frames and no lookahead, so at the same
-CRF the stream is larger (``bench/first_chunk.py`` prints the ratio), and a plain
-``moov``-first mp4 is what every player and editor reads.
+Every wait has a bound: an x264 run is killed after ``ENCODE_TIMEOUT_S`` and the AAC
+encode is waited for at most ``AUDIO_TIMEOUT_S``; a failure of either fails the chunk that
+needed it (no thread waits on another while holding a lock).
 """
 from __future__ import annotations
 
-import asyncio
-import dataclasses
+import concurrent.futures
 import os
 import subprocess
 import tempfile
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -49,6 +50,10 @@ SPEECH_SAMPLE_RATE = 16000
 AAC_FRAME = 1024  # samples per AAC-LC frame
 AUDIO_BITRATE = 128000
 VIDEO_TIMESCALE = 12800  # ticks per second (512 per frame at 25 fps, as ffmpeg's mp4 muxer)
+# Bounds on the waits (seconds): one chunk's x264 run (an 81-frame 720p chunk takes a few
+# seconds on one core), and the AAC encode of the whole speech (10 minutes: about a second).
+ENCODE_TIMEOUT_S = 600.0
+AUDIO_TIMEOUT_S = 300.0
 
 
 @dataclass
@@ -68,6 +73,7 @@ class ChunkSegment:
     frames_so_far: int
     start: float
     duration: float
+    video_bytes: Optional[int] = None  # ``data[:video_bytes]`` is the video fragment alone (None: all of it)
 
 
 def hls_playlist(segments: Sequence[ChunkSegment], ended: bool, init_uri: str = "init.mp4",
@@ -171,23 +177,23 @@ def _fragment(sequence: int, track_id: int, decode_time: int, duration: int,
 
 # --------------------------------------------------------------------------- AAC, encoded up front
 @dataclass
-class _EncodedAudio:
+class EncodedAudio:
     config: bytes  # AudioSpecificConfig
     frames: list[bytes]  # raw AAC frames of AAC_FRAME samples each
     sample_rate: int
     channels: int
 
 
-def _encode_audio(samples: np.ndarray, sample_rate: int, bitrate: int) -> _EncodedAudio:
-    """The whole speech track → raw AAC-LC frames (ffmpeg, ADTS parsed here)."""
+def encode_aac(samples: np.ndarray, sample_rate: int, bitrate: int, timeout: float = AUDIO_TIMEOUT_S) -> EncodedAudio:
+    """A whole speech track → raw AAC-LC frames (ffmpeg, ADTS parsed here)."""
     from .ffmpeg import ffmpeg_exe, stderr_tail
-    from .video import _write_wav
+    from .video import write_wav
 
     with tempfile.TemporaryDirectory(prefix="multitalk-aac-") as tmp:
         wav = os.path.join(tmp, "speech.wav")
-        _write_wav(wav, samples, sample_rate)
+        write_wav(wav, samples, sample_rate)
         done = subprocess.run([ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-i", wav, "-c:a", "aac",
-                               "-b:a", str(bitrate), "-f", "adts", "pipe:1"], capture_output=True, timeout=600)
+                               "-b:a", str(bitrate), "-f", "adts", "pipe:1"], capture_output=True, timeout=timeout)
     if done.returncode != 0:
         raise RuntimeError(f"ffmpeg failed to encode the audio: {stderr_tail(done.stderr)}")
     adts, frames, pos, header = done.stdout, [], 0, None
@@ -204,275 +210,258 @@ def _encode_audio(samples: np.ndarray, sample_rate: int, bitrate: int) -> _Encod
     profile, rate_index = header[2] >> 6, (header[2] >> 2) & 0xF
     channels = ((header[2] & 1) << 2) | (header[3] >> 6)
     config = _u(((profile + 1) << 11) | (rate_index << 7) | (channels << 3), 2)
-    return _EncodedAudio(config, frames, sample_rate, channels)
+    return EncodedAudio(config, frames, sample_rate, channels)
+
+
+def _speech_for_segments(audio: np.ndarray, frames: int, fps: int, sample_rate: int, bitrate: int) -> EncodedAudio:
+    """The speech cut or zero-padded to ``frames`` video frames, encoded 1024 samples late
+    (the priming frame a fragmented moov cannot hide, see the module docstring)."""
+    samples = np.asarray(audio, dtype=np.float32).reshape(-1)
+    target = int(round(frames * sample_rate / fps))
+    samples = np.pad(samples[:target], (0, max(0, target - samples.shape[0])))
+    encoded = encode_aac(samples[AAC_FRAME:], sample_rate, bitrate)
+    encoded.frames = encoded.frames[:-(-target // AAC_FRAME)]
+    return encoded
+
+
+# --------------------------------------------------------------------------- one chunk through x264
+@dataclass
+class EncodedChunk:
+    """One chunk's H.264 samples in decode order: ``(AVCC data, keyframe, composition offset
+    in ms)``, and the encoder's ``avcC`` decoder configuration."""
+
+    avcc: bytes
+    samples: list[tuple[bytes, bool, int]]
+
+
+def parse_flv(data: bytes) -> EncodedChunk:
+    """The video tags of an FLV stream (H.264) → :class:`EncodedChunk`."""
+    if data[:3] != b"FLV":
+        raise ValueError("the encoder produced no FLV stream")
+    pos, avcc, samples = 13, None, []  # FLV header (9) + first PreviousTagSize (4)
+    while pos + 11 <= len(data):
+        size = int.from_bytes(data[pos + 1:pos + 4], "big")
+        if pos + 11 + size > len(data):
+            raise ValueError("truncated FLV tag")
+        if data[pos] == 9:  # video
+            tag = data[pos + 11:pos + 11 + size]
+            if tag[0] & 0x0F != 7:
+                raise ValueError(f"expected H.264 in FLV, got codec id {tag[0] & 0x0F}")
+            if tag[1] == 0:
+                avcc = tag[5:]
+            elif tag[1] == 1:
+                samples.append((tag[5:], tag[0] >> 4 == 1, int.from_bytes(tag[2:5], "big", signed=True)))
+        pos += 11 + size + 4
+    if avcc is None:
+        raise ValueError("no H.264 decoder configuration in the encoder's output")
+    return EncodedChunk(avcc, samples)
+
+
+def encode_chunk(video: np.ndarray, fps: int, crf: int, preset: str, timeout: float = ENCODE_TIMEOUT_S,
+                 on_start: Optional[Callable[[subprocess.Popen], None]] = None) -> EncodedChunk:
+    """uint8 ``[T, H, W, 3]`` (even sizes) → one x264 run → :class:`EncodedChunk`.
+
+    The frames are fed from a thread while this one reads the encoder's output; the run is
+    killed after ``timeout`` seconds (a :class:`TimeoutError` then). ``on_start``: called
+    with the process (the writer keeps it, to kill it on abort)."""
+    from .ffmpeg import ffmpeg_exe, stderr_tail
+
+    frames, height, width, _ = video.shape
+    command = [
+        ffmpeg_exe(), "-y", "-hide_banner", "-nostdin", "-loglevel", "error",
+        "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}", "-framerate", str(fps), "-i", "pipe:0",
+        "-map", "0:v:0", "-frames:v", str(frames), "-c:v", "libx264", "-preset", preset, "-crf", str(crf),
+        "-pix_fmt", "yuv420p", "-f", "flv", "pipe:1",
+    ]  # fmt: skip
+    with tempfile.TemporaryFile(prefix="multitalk-x264-") as log:
+        process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log)
+        if on_start is not None:
+            on_start(process)
+        timed_out = threading.Event()
+
+        def kill_late() -> None:
+            timed_out.set()
+            process.kill()
+
+        watchdog = threading.Timer(timeout, kill_late)
+        watchdog.daemon = True
+
+        def feed() -> None:
+            try:
+                process.stdin.write(memoryview(np.ascontiguousarray(video)).cast("B"))
+            except (BrokenPipeError, OSError, ValueError):
+                pass  # the encoder died; its exit code and log say why
+            finally:
+                try:
+                    process.stdin.close()
+                except (BrokenPipeError, OSError):
+                    pass
+
+        feeder = threading.Thread(target=feed, name="x264-feed", daemon=True)
+        watchdog.start()
+        feeder.start()
+        try:
+            output = process.stdout.read()
+            code = process.wait()
+        finally:
+            watchdog.cancel()
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+            process.stdout.close()
+            feeder.join()
+        if timed_out.is_set():
+            raise TimeoutError(f"the H.264 encoder did not finish {frames} frames within {timeout:g} s")
+        if code != 0:
+            log.seek(0)
+            raise RuntimeError(f"ffmpeg failed to encode the video (exit {code}): {stderr_tail(log.read())}")
+    chunk = parse_flv(output)
+    if len(chunk.samples) != frames:
+        raise RuntimeError(f"the encoder returned {len(chunk.samples)} of {frames} frames")
+    return chunk
 
 
 # --------------------------------------------------------------------------- the writer
 class SegmentedMp4Writer:
-    """Frames in (chunk by chunk), one fMP4 segment per chunk out, as soon as it is complete.
+    """Frames in, chunk by chunk; one fMP4 segment per chunk out, one x264 run per chunk.
 
     Args:
-        height, width: frame size (odd sizes padded by one edge row/column, as the mp4).
+        height, width: frame size (odd sizes padded by one edge row/column: H.264 4:2:0).
         segment_frames: video frames of each segment (chunk), in order; their sum is the
-            video's length (frames written past it are dropped).
+            video's length. :meth:`write` takes any split of the frames; frames past the end
+            are dropped.
         audio: float [N] mono speech at ``sample_rate`` (cut or zero-padded to the video's
-            duration), or ``None``.
-        on_segment: called with each :class:`ChunkSegment` from the reader thread as it
-            completes (keep it short), or use :meth:`wait_segment`.
+            duration) for the segments' audio track, or ``None`` for video-only segments.
+
+    :meth:`write` blocks while it encodes the chunks its frames complete and returns their
+    segments. Not thread-safe: one writer thread. :meth:`abort` (any thread) kills a running
+    encoder.
     """
 
     def __init__(self, height: int, width: int, segment_frames: Sequence[int], audio: Optional[np.ndarray] = None,
                  fps: int = 25, crf: int = 18, preset: str = "medium", sample_rate: int = SPEECH_SAMPLE_RATE,
-                 on_segment: Optional[Callable[[ChunkSegment], None]] = None, audio_bitrate: int = AUDIO_BITRATE):
-        from .ffmpeg import ffmpeg_exe
-
+                 audio_bitrate: int = AUDIO_BITRATE):
         counts = [int(n) for n in segment_frames]
         if not counts or min(counts) <= 0:
             raise ValueError(f"segment_frames must be positive frame counts, got {segment_frames!r}")
         self.pad_h, self.pad_w = height % 2, width % 2
-        self.height, self.width, self.fps = height + self.pad_h, width + self.pad_w, fps
+        self.height, self.width, self.fps, self.crf, self.preset = height + self.pad_h, width + self.pad_w, fps, crf, preset
+        self.counts = counts
         self.ends = [int(e) for e in np.cumsum(counts)]
-        self.num_frames, self.written = self.ends[-1], 0
-        self.on_segment, self.audio_bitrate = on_segment, audio_bitrate
-        self.segments: list[ChunkSegment] = []
+        self.num_frames, self.written, self.audio_bitrate = self.ends[-1], 0, audio_bitrate
         self.init: Optional[bytes] = None
-        self._frames: list[tuple[bytes, bool, int]] = []  # (AVCC sample, keyframe, composition offset in ms)
+        self.video_init: Optional[bytes] = None  # the init of the video track alone
+        self.completed = 0  # segments made so far
         self._avcc: Optional[bytes] = None
+        self._pending: list[np.ndarray] = []  # frames of the chunk being filled
         self._sequence = 0
-        self._error: Optional[BaseException] = None
-        self._eof = False
-        self._done = threading.Condition()
-        self._audio: Optional[_EncodedAudio] = None
-        self._audio_thread = None
-        if audio is not None:  # encoded beside the first chunk's generation, needed by the first segment
-            self._audio_thread = threading.Thread(target=self._prepare_audio, args=(audio, sample_rate, audio_bitrate),
-                                                  name="fmp4-audio", daemon=True)
-            self._audio_thread.start()
-        keyframes = "+".join(f"eq(n,{start})" for start in [0] + self.ends[:-1])
-        command = [
-            ffmpeg_exe(), "-y", "-hide_banner", "-loglevel", "error",
-            "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{self.width}x{self.height}", "-framerate", str(fps),
-            "-i", "pipe:0", "-map", "0:v:0",
-            "-c:v", "libx264", "-preset", preset, "-tune", "zerolatency", "-crf", str(crf), "-pix_fmt", "yuv420p",
-            "-force_key_frames", f"expr:{keyframes}", "-flush_packets", "1", "-f", "flv", "pipe:1",
-        ]  # fmt: skip
-        self._tmp = tempfile.TemporaryDirectory(prefix="multitalk-fmp4-")
-        self.log_path = os.path.join(self._tmp.name, "ffmpeg.log")
-        self._log = open(self.log_path, "wb")
-        self._process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log)
-        self._reader = threading.Thread(target=self._read, name="fmp4-reader", daemon=True)
-        self._reader.start()
+        self._process: Optional[subprocess.Popen] = None
+        self._aborted = False
+        self._audio: Optional[concurrent.futures.Future] = None
+        if audio is not None:  # encoded beside the first chunk's generation; needed by the first segment
+            self._audio = concurrent.futures.Future()
+            threading.Thread(target=self._encode_audio, args=(audio, sample_rate), name="fmp4-audio",
+                             daemon=True).start()
 
-    def _prepare_audio(self, audio: np.ndarray, sample_rate: int, bitrate: int) -> None:
+    def _encode_audio(self, audio: np.ndarray, sample_rate: int) -> None:
         try:
-            samples = np.asarray(audio, dtype=np.float32).reshape(-1)
-            target = int(round(self.num_frames * sample_rate / self.fps))
-            samples = np.pad(samples[:target], (0, max(0, target - samples.shape[0])))
-            # The encoder's first frame is priming (AAC_FRAME samples of delay), which a
-            # fragmented moov has no edit list to hide: feed the speech that much later, so
-            # decoded sample i is speech sample i.
-            encoded = _encode_audio(samples[AAC_FRAME:], sample_rate, bitrate)
-            needed = -(-target // AAC_FRAME)
-            encoded.frames = encoded.frames[:needed]
-            self._audio = encoded
-        except BaseException as error:
-            with self._done:
-                self._error = error
-                self._done.notify_all()
+            self._audio.set_result(_speech_for_segments(audio, self.num_frames, self.fps, sample_rate,
+                                                        self.audio_bitrate))
+        except BaseException as error:  # handed to the chunk that needs the audio
+            self._audio.set_exception(error)
+
+    def _encoded_audio(self) -> Optional[EncodedAudio]:
+        if self._audio is None:
+            return None
+        try:
+            return self._audio.result(timeout=AUDIO_TIMEOUT_S)
+        except concurrent.futures.TimeoutError:
+            raise TimeoutError(f"the AAC encode did not finish within {AUDIO_TIMEOUT_S:g} s") from None
 
     # ------------------------------------------------------------------ input
-    def write(self, frames: Union[torch.Tensor, np.ndarray]) -> None:
-        """Append frames (float [3, T, H, W] in [-1, 1] or uint8 [T, H, W, 3])."""
-        from .video import encoder_frames, pipe_frames
+    def write(self, frames: Union[torch.Tensor, np.ndarray]) -> list[ChunkSegment]:
+        """Append frames (uint8 ``[T, H, W, 3]`` or float ``[3, T, H, W]`` in [-1, 1]); returns
+        the segments these frames completed (encoded now, in this thread)."""
+        from .video import encoder_frames
 
         video = encoder_frames(frames, self.num_frames - self.written, self.pad_h, self.pad_w)
-        pipe_frames(self._process, video)  # if ffmpeg died, wait_segment/close report why
         self.written += len(video)
+        made = []
+        while len(video):
+            filled = sum(len(f) for f in self._pending)
+            missing = self.counts[self.completed] - filled
+            self._pending.append(video[:missing])
+            video = video[missing:]
+            if filled + len(self._pending[-1]) == self.counts[self.completed]:
+                chunk = self._pending[0] if len(self._pending) == 1 else np.concatenate(self._pending)
+                self._pending = []
+                made.append(self._segment(chunk))
+        return made
 
     @property
     def segments_written(self) -> int:
-        """Segments whose frames have all been written (they complete shortly after)."""
-        return sum(1 for end in self.ends if end <= self.written)
+        """Segments complete so far."""
+        return self.completed
 
-    # ------------------------------------------------------------------ output
-    def wait_segment(self, index: int, timeout: Optional[float] = None) -> ChunkSegment:
-        """Block until segment ``index`` is complete; raises if the encoder failed."""
-        with self._done:
-            if not self._done.wait_for(lambda: len(self.segments) > index or self._error or self._eof, timeout):
-                raise TimeoutError(f"segment {index} not complete after {timeout}s")
-            if len(self.segments) > index:
-                return self.segments[index]
-            raise RuntimeError(f"segment {index} was never completed: {self._failure()}")
-
-    def forget(self, index: int) -> None:
-        """Drop segment ``index``'s bytes once they are handed on (its metadata stays, for
-        :meth:`playlist`), so a long video's stream does not pile up here."""
-        with self._done:
-            self.segments[index] = dataclasses.replace(self.segments[index], data=b"")
-
-    def close(self) -> list[ChunkSegment]:
-        """Finish the stream; returns all segments (complete by now; forgotten ones without data)."""
-        try:
-            try:
-                self._process.stdin.close()
-            except (BrokenPipeError, OSError):
-                pass
-            code = self._process.wait()
-            self._reader.join()
-            self._log.close()
-            if code != 0 or self._error is not None or len(self.segments) != len(self.ends):
-                raise RuntimeError(f"fragmented mp4 incomplete (ffmpeg exit {code}, {len(self.segments)} of "
-                                   f"{len(self.ends)} segments): {self._failure()}")
-            return list(self.segments)
-        finally:
-            self.abort()
+    def close(self) -> None:
+        """Check that every segment was made."""
+        if self.completed != len(self.ends):
+            raise RuntimeError(f"fragmented mp4 incomplete: {self.completed} of {len(self.ends)} segments "
+                               f"({self.written} of {self.num_frames} frames written)")
 
     def abort(self) -> None:
-        """Stop the encoder and remove its files (the job failed or was cancelled)."""
-        if self._process.poll() is None:
-            self._process.kill()
-            self._process.wait()
-        if not self._log.closed:
-            self._log.close()
-        with self._done:
-            self._eof = True
-            self._done.notify_all()
-        self._tmp.cleanup()
+        """Stop a running encoder (the job failed or was cancelled)."""
+        self._aborted = True
+        process = self._process
+        if process is not None and process.poll() is None:
+            process.kill()
 
-    def playlist(self, ended: bool, **uris) -> str:
-        """The HLS playlist of the segments complete so far (see :func:`hls_playlist`)."""
-        return hls_playlist(list(self.segments), ended, **uris)
-
-    def _failure(self) -> str:
-        from .ffmpeg import stderr_tail
-
-        if self._error is not None:
-            return repr(self._error)
-        try:
-            with open(self.log_path, "rb") as log:
-                return stderr_tail(log.read()) or "no error logged"
-        except OSError:
-            return "no log"
-
-    # ------------------------------------------------------------------ the reader thread
-    def _read(self) -> None:
-        """Parse ffmpeg's FLV stream: each tag arrives whole as soon as its frame is encoded."""
-        try:
-            stream, buffer, pos = self._process.stdout, b"", 13  # FLV header (9) + first PreviousTagSize (4)
-            while True:
-                block = os.read(stream.fileno(), 1 << 16)
-                if not block:
-                    break
-                buffer += block
-                while len(buffer) >= pos + 11:
-                    size = int.from_bytes(buffer[pos + 1:pos + 4], "big")
-                    if len(buffer) < pos + 11 + size + 4:
-                        break
-                    if buffer[pos] == 9:  # video
-                        self._add_video_tag(buffer[pos + 11:pos + 11 + size])
-                    pos += 11 + size + 4
-                buffer, pos = buffer[pos:], 0
-            with self._done:
-                self._eof = True
-                self._done.notify_all()
-        except BaseException as error:  # reported to waiters and by close
-            with self._done:
-                self._error = error
-                self._done.notify_all()
-
-    def _add_video_tag(self, tag: bytes) -> None:
-        if tag[0] & 0x0F != 7:
-            raise ValueError(f"expected H.264 in FLV, got codec id {tag[0] & 0x0F}")
-        packet_type = tag[1]
-        if packet_type == 0:
-            self._avcc = tag[5:]
-        elif packet_type == 1:
-            composition = int.from_bytes(tag[2:5], "big", signed=True)
-            with self._done:
-                self._frames.append((tag[5:], tag[0] >> 4 == 1, composition))
-                self._emit_ready()
-
-    def _emit_ready(self) -> None:
-        """Build and deliver, in order, every segment whose frames are all in (lock held)."""
-        while len(self.segments) < len(self.ends) and len(self._frames) >= self.ends[len(self.segments)]:
-            if self._audio_thread is not None:
-                self._audio_thread.join()
-                if self._error is not None:
-                    raise self._error
-            if self.init is None:
-                self.init = self._make_init()
-            self.segments.append(self._make_segment(len(self.segments)))
-            self._done.notify_all()
-            if self.on_segment is not None:
-                self.on_segment(self.segments[-1])
-
-    def _make_init(self) -> bytes:
+    # ------------------------------------------------------------------ output
+    def _segment(self, video: np.ndarray) -> ChunkSegment:
+        if self._aborted:
+            raise RuntimeError("the video output was aborted")
+        chunk = encode_chunk(video, self.fps, self.crf, self.preset, ENCODE_TIMEOUT_S,
+                             on_start=lambda p: setattr(self, "_process", p))
+        self._process = None
         if self._avcc is None:
-            raise ValueError("no H.264 decoder configuration before the first frame")
+            self._avcc = chunk.avcc
+            self.video_init = self._make_init(None)
+            audio = self._encoded_audio()
+            self.init = self._make_init(audio) if audio is not None else self.video_init
+        elif chunk.avcc != self._avcc:
+            raise RuntimeError(f"chunk {self.completed} was encoded with another H.264 configuration")
+        segment = self._make_segment(self.completed, chunk.samples, self._encoded_audio())
+        self.completed += 1
+        return segment
+
+    def _make_init(self, audio: Optional[EncodedAudio]) -> bytes:
         tracks = [(1, "vide", VIDEO_TIMESCALE, _avc1(self._avcc, self.width, self.height), self.width, self.height)]
-        if self._audio is not None:
-            a = self._audio
-            entry = _mp4a(a.config, a.sample_rate, a.channels, self.audio_bitrate)
-            tracks.append((2, "soun", a.sample_rate, entry, 0, 0))
+        if audio is not None:
+            entry = _mp4a(audio.config, audio.sample_rate, audio.channels, self.audio_bitrate)
+            tracks.append((2, "soun", audio.sample_rate, entry, 0, 0))
         return _init_segment(tracks)
 
-    def _make_segment(self, index: int) -> ChunkSegment:
+    def _make_segment(self, index: int, encoded: list[tuple[bytes, bool, int]],
+                      audio: Optional[EncodedAudio]) -> ChunkSegment:
         first = 0 if index == 0 else self.ends[index - 1]
         end = self.ends[index]
         frame_duration = VIDEO_TIMESCALE // self.fps
-        samples = [(data, SYNC_SAMPLE if key else NON_SYNC_SAMPLE, composition * VIDEO_TIMESCALE // 1000)
-                   for data, key, composition in self._frames[first:end]]
-        if samples[0][1] != SYNC_SAMPLE:
+        if not encoded[0][1]:
             raise ValueError(f"chunk {index} does not start with a keyframe")
+        # The first sample (the keyframe) is presented at the chunk's start: offsets relative to its own.
+        base = encoded[0][2]
+        samples = [(data, SYNC_SAMPLE if key else NON_SYNC_SAMPLE, (composition - base) * VIDEO_TIMESCALE // 1000)
+                   for data, key, composition in encoded]
         self._sequence += 1
         data = _fragment(self._sequence, 1, first * frame_duration, frame_duration, samples)
-        if self._audio is not None:  # the AAC frames starting within this chunk's time
-            rate = self._audio.sample_rate
+        video_bytes = len(data)
+        if audio is not None:  # the AAC frames starting within this chunk's time
+            rate = audio.sample_rate
             lo = -(-first * rate // (self.fps * AAC_FRAME))
-            hi = len(self._audio.frames) if index == len(self.ends) - 1 else -(-end * rate // (self.fps * AAC_FRAME))
-            frames = self._audio.frames[lo:hi]
+            hi = len(audio.frames) if index == len(self.ends) - 1 else -(-end * rate // (self.fps * AAC_FRAME))
+            frames = audio.frames[lo:hi]
             if frames:
                 self._sequence += 1
-                data += _fragment(self._sequence, 2, lo * AAC_FRAME, AAC_FRAME,
-                                  [(f, SYNC_SAMPLE, 0) for f in frames])
-        for slot in range(first, end):  # handed over: keep no second copy of the frames
-            self._frames[slot] = (b"", False, 0)
-        return ChunkSegment(index, self.init, data, end - first, end, first / self.fps, (end - first) / self.fps)
-
-
-# --------------------------------------------------------------------------- for the driver
-class SegmentFeed:
-    """Hands each finished chunk's segment to ``on_chunk`` in order, from the event loop,
-    without holding up the next chunk: after each chunk is written, :meth:`after_write`
-    schedules a delivery that waits (in a worker thread) for the segment to complete and
-    then calls ``on_chunk(segment)`` (awaited if it returns an awaitable) and lets the
-    writer forget the segment's bytes. :meth:`finish` waits for the last delivery and
-    re-raises a callback's error."""
-
-    def __init__(self, writer: SegmentedMp4Writer, on_chunk: Callable[[ChunkSegment], Any]):
-        self.writer, self.on_chunk = writer, on_chunk
-        self.scheduled = 0
-        self._last: Optional[asyncio.Future] = None
-
-    def after_write(self) -> None:
-        for index in range(self.scheduled, self.writer.segments_written):
-            self._last = asyncio.ensure_future(self._deliver(index, self._last))
-        self.scheduled = max(self.scheduled, self.writer.segments_written)
-
-    async def _deliver(self, index: int, previous: Optional[asyncio.Future]) -> None:
-        if previous is not None:
-            await previous
-        segment = await asyncio.to_thread(self.writer.wait_segment, index)
-        result = self.on_chunk(segment)
-        if hasattr(result, "__await__"):
-            await result
-        self.writer.forget(index)
-
-    async def finish(self) -> None:
-        self.after_write()
-        if self._last is not None:
-            await self._last
-
-    def cancel(self) -> None:
-        if self._last is not None:
-            self._last.cancel()
+                data += _fragment(self._sequence, 2, lo * AAC_FRAME, AAC_FRAME, [(f, SYNC_SAMPLE, 0) for f in frames])
+        return ChunkSegment(index, self.init, data, end - first, end, first / self.fps, (end - first) / self.fps,
+                            video_bytes)

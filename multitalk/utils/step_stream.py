@@ -6,7 +6,7 @@ from it: the step events where the caller lives (an asyncio loop, or a Ray actor
 generator), the result at the end, and a way to stop it early. A Python thread cannot be
 killed, so stopping means the callback raises :class:`~multitalk.api.StageCancelled` at
 the next step. :class:`StepStream` is that pump, written once for the in-process stages
-(``multitalk.driver.LocalStages``), the Diffusion deployment and the sequence-parallel
+(``multitalk.generation.local.LocalStages``), the Diffusion deployment and the sequence-parallel
 rank actors (``deployments/``).
 """
 from __future__ import annotations

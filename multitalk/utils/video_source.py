@@ -31,15 +31,14 @@ import numpy as np
 
 from multitalk.api import InputError
 
-from .ffmpeg import VIDEO_STREAM_RE, ffmpeg_exe, header_duration, read_header, stream_fps, stream_size
+from .ffmpeg import ffmpeg_exe
+from .probe import UnreadableMedia, probe
 
 VIDEO_FIELD = "condition_video"
 SOURCE_FPS = 25
 # ffmpeg demuxers that read still images: such an upload belongs in condition_image.
 _IMAGE_DEMUXERS = re.compile(r"(_pipe|^image2)$")
 
-_INPUT_RE = re.compile(r"Input #0, (.+?), from ")
-_ROTATION_RE = re.compile(r"rotation of (-?[\d.]+) degrees")
 
 
 @dataclass
@@ -54,9 +53,9 @@ class VideoLimits:
 
 @dataclass
 class VideoInfo:
-    """What the header says: ``codec``, ``width`` x ``height`` as decoded (rotation
+    """What the container says: ``codec``, ``width`` x ``height`` as decoded (rotation
     applied), nominal ``fps`` (None if absent), ``duration`` seconds (None if unknown),
-    ffmpeg's demuxer names ``container``."""
+    FFmpeg's demuxer names ``container``."""
 
     codec: str
     width: int
@@ -67,28 +66,23 @@ class VideoInfo:
 
 
 def probe_video(path: str, field: str = VIDEO_FIELD) -> VideoInfo:
-    """Read a video's header (``ffmpeg -i``); nothing is decoded. Raises :class:`InputError`
-    naming ``field`` for a file that is not a video, a still image, and a file with no video
-    stream."""
-    text = read_header(path)
-    container = _INPUT_RE.search(text)
-    if container is None or "Stream #" not in text:
-        raise InputError(field, "not a video file (its format was not recognised)")
-    video = VIDEO_STREAM_RE.search(text)
+    """Read a video's container and streams (:func:`multitalk.utils.probe.probe`: headers and
+    the first frame). Raises :class:`InputError` naming ``field`` for a file that is not a
+    video, a still image, and a file with no video stream."""
+    try:
+        info = probe(path)
+    except UnreadableMedia:
+        raise InputError(field, "not a video file (its format was not recognised)") from None
+    video = info.first("video")
     if video is None:
-        raise InputError(field, "the file has no video stream" + (" (only audio)" if ": Audio: " in text else ""))
-    names = container.group(1)
-    if any(_IMAGE_DEMUXERS.search(n) for n in names.split(",")):
-        raise InputError(field, f"is a still image ({video.group(1)}): send it as condition_image for image-to-video")
-    size = stream_size(video.group(2))
-    if size is None:
-        raise InputError(field, f"the {video.group(1)} video stream has no frame size in its header")
-    width, height = size
-    rotation = _ROTATION_RE.search(text[video.start():])
-    if rotation and round(abs(float(rotation.group(1)))) % 180 == 90:
-        width, height = height, width  # ffmpeg applies the display rotation when it decodes
-    return VideoInfo(codec=video.group(1), width=width, height=height, fps=stream_fps(video.group(2)),
-                     duration=header_duration(text), container=names)
+        raise InputError(field, "the file has no video stream" + (" (only audio)" if info.first("audio") else ""))
+    if any(_IMAGE_DEMUXERS.search(n) for n in info.container.split(",")):
+        raise InputError(field, f"is a still image ({video.codec}): send it as condition_image for image-to-video")
+    if not video.width or not video.height:
+        raise InputError(field, f"the {video.codec} video stream has no frame size in its header")
+    # width x height as displayed: ffmpeg applies the display rotation when it decodes.
+    return VideoInfo(codec=video.codec, width=video.width, height=video.height, fps=video.fps,
+                     duration=info.duration, container=info.container)
 
 
 def check_video(info: VideoInfo, limits: VideoLimits, field: str = VIDEO_FIELD) -> None:
