@@ -45,11 +45,15 @@ ERROR_STATUSES = ("400", "401", "403", "404", "409", "413", "422", "429")
 
 
 def install(app: FastAPI, service: JobService) -> None:
-    """Serve :func:`document` as the app's ``/openapi.json`` (built once)."""
+    """Serve :func:`document` as the app's ``/openapi.json`` (built once per settings: live
+    settings, ``deployments/live_settings.py``, replace ``service.settings`` and change the
+    presets, LoRAs and limits the document states)."""
+    built_for: list = [None]
 
     def openapi() -> dict:
-        if app.openapi_schema is None:
+        if app.openapi_schema is None or built_for[0] is not service.settings:
             app.openapi_schema = document(app, service)
+            built_for[0] = service.settings
         return app.openapi_schema
 
     app.openapi = openapi
