@@ -162,12 +162,13 @@ def test_a_cancel_through_another_replica_racing_heartbeats_stays_cancelled(stor
 
     async def scenario():
         rec = await a.submit(_request(steps=200))
+        a_done = a.runner.done[rec.id]  # the runner forgets it once the job has ended
         for _ in range(100):  # until A samples and has written progress
             if slow.calls.count("diffusion") and writes.count(("replica-a", "IN_PROGRESS")) >= 3:
                 break
             await asyncio.sleep(0.05)
         answer = await b.cancel(rec.id)
-        await asyncio.wait_for(a.runner.done[rec.id].wait(), 10)
+        await asyncio.wait_for(a_done.wait(), 10)
         await asyncio.gather(a.stop(), b.stop())
         return rec.id, answer
 
@@ -196,7 +197,8 @@ def test_a_cancel_landing_just_before_the_owner_writes_the_outcome_stays_cancell
 
     async def scenario():
         rec = await a.submit(_request())
-        await asyncio.wait_for(a.runner.done[rec.id].wait(), 10)
+        a_done = a.runner.done[rec.id]  # the runner forgets it once the job has ended
+        await asyncio.wait_for(a_done.wait(), 10)
         live = await a.get(rec.id)
         await asyncio.gather(a.stop(), b.stop())
         return rec.id, live
@@ -272,13 +274,14 @@ def test_a_replica_cut_off_from_the_store_stops_its_job_before_another_runs_it(s
     async def scenario():
         await asyncio.gather(a.start(), b.start())
         rec = await a.submit(_request(steps=400))
+        a_done = a.runner.done[rec.id]  # the runner forgets it once the job has ended
         while not slow.calls.count("diffusion"):
             await asyncio.sleep(0.05)
         link.cut()
         stopped_at = None
         try:
             for _ in range(300):  # until B runs the job (its lease ran out), 15 s at most
-                if stopped_at is None and a.runner.done[rec.id].is_set():
+                if stopped_at is None and a_done.is_set():
                     stopped_at = time.monotonic()
                 if any(name == "replica-b" for name, _, _ in runs.runs):
                     break
