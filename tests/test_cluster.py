@@ -111,7 +111,18 @@ def test_burst_scales_up_survives_a_gpu_node_dying_and_scales_down(app):
 
     # SIGKILL that node while its replica samples a job (its raylet, workers, agents): the SP
     # replica's two ranks and its placement group go with it; the chunk is re-sent to the other.
-    cluster.wait_running(120, until=lambda: "Diffusion.sample started" in replica_log(cluster, "Diffusion", second))
+    # The burst may be nearly done by the time the new replica is up (how long the node and its
+    # ranks take to start depends on the machine's load): while it has not sampled, the burst
+    # is topped up (at most 6 more jobs), so that the router has work to give it.
+    def second_samples() -> bool:
+        if "Diffusion.sample started" in replica_log(cluster, "Diffusion", second):
+            return True
+        unfinished = [j for j in ids if (jobs.record(j) or {}).get("state") not in ("COMPLETED", "FAILED", "CANCELLED")]
+        if len(unfinished) < 2 and len(ids) < 12:
+            ids.append(jobs.submit({**BODY, "sampling": {"steps": 40, "seed": len(ids)}}))
+        return False
+
+    cluster.wait_running(120, until=second_samples)
     cluster.kill_node(added)
 
     records = jobs.wait(ids, 600)
