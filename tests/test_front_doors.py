@@ -151,7 +151,7 @@ def test_openai_sdk_creates_polls_downloads_lists_and_deletes(tmp_path):
             time.sleep(0.05)
         assert video.status == "completed" and video.progress == 100 and video.completed_at >= video.created_at
         assert video.seconds == "0.36" and video.size == "32x32"
-        job = service.runner.records[video.id].request  # the native job it became
+        job = service.jobs.get(video.id).request  # the native job it became (finished: read from the store)
         assert job.image.startswith("inputs/uploads/") and job.audio[0] == "1.wav" and job.audio_type == "para"
         assert store.get(job.audio[1]) == b"RIFF-second-speaker" and job.frames == 9 and job.size == "multitalk-480"
         assert job.sampling.steps == 2 and job.mode == "clip"

@@ -260,6 +260,12 @@ class CutOff:
         self._healed.set()
 
 
+def _stopped(service: JobService, job_id: str) -> bool:
+    """The job no longer runs at this replica (the runner forgets a job once it has ended)."""
+    done = service.runner.done.get(job_id)
+    return done is None or done.is_set()
+
+
 def test_a_replica_cut_off_from_the_store_stops_its_job_before_another_runs_it(stores):
     store_a = stores()
     _inputs(store_a)
@@ -278,7 +284,7 @@ def test_a_replica_cut_off_from_the_store_stops_its_job_before_another_runs_it(s
         stopped_at = None
         try:
             for _ in range(300):  # until B runs the job (its lease ran out), 15 s at most
-                if stopped_at is None and a.runner.done[rec.id].is_set():
+                if stopped_at is None and _stopped(a, rec.id):
                     stopped_at = time.monotonic()
                 if any(name == "replica-b" for name, _, _ in runs.runs):
                     break
