@@ -11,6 +11,8 @@ Not checked (``positive_data_acceptance`` off): that *every* request the documen
 accepted. Some rules cannot be said in JSON Schema (a bbox's r0 < r1, motion_frames below
 frames, one text per voice, a size that exists for width x height; a reference that names
 a stored file), so the document states them in words and a fuzzer's request may meet them.
+The validation-mismatch warning is off for ``/v1/speaker-boxes`` alone: its upload must be an
+image that decodes, and a generated body never is (tests/test_web_page.py sends real ones).
 The store here says yes to any input key (:class:`AnyInputStore`): existence cannot be
 described, the rest of each reference can.
 
@@ -144,6 +146,14 @@ parameters = {{ "path.video_id" = {{ dictionary = "victims", probability = 0.9 }
 include-path = "/v1/jobs/{{job_id}}"
 include-method = "DELETE"
 checks.use_after_free.enabled = false  # the native DELETE cancels a job; its record stays (docs/API.md)
+
+[[operations]]
+include-path = "/v1/speaker-boxes"
+# An uploaded image must decode as one, which JSON Schema cannot say: every generated body is
+# refused (422 naming image), which is right. schemathesis gates its "all positive cases were
+# refused" warnings (validation mismatch, missing test data) together per operation; this
+# operation has no path parameter for test data to be missing from. The other warnings stay on.
+warnings = {{ display = ["missing_deserializer", "low_valid_rate", "unsupported_regex"] }}
 
 [checks.positive_data_acceptance]
 enabled = false
