@@ -28,15 +28,15 @@ from .request_options import check_layer
 LIVE_INGRESS_FIELDS = ("presets", "request_defaults", "limits")
 
 
-class LiveSettings(BaseModel):
-    """The ingress's ``user_config``; unknown keys are refused."""
+class OptionLayers(BaseModel):
+    """Named option sets a request may pick (``preset``) and the server's defaults for the
+    fields a request leaves out (deployments/request_options.py), each checked on arrival.
+    Shared by the live settings and the service settings they update."""
 
     model_config = ConfigDict(extra="forbid")
 
     presets: dict[str, dict[str, Any]] = Field(default_factory=dict)
     request_defaults: dict[str, Any] = Field(default_factory=dict)
-    limits: Optional[Limits] = None  # None: the served model's default limits
-    loras: dict[str, Any] = Field(default_factory=dict)  # name -> file (the names are what the ingress uses)
 
     @field_validator("presets")
     @classmethod
@@ -47,6 +47,13 @@ class LiveSettings(BaseModel):
     @classmethod
     def _known_default_options(cls, v):
         return check_layer("request_defaults", v)
+
+
+class LiveSettings(OptionLayers):
+    """The ingress's ``user_config``; unknown keys are refused."""
+
+    limits: Optional[Limits] = None  # None: the served model's default limits
+    loras: dict[str, Any] = Field(default_factory=dict)  # name -> file (the names are what the ingress uses)
 
     @model_validator(mode="after")
     def _presets_name_known_loras(self):

@@ -21,7 +21,7 @@ import uuid
 from collections import Counter
 from typing import Any, Callable, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field
 
 from multitalk.api import InputError, Limits
 from multitalk.stage_factory import driver_for, import_attr
@@ -30,9 +30,8 @@ from . import volume
 from .admission import Admission, Overloaded  # noqa: F401 - Overloaded: part of this module's API
 from .jobs import JobRecord, JobStore, index_cursor, valid_job_id
 from .leases import Leases
-from .live_settings import LiveSettings
+from .live_settings import LiveSettings, OptionLayers
 from .queue_ops import QueueOperations
-from .request_options import check_layer
 from .runner import CancelReason, GenerateFn, JobRunner, RunnerSettings, job_log
 from .schemas import ErrorInfo, JobRequest, JobState
 from .storage import LocalStore, Store, store_from_settings
@@ -40,7 +39,7 @@ from .webhook_signing import message_id
 from .webhooks import WebhookInfo, Webhooks, WebhookSettings
 
 
-class ServiceSettings(BaseModel):
+class ServiceSettings(OptionLayers):
     """Ingress settings (``args.ingress`` in the serve config); unknown keys are refused."""
 
     model_config = ConfigDict(extra="forbid")
@@ -77,10 +76,7 @@ class ServiceSettings(BaseModel):
     requeue_on_shutdown: bool = True  # running jobs go back to IN_QUEUE when the ingress stops
     precheck_inputs: bool = True  # decode the media at submit: a bad file is a 4xx now, not a FAILED job
     limits: Limits = Field(default_factory=Limits)
-    # Named option sets a request may pick (``preset``), and the server's defaults for the
-    # fields a request leaves out (deployments/request_options.py).
-    presets: dict[str, dict[str, Any]] = Field(default_factory=dict)
-    request_defaults: dict[str, Any] = Field(default_factory=dict)
+    # presets, request_defaults: from OptionLayers (they are live settings too)
     webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
     lora_names: tuple[str, ...] = ()  # the app's `loras` (set by the builder): names a request may pick
     api_keys_file: Optional[str] = None  # else MULTITALK_API_KEYS_FILE; keys also from MULTITALK_API_KEYS
@@ -88,16 +84,6 @@ class ServiceSettings(BaseModel):
     # RunPod serverless URLs (/v2/{endpoint_id}/...): None answers any endpoint id, else
     # only this one (others: 404 naming endpoint_id).
     runpod_endpoint_id: Optional[str] = None
-
-    @field_validator("presets")
-    @classmethod
-    def _known_preset_options(cls, v):
-        return {name: check_layer(f"presets.{name}", layer) for name, layer in v.items()}
-
-    @field_validator("request_defaults")
-    @classmethod
-    def _known_default_options(cls, v):
-        return check_layer("request_defaults", v)
 
     @classmethod
     def from_dict(cls, d: Optional[dict]) -> "ServiceSettings":

@@ -351,40 +351,6 @@ class LocalCluster:
         """Raylet (and agents) of ``node_id``: the processes whose command line names it."""
         return self._pids_matching(node_id, ("raylet", "agent"))
 
-    @staticmethod
-    def _children(pid: int) -> list[int]:
-        out = []
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                try:
-                    stat = Path(f"/proc/{entry}/stat").read_text()
-                except OSError:
-                    continue
-                if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                    out.append(int(entry))
-        return out
-
-    @staticmethod
-    def _pids_matching(text: str) -> list[int]:
-        """Processes whose command line contains ``text``, raylets first."""
-        found = []
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit() or int(entry) == os.getpid():
-                continue
-            try:
-                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if text in cmdline:
-                found.append((("raylet" not in cmdline), int(entry), cmdline))
-        return [pid for _, pid, _ in sorted(found)]
-
-    def _node_pids(self, node_id: str) -> list[int]:
-        """Raylet (and agents) of ``node_id``: the processes whose command line names it."""
-        return [pid for pid in self._pids_matching(node_id)
-                if any(k in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-                       for k in ("raylet", "agent"))]
-
     # --- Serve ------------------------------------------------------------------------
     def deploy(self, config: dict) -> None:
         """``serve deploy`` of ``config`` (a Serve config as a dict), not waiting."""

@@ -270,13 +270,7 @@ def test_graph_with_fake_stages(serve_env):
         while requests.get(f"{url}/v1/jobs/{job_id}", timeout=10).json()["progress"]["step"] < 2:
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        assert requests.delete(f"{url}/v1/jobs/{job_id}", timeout=60).json()["state"] == "CANCELLED"
-        marker = models / "stopped-slow-cancel"
-        deadline = time.monotonic() + 30
-        while not marker.exists():
-            assert time.monotonic() < deadline, "diffusion thread kept running after cancel"
-            time.sleep(0.1)
-        assert marker.read_text() == "StageCancelled"
+        _cancel_and_see_the_sampler_stop(url, job_id, models / "stopped-slow-cancel")
 
         # The CLI client: multipart upload of local files, progress, download.
         from multitalk.client import submit
@@ -384,12 +378,19 @@ def test_a_long_served_job_holds_one_chunk_at_a_time_and_stops_when_cancelled(se
         while requests.get(f"{url}/v1/jobs/{job_id}", timeout=10).json()["progress"]["chunk"] < 3:
             assert time.monotonic() < deadline
             time.sleep(0.1)
-        assert requests.delete(f"{url}/v1/jobs/{job_id}", timeout=60).json()["state"] == "CANCELLED"
-        marker = models / "stopped-slow-long"
-        deadline = time.monotonic() + 30
-        while not marker.exists():
-            assert time.monotonic() < deadline, "the sampler kept running after the cancel"
-            time.sleep(0.1)
-        assert marker.read_text() == "StageCancelled"
+        _cancel_and_see_the_sampler_stop(url, job_id, models / "stopped-slow-long")
     finally:
         serve.delete("multitalk-long")
+
+
+def _cancel_and_see_the_sampler_stop(url: str, job_id: str, marker) -> None:
+    """DELETE answers CANCELLED, and the sampler thread in the Diffusion replica stops too
+    (the test's slow stage writes ``marker`` with the exception that stopped it)."""
+    import requests
+
+    assert requests.delete(f"{url}/v1/jobs/{job_id}", timeout=60).json()["state"] == "CANCELLED"
+    deadline = time.monotonic() + 30
+    while not marker.exists():
+        assert time.monotonic() < deadline, "the sampler kept running after the cancel"
+        time.sleep(0.1)
+    assert marker.read_text() == "StageCancelled"

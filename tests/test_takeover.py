@@ -119,7 +119,13 @@ def test_a_slow_owner_stops_when_another_replica_takes_its_job_over(store):
         await asyncio.sleep(0.5)  # a is sampling
         assert JobStore(store).get(rec.id).state == JobState.IN_PROGRESS
         await b.start()
-        await b.recover(0.0)  # as if a's heartbeat had gone stale: b claims the job
+        # As if a's heartbeat had gone stale: b claims the job. The claim is a conditional write,
+        # and a's heartbeat (every 0.1 s here) may land between b's read and b's write, which
+        # then loses: b sweeps again, as its sweeper would.
+        for _ in range(20):
+            await b.recover(0.0)
+            if rec.id in b.runner.tasks:
+                break
         assert rec.id in b.runner.tasks
         done_b = await b.wait(rec.id, timeout=20)
         for _ in range(50):  # a notices at its next heartbeat and lets go
