@@ -11,7 +11,7 @@ here and nowhere else:
   retry, so that they never multiply: a failed Diffusion or VaeDecoder call is re-sent
   in place (chunk level, ``deployments.serve_stages``), and a job whose failure cannot be
   retried in place (an encoder replica died: its response travels un-awaited into the
-  DiT call) is re-run from the start (job level, ``deployments.runner``). Both draw from
+  DiT call; or an input object was lost with its node) is re-run from the start (job level, ``deployments.runner``). Both draw from
   the same budget: retries go on for ``stage_retry_window_s`` after the job's first
   transient failure (default 150 s), waiting 1, 2, 4, 8, then 15 s between them, and at
   most ``max_stage_retries`` times (default 16).
@@ -46,6 +46,11 @@ DEAD_REPLICA_ERRORS = frozenset({
     "RayActorError", "ActorDiedError", "ActorUnavailableError", "ReplicaUnavailableError",
     "DeploymentUnavailableError", "NodeDiedError", "WorkerCrashedError", "OwnerDiedError",
 })
+# A stage call's input object is gone (its node died with the object store holding it, e.g.
+# an encoder's features handed un-awaited into the DiT call: ObjectReconstructionFailedError,
+# OwnerDiedError, ObjectFetchTimedOutError are all ObjectLostErrors). Re-sending the same call
+# cannot help; re-running the job makes its inputs anew.
+LOST_INPUT_ERRORS = frozenset({"ObjectLostError"})
 
 
 class TransientStageError(RuntimeError):
@@ -65,15 +70,25 @@ def cause_chain(exc: Optional[BaseException], limit: int = 8) -> Iterator[BaseEx
         seen += 1
 
 
+def _error_names(e: BaseException) -> set[str]:
+    return {c.__name__ for c in type(e).__mro__}
+
+
 def is_transient(exc: BaseException) -> bool:
-    """Whether retrying can fix ``exc``: a dead/unreachable replica or a broken rank group."""
+    """Whether retrying can fix ``exc``: a dead/unreachable replica, a lost input object or
+    a broken rank group."""
     for e in cause_chain(exc):
-        names = {c.__name__ for c in type(e).__mro__}
-        if names & DEAD_REPLICA_ERRORS or "TransientStageError" in names:
+        names = _error_names(e)
+        if names & (DEAD_REPLICA_ERRORS | LOST_INPUT_ERRORS) or "TransientStageError" in names:
             return True
         if isinstance(e, InputError):
             return False
     return False
+
+
+def lost_input(exc: BaseException) -> bool:
+    """Whether ``exc`` says an input object of the call is gone (see LOST_INPUT_ERRORS)."""
+    return any(_error_names(e) & LOST_INPUT_ERRORS for e in cause_chain(exc))
 
 
 def input_error_in(exc: BaseException) -> Optional[InputError]:
@@ -96,10 +111,12 @@ class RetryBudget:
     used: int = 0
     first_failure: Optional[float] = None  # time.monotonic() of the first transient failure
 
-    def next_delay(self, exc: BaseException) -> Optional[float]:
+    def next_delay(self, exc: BaseException, resend: bool = False) -> Optional[float]:
         """Seconds to wait before retrying after ``exc``, or ``None``: do not retry
-        (not transient, or the budget is spent). Spends one retry when it answers."""
-        if not is_transient(exc):
+        (not transient, or the budget is spent). Spends one retry when it answers.
+        ``resend``: the retry would send the same call again (in place), which cannot bring
+        back a lost input: that failure goes up to the job, which is re-run."""
+        if not is_transient(exc) or (resend and lost_input(exc)):
             return None
         now = time.monotonic()
         if self.first_failure is None:
@@ -110,15 +127,16 @@ class RetryBudget:
         return min(self.backoff_s * 2 ** (self.used - 1), self.max_backoff_s)
 
     async def run(self, what: str, call: Callable[[], Awaitable[Any]],
-                  on_retry: Optional[Callable[[BaseException, float], None]] = None) -> Any:
-        """``await call()``, called again after each transient failure while retries remain."""
+                  on_retry: Optional[Callable[[BaseException, float], None]] = None, resend: bool = False) -> Any:
+        """``await call()``, called again after each transient failure while retries remain
+        (``resend``: a call re-sent in place, see :meth:`next_delay`)."""
         while True:
             try:
                 return await call()
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # noqa: BLE001 - only transient failures are retried
-                delay = self.next_delay(e)
+                delay = self.next_delay(e, resend)
                 if delay is None:
                     raise
                 logger.warning("%s failed (%s: %s); retry %d/%d in %.0f s", what, type(e).__name__,

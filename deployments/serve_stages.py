@@ -9,7 +9,8 @@ it first (the latents pass through the ingress, a few MB per chunk). The decoder
 the chunk's frames as uint8 and its motion frames as an object reference, which the next
 chunk's encoder call resolves: the float frames never pass through the ingress. Both calls
 are re-sent in place when their replica died, within the job's retry budget
-(``deployments/retry.py``).
+(``deployments/retry.py``); when an input of the call is lost (its node died with the object)
+the failure goes up and the job is re-run.
 
 One view per job (:meth:`ServeStages.for_job`) tracks its calls in a
 :class:`~multitalk.generation.calls.CallTracker` (the in-process stages' tracker too): a call
@@ -99,14 +100,16 @@ class ServeStages:
                 raise RuntimeError("diffusion stream ended without latents")
             return latents
 
-        return self.calls.start(self.retries.run("diffusion call", sample_once), consumes=(audio, image, text))
+        return self.calls.start(self.retries.run("diffusion call", sample_once, resend=True),
+                                consumes=(audio, image, text))
 
     def vae_decode(self, latents, request):
         async def decode():
             # A streamed DiT result is an asyncio task holding the latents: wait for it here.
             resolved = await latents if isinstance(latents, asyncio.Future) else latents
             return await self.retries.run(
-                "decode call", lambda: fetch(self.decode.decode_chunk.remote(resolved, request, **self._kw)))
+                "decode call", lambda: fetch(self.decode.decode_chunk.remote(resolved, request, **self._kw)),
+                resend=True)
 
         return self.calls.start(decode(), consumes=(latents,))
 

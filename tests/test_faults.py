@@ -126,6 +126,40 @@ class FlakyStages(FakeStages):
         return super().diffusion_sample(job, audio, image, text, on_step)
 
 
+class LostInputStages(FakeStages):
+    """The first DiT call fails as it does when the node holding an encoder's output died:
+    the Diffusion replica cannot fetch an input argument."""
+
+    def __init__(self):
+        super().__init__()
+        self.lost = 1
+
+    def diffusion_sample(self, job, audio, image, text, on_step=None):
+        if self.lost:
+            self.lost -= 1
+            from ray.exceptions import ObjectReconstructionFailedError
+
+            async def lost():
+                error = RuntimeError("Diffusion: at least one of the input arguments for this task could not be computed")
+                raise error from ObjectReconstructionFailedError("5d674c14" * 7)
+            self.calls.append("diffusion-lost-input")
+            return asyncio.ensure_future(lost())
+        return super().diffusion_sample(job, audio, image, text, on_step)
+
+
+def test_a_lost_input_reruns_the_job(tmp_path):
+    """Seen in the cluster drill: an encoder's output lived on the node that died, so the
+    DiT call could not start (ObjectReconstructionFailedError) and the job FAILED. Re-sending
+    the same call cannot bring the object back; re-running the job makes it anew."""
+    stages = LostInputStages()
+    client, *_ = make(tmp_path, stages=stages, stage_retry_backoff_s=0.01)
+    with client:
+        st = wait_state(client, client.post("/v1/jobs", json=body()).json()["id"])
+    assert st["state"] == "COMPLETED", st
+    assert st["timings"]["stage_retries"] == 1 and stages.calls.count("diffusion-lost-input") == 1
+    assert stages.calls.count("audio") == 2  # the encoders ran again: the job was re-run
+
+
 def test_stage_retry_then_success(tmp_path):
     stages = FlakyStages(failures=1)
     client, *_ = make(tmp_path, stages=stages, stage_retry_backoff_s=0.01)
@@ -172,6 +206,17 @@ def test_retryable_classification():
     assert is_transient(wrapped)
     assert not is_transient(RuntimeError("kaboom")) and not is_transient(ValueError())
     assert not is_transient(BackPressureError(num_queued_requests=1, max_queued_requests=1))
+
+
+def test_a_lost_input_is_retried_by_re_running_the_job_not_by_resending_the_call():
+    from ray.exceptions import ActorDiedError, ObjectReconstructionFailedError, OwnerDiedError
+
+    lost = RuntimeError("an input argument could not be computed")
+    lost.__cause__ = ObjectReconstructionFailedError("ab" * 28)
+    assert is_transient(lost) and is_transient(OwnerDiedError("ab" * 28, None, ""))
+    assert RetryBudget().next_delay(lost, resend=True) is None  # in place: up to the job
+    assert RetryBudget().next_delay(lost) == 1.0  # the job re-runs
+    assert RetryBudget().next_delay(ActorDiedError(), resend=True) == 1.0  # a dead replica: re-sent in place
 
 
 def test_job_deadline(tmp_path):
