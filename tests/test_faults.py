@@ -103,12 +103,29 @@ def test_s3_permanent_error_fails_fast_and_fails_the_job(flaky_s3, tmp_path):
     assert st["state"] == "FAILED" and "AccessDenied" in st["error"]["message"], st
 
 
-class FlakyStages(FakeStages):
-    """Diffusion replica 'dies' on the first ``failures`` calls."""
+def _replica_died() -> Exception:
+    from ray.exceptions import ActorDiedError
 
-    def __init__(self, failures=1):
+    return ActorDiedError()
+
+
+def _input_lost() -> Exception:
+    """As when the node holding an encoder's output died: the Diffusion replica cannot fetch
+    an input argument."""
+    from ray.exceptions import ObjectReconstructionFailedError
+
+    error = RuntimeError("Diffusion: at least one of the input arguments for this task could not be computed")
+    error.__cause__ = ObjectReconstructionFailedError("5d674c14" * 7)
+    return error
+
+
+class FlakyStages(FakeStages):
+    """The DiT call fails on the first ``failures`` calls with ``error()`` (default: the
+    Diffusion replica 'dies'); each failed call is recorded as ``label``."""
+
+    def __init__(self, failures=1, error=_replica_died, label="diffusion-died"):
         super().__init__()
-        self.failures = failures
+        self.failures, self.error, self.label = failures, error, label
         self.cancel_calls = 0
 
     def cancel(self):
@@ -117,33 +134,11 @@ class FlakyStages(FakeStages):
     def diffusion_sample(self, job, audio, image, text, on_step=None):
         if self.failures > 0:
             self.failures -= 1
-            from ray.exceptions import ActorDiedError
 
-            async def die():
-                raise ActorDiedError()
-            self.calls.append("diffusion-died")
-            return asyncio.ensure_future(die())
-        return super().diffusion_sample(job, audio, image, text, on_step)
-
-
-class LostInputStages(FakeStages):
-    """The first DiT call fails as it does when the node holding an encoder's output died:
-    the Diffusion replica cannot fetch an input argument."""
-
-    def __init__(self):
-        super().__init__()
-        self.lost = 1
-
-    def diffusion_sample(self, job, audio, image, text, on_step=None):
-        if self.lost:
-            self.lost -= 1
-            from ray.exceptions import ObjectReconstructionFailedError
-
-            async def lost():
-                error = RuntimeError("Diffusion: at least one of the input arguments for this task could not be computed")
-                raise error from ObjectReconstructionFailedError("5d674c14" * 7)
-            self.calls.append("diffusion-lost-input")
-            return asyncio.ensure_future(lost())
+            async def fail():
+                raise self.error()
+            self.calls.append(self.label)
+            return asyncio.ensure_future(fail())
         return super().diffusion_sample(job, audio, image, text, on_step)
 
 
@@ -151,7 +146,7 @@ def test_a_lost_input_reruns_the_job(tmp_path):
     """Seen in the cluster drill: an encoder's output lived on the node that died, so the
     DiT call could not start (ObjectReconstructionFailedError) and the job FAILED. Re-sending
     the same call cannot bring the object back; re-running the job makes it anew."""
-    stages = LostInputStages()
+    stages = FlakyStages(1, error=_input_lost, label="diffusion-lost-input")
     client, *_ = make(tmp_path, stages=stages, stage_retry_backoff_s=0.01)
     with client:
         st = wait_state(client, client.post("/v1/jobs", json=body()).json()["id"])
