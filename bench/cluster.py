@@ -172,6 +172,22 @@ def job_figures(cluster: ch.LocalCluster, records: dict[str, dict], submitted: i
             "attempts_max": max(int((r or {}).get("attempts", 0)) for r in records.values())}
 
 
+# "<what> failed (<error>: <message>); retry n/m in s" (deployments/retry.py): the job re-run,
+# or a Diffusion / VaeDecoder call re-sent in place.
+RETRY_LINE = re.compile(r"(job [0-9a-f-]{36}|diffusion call|decode call) failed \(([^:]+):")
+
+
+def retry_causes(cluster: ch.LocalCluster) -> dict[str, int]:
+    """Retries so far by what was retried and why, from every ingress replica's log."""
+    counts: dict[str, int] = {}
+    logs = Path(cluster.tmp_root, "ray", "session_latest", "logs", "serve")
+    for path in logs.glob("replica_*MultiTalkIngress*.log"):
+        for what, error in RETRY_LINE.findall(path.read_text(errors="replace")):
+            key = f"{'job re-run' if what.startswith('job') else what + ' re-sent'}: {error}"
+            counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
 # --------------------------------------------------------------------------- autoscale
 def upload_weights(endpoint: str, bucket: str, prefix: str, root: Path, blob_mb: int) -> int:
     """The tiny set under s3://bucket/prefix with a SHA256SUMS manifest, plus a blob of
@@ -368,6 +384,7 @@ def drill(cluster: ch.LocalCluster, jobs: ch.Jobs, args, target: str) -> dict[st
     node = victim["node_id"]
     ingress_on_node = any(r["node_id"] == node for r in cluster.running("MultiTalkIngress"))
     hosted = sorted(r["deployment"] for r in cluster.replicas() if r["node_id"] == node and r["state"] == "RUNNING")
+    retried_before = retry_causes(cluster)
     ids = [jobs.submit({**BODY, "sampling": {"steps": args.steps, "seed": i}}) for i in range(args.jobs)]
     jobs.wait(ids, 600, until=lambda rs: any(
         r and r["progress"].get("stage") == "diffusion" for r in rs.values()))
@@ -393,6 +410,8 @@ def drill(cluster: ch.LocalCluster, jobs: ch.Jobs, args, target: str) -> dict[st
                    declared_dead_s=None if dead_at is None else round(dead_at - killed, 1),
                    replacement_running_s=None if replaced_at is None else round(replaced_at - killed, 1),
                    last_job_done_s=round(end - killed, 1))
+    figures["retries_by_cause"] = {k: n - retried_before.get(k, 0) for k, n in sorted(retry_causes(cluster).items())
+                                   if n > retried_before.get(k, 0)}
     log(f"{target} node drill: {figures}")
     return figures
 

@@ -10,11 +10,12 @@ here and nowhere else:
 * :class:`RetryBudget`: the attempts one job may spend, shared by both places that
   retry, so that they never multiply: a failed Diffusion or VaeDecoder call is re-sent
   in place (chunk level, ``deployments.serve_stages``), and a job whose failure cannot be
-  retried in place (an encoder replica died: its response travels un-awaited into the
-  DiT call; or an input object was lost with its node) is re-run from the start (job level, ``deployments.runner``). Both draw from
-  the same budget: retries go on for ``stage_retry_window_s`` after the job's first
-  transient failure (default 150 s), waiting 1, 2, 4, 8, then 15 s between them, and at
-  most ``max_stage_retries`` times (default 16).
+  retried in place (an encoder's result, handed un-awaited to the DiT call, is gone with
+  its replica or node: :class:`InputLostError`, or any lost object) is re-run from the
+  start (job level, ``deployments.runner``). Both draw from the same budget: retries go on
+  for ``stage_retry_window_s`` after the job's first transient failure (default 150 s),
+  waiting 1, 2, 4, 8, then 15 s between them, and at most ``max_stage_retries`` times
+  (default 16).
 
 Why a window: a call to a replica on a machine that died either hangs or fails fast
 (the actor unreachable) until Ray's health checks declare the node dead, 20-55 s with
@@ -50,7 +51,7 @@ DEAD_REPLICA_ERRORS = frozenset({
 # an encoder's features handed un-awaited into the DiT call: ObjectReconstructionFailedError,
 # OwnerDiedError, ObjectFetchTimedOutError are all ObjectLostErrors). Re-sending the same call
 # cannot help; re-running the job makes its inputs anew.
-LOST_INPUT_ERRORS = frozenset({"ObjectLostError"})
+LOST_INPUT_ERRORS = frozenset({"ObjectLostError", "InputLostError"})
 
 
 class TransientStageError(RuntimeError):
@@ -59,6 +60,12 @@ class TransientStageError(RuntimeError):
 
     def __reduce__(self):  # keep the type and message through Ray's pickling
         return (type(self), (str(self),))
+
+
+class InputLostError(TransientStageError):
+    """An input a stage replica resolves itself (``deployments/by_reference.py``) is gone:
+    the replica or node that made it died or stopped answering. A lost input (see
+    LOST_INPUT_ERRORS): the job is re-run."""
 
 
 def cause_chain(exc: Optional[BaseException], limit: int = 8) -> Iterator[BaseException]:

@@ -1,16 +1,16 @@
 """The chunk loop's ``Stages`` protocol (``multitalk.generation.protocol``) over deployment handles.
 
 Methods return handles without awaiting. The encoders' handles are Serve responses, which
-may be awaited more than once and, passed as top-level arguments into the next stage call,
-travel from deployment to deployment without a round trip through the ingress
-(audio/image/text into the DiT). The DiT call is streamed (per-step progress), so its handle
+may be awaited more than once; the DiT call takes them by reference and its replica fetches
+them (``deployments/by_reference.py``, which says why not Serve's own chaining), so they
+travel from deployment to deployment without a round trip through the ingress. The DiT call is streamed (per-step progress), so its handle
 is an asyncio task that consumes the stream and holds the latents; the decoder call awaits
 it first (the latents pass through the ingress, a few MB per chunk). The decoder hands back
 the chunk's frames as uint8 and its motion frames as an object reference, which the next
 chunk's encoder call resolves: the float frames never pass through the ingress. Both calls
 are re-sent in place when their replica died, within the job's retry budget
-(``deployments/retry.py``); when an input of the call is lost (its node died with the object)
-the failure goes up and the job is re-run.
+(``deployments/retry.py``); when an input of the call is lost (the replica or node that made
+it died) the failure goes up and the job is re-run.
 
 One view per job (:meth:`ServeStages.for_job`) tracks its calls in a
 :class:`~multitalk.generation.calls.CallTracker` (the in-process stages' tracker too): a call
@@ -25,6 +25,7 @@ from typing import Any, Optional
 
 from multitalk.generation.calls import CallTracker
 
+from .by_reference import by_reference
 from .retry import RetryBudget
 
 logger = logging.getLogger("multitalk.serve")
@@ -62,7 +63,7 @@ class ServeStages:
     def lip_sync(self) -> bool:
         return self._shared.get("lip_sync", True)
 
-    # Chained calls: their responses go un-awaited into the DiT call.
+    # Calls whose responses go un-awaited into the DiT call.
     def audio_encode(self, speeches):
         return self.calls.add(self.audio.encode.remote(speeches, **self._kw))
 
@@ -80,8 +81,8 @@ class ServeStages:
         return self.calls.start(fetch(self.speech.synthesize.remote(speech, **self._kw)))
 
     def diffusion_sample(self, job, audio, image, text, on_step=None):
-        async def sample_once():
-            stream = self.diffusion.options(stream=True).sample.remote(job, audio, image, text, **self._kw)
+        async def sample_once(inputs):
+            stream = self.diffusion.options(stream=True).sample.remote(job, *inputs, **self._kw)
             latents = None
             try:
                 async for event in stream:
@@ -100,8 +101,14 @@ class ServeStages:
                 raise RuntimeError("diffusion stream ended without latents")
             return latents
 
-        return self.calls.start(self.retries.run("diffusion call", sample_once, resend=True),
-                                consumes=(audio, image, text))
+        async def sample():
+            # A failure to place an encoder call is the input's (a lost input: the job is re-run),
+            # so the references are taken once, outside the in-place retries of the DiT call.
+            inputs = [await by_reference(value, what) for value, what in (
+                (audio, "audio features"), (image, "image conditioning"), (text, "text embeddings"))]
+            return await self.retries.run("diffusion call", lambda: sample_once(inputs), resend=True)
+
+        return self.calls.start(sample(), consumes=(audio, image, text))
 
     def vae_decode(self, latents, request):
         async def decode():

@@ -26,6 +26,7 @@ from ray import serve
 from multitalk.utils.step_stream import StepStream
 
 from .app_args import StageSettings
+from .by_reference import resolve
 from .metrics import JOB_LOG_FIELD
 from .replica import load_replica_stage, to_cpu
 
@@ -210,6 +211,9 @@ class Diffusion(_StageReplica):
     async def sample(self, job, audio, image, text, job_id: Optional[str] = None):
         if job_id:
             logger.info("[job %s] Diffusion.sample started", job_id, extra={JOB_LOG_FIELD: job_id})
+        # The encoders' results come by reference (deployments/by_reference.py); one that is
+        # gone fails this call with InputLostError, and the ingress re-runs the job.
+        audio, image, text = await asyncio.gather(resolve(audio), resolve(image), resolve(text))
         async with self._lock:  # one sampling per replica; a cancelled one has stopped before the next starts
             yield {"event": "started"}  # the conditioning has arrived: what came before was encoding
             if self._group is not None:  # several ranks in lockstep, rank 0 streams

@@ -214,6 +214,32 @@ def test_a_lost_input_is_retried_by_re_running_the_job_not_by_resending_the_call
     assert RetryBudget().next_delay(ActorDiedError(), resend=True) == 1.0  # a dead replica: re-sent in place
 
 
+def test_an_input_resolved_by_the_dit_replica_is_lost_only_when_ray_says_it_is_gone():
+    """deployments/by_reference.py: an encoder result whose replica stopped answering (what
+    Serve's own chaining hung on) becomes a lost input, naming the input; the encoder's own
+    error (a bad input, a bug) comes through as it was raised."""
+    from ray.exceptions import ActorUnavailableError
+
+    from deployments.by_reference import ByReference, resolve
+    from deployments.retry import InputLostError, input_error_in, lost_input
+    from multitalk.api import InputError
+
+    def result_raising(exc):
+        async def result():
+            raise exc
+        return ByReference(result(), "audio features")
+
+    with pytest.raises(InputLostError, match="audio features is gone .*ActorUnavailableError") as lost:
+        asyncio.run(resolve(result_raising(ActorUnavailableError("its node stopped answering", None))))
+    assert lost_input(lost.value) and RetryBudget().next_delay(lost.value, resend=True) is None  # up to the job
+    with pytest.raises(InputError) as bad:
+        asyncio.run(resolve(result_raising(InputError("audio_1", "not a wav"))))
+    assert input_error_in(bad.value).field == "audio_1" and not lost_input(bad.value)
+    with pytest.raises(ZeroDivisionError):
+        asyncio.run(resolve(result_raising(ZeroDivisionError())))
+    assert asyncio.run(resolve("a plain value")) == "a plain value"
+
+
 def test_job_deadline(tmp_path):
     stages = FlakyStages(failures=0)
     stages.step_delay = 0.2

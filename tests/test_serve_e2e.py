@@ -110,7 +110,16 @@ class LoopAudioStage(_FakeStage):
     def encode(self, speeches):
         import torch
 
-        return torch.zeros(len(speeches), 4, 1, 1)
+        gone = self.root / "audio-gone-once"  # the test's cue: this call's replica 'vanishes'
+        try:
+            gone.unlink()
+        except FileNotFoundError:
+            return torch.zeros(len(speeches), 4, 1, 1)
+        from ray.exceptions import ActorUnavailableError
+
+        # What the caller sees of a replica whose node stopped answering: the result of this
+        # call, which travels un-awaited into the DiT call, is this error.
+        raise ActorUnavailableError("its node stopped answering (test)", None)
 
 
 class LoopImageStage(_FakeStage):
@@ -330,16 +339,12 @@ def test_tiny_model(serve_env, fixtures_dir, embedded_cache):
         serve.delete("multitalk-tiny")
 
 
-def test_a_long_served_job_holds_one_chunk_at_a_time_and_stops_when_cancelled(serve_env, fixtures_dir):
-    """The real chunk loop and ServeStages over Serve, with model-free stages: a 22-chunk
-    streaming job holds at most two chunks' frames at any time (the one just decoded and the
-    one being encoded), its tracker a bounded number of calls and none at the end; the motion
-    frames reach the next chunk's encoder from the decoder. Cancelled mid-job, the running
-    sampler stops."""
-    import requests
+@pytest.fixture(scope="module")
+def loop_app(serve_env, fixtures_dir):
+    """The real chunk loop and ServeStages over Serve with the model-free ``Loop*`` stages;
+    yields ``(url, models_dir)`` (the stages' root, where they leave their traces)."""
     from ray import serve
 
-    from multitalk.utils.video import probe_mp4
     from pipeline_graph import build_app
 
     url, tmp = serve_env
@@ -354,33 +359,67 @@ def test_a_long_served_job_holds_one_chunk_at_a_time_and_stops_when_cancelled(se
         "stage_classes": {name: f"{mod}:Loop{cls}Stage" for name, cls in (
             ("audio", "Audio"), ("image", "Image"), ("text", "Text"), ("diffusion", "Diffusion"), ("decode", "Decode"))},
         "store": {"local_root": str(store_dir)},
-        "ingress": {"driver": f"{mod}:watching_driver", "persist_interval_s": 0.1},
+        "ingress": {"driver": f"{mod}:watching_driver", "persist_interval_s": 0.1, "stage_retry_backoff_s": 0.2},
     })
     serve.run(app, name="multitalk-long", route_prefix="/")
     try:
-        body = {"image": "single1.png", "audio": ["1.wav"], "prompt": "long", "mode": "streaming", "frames": 17,
-                "motion_frames": 5, "size": "multitalk-64", "sampling": {"steps": 2}}
-        r = requests.post(f"{url}/v1/jobs", json=body, timeout=30)
-        assert r.status_code == 202, r.text
-        status, _ = _wait(url, r.json()["id"], timeout=300)
-        assert status["state"] == "COMPLETED", status
-        timings = status["timings"]
-        assert status["result"]["chunks"] == timings["chunks_decoded"] >= 20, timings
-        assert timings["most_frames_alive"] <= 2 and timings["most_calls_tracked"] <= 2, timings
-        assert timings["calls_tracked_after"] == 0, timings
-        assert len(status["chunks"]) == status["result"]["chunks"]  # every chunk stored as it was encoded
-        video = requests.get(f"{url}/v1/jobs/{status['id']}/video", timeout=60).content
-        assert probe_mp4(video)["num_frames"] == status["result"]["frames"]
-
-        r = requests.post(f"{url}/v1/jobs", json={**body, "prompt": "slow-long", "sampling": {"steps": 4}}, timeout=30)
-        job_id = r.json()["id"]
-        deadline = time.monotonic() + 120
-        while requests.get(f"{url}/v1/jobs/{job_id}", timeout=10).json()["progress"]["chunk"] < 3:
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
-        _cancel_and_see_the_sampler_stop(url, job_id, models / "stopped-slow-long")
+        yield url, models
     finally:
         serve.delete("multitalk-long")
+
+
+LOOP_JOB = {"image": "single1.png", "audio": ["1.wav"], "prompt": "long", "mode": "streaming", "frames": 17,
+            "motion_frames": 5, "size": "multitalk-64", "sampling": {"steps": 2}}
+
+
+def test_an_encoder_result_lost_on_its_way_to_the_dit_reruns_the_job(loop_app):
+    """Seen in the cluster drill: an encoder's node stopped answering after taking the call,
+    so its result (handed un-awaited to the DiT call) was an ActorUnavailableError. Chained
+    as a Serve argument, Ray Serve's router blamed the DiT replica and re-routed the DiT call
+    forever: the job hung at "encode". The DiT replica now resolves its inputs itself, and
+    a lost one re-runs the job."""
+    import requests
+
+    url, models = loop_app
+    (models / "audio-gone-once").write_text("")
+    r = requests.post(f"{url}/v1/jobs", json={**LOOP_JOB, "frames": 9, "prompt": "gone"}, timeout=30)
+    assert r.status_code == 202, r.text
+    status, _ = _wait(url, r.json()["id"], timeout=90)
+    assert status["state"] == "COMPLETED", status
+    assert not (models / "audio-gone-once").exists()  # the failure did happen
+    assert status["timings"]["stage_retries"] == 1, status["timings"]
+
+
+def test_a_long_served_job_holds_one_chunk_at_a_time_and_stops_when_cancelled(loop_app):
+    """A 22-chunk streaming job holds at most two chunks' frames at any time (the one just
+    decoded and the one being encoded), its tracker a bounded number of calls and none at
+    the end; the motion frames reach the next chunk's encoder from the decoder. Cancelled
+    mid-job, the running sampler stops."""
+    import requests
+
+    from multitalk.utils.video import probe_mp4
+
+    url, models = loop_app
+    body = LOOP_JOB
+    r = requests.post(f"{url}/v1/jobs", json=body, timeout=30)
+    assert r.status_code == 202, r.text
+    status, _ = _wait(url, r.json()["id"], timeout=300)
+    assert status["state"] == "COMPLETED", status
+    timings = status["timings"]
+    assert status["result"]["chunks"] == timings["chunks_decoded"] >= 20, timings
+    assert timings["most_frames_alive"] <= 2 and timings["most_calls_tracked"] <= 2, timings
+    assert timings["calls_tracked_after"] == 0, timings
+    assert len(status["chunks"]) == status["result"]["chunks"]  # every chunk stored as it was encoded
+    video = requests.get(f"{url}/v1/jobs/{status['id']}/video", timeout=60).content
+    assert probe_mp4(video)["num_frames"] == status["result"]["frames"]
+
+    r = requests.post(f"{url}/v1/jobs", json={**body, "prompt": "slow-long", "sampling": {"steps": 4}}, timeout=30)
+    job_id = r.json()["id"]
+    deadline = time.monotonic() + 120
+    while requests.get(f"{url}/v1/jobs/{job_id}", timeout=10).json()["progress"]["chunk"] < 3:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    _cancel_and_see_the_sampler_stop(url, job_id, models / "stopped-slow-long")
 
 
 def _cancel_and_see_the_sampler_stop(url: str, job_id: str, marker) -> None:
