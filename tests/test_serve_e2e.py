@@ -275,10 +275,7 @@ def test_graph_with_fake_stages(serve_env):
         r = requests.post(f"{url}/v1/jobs", json={**body, "prompt": "slow-cancel", "sampling": {"steps": 200}},
                           timeout=30)
         job_id = r.json()["id"]
-        deadline = time.monotonic() + 60
-        while requests.get(f"{url}/v1/jobs/{job_id}", timeout=10).json()["progress"]["step"] < 2:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        _wait_for_progress(url, job_id, "step", 2, timeout=60)
         _cancel_and_see_the_sampler_stop(url, job_id, models / "stopped-slow-cancel")
 
         # The CLI client: multipart upload of local files, progress, download.
@@ -415,11 +412,18 @@ def test_a_long_served_job_holds_one_chunk_at_a_time_and_stops_when_cancelled(lo
 
     r = requests.post(f"{url}/v1/jobs", json={**body, "prompt": "slow-long", "sampling": {"steps": 4}}, timeout=30)
     job_id = r.json()["id"]
-    deadline = time.monotonic() + 120
-    while requests.get(f"{url}/v1/jobs/{job_id}", timeout=10).json()["progress"]["chunk"] < 3:
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    _wait_for_progress(url, job_id, "chunk", 3, timeout=120)
     _cancel_and_see_the_sampler_stop(url, job_id, models / "stopped-slow-long")
+
+
+def _wait_for_progress(url: str, job_id: str, field: str, at_least: int, timeout: float) -> None:
+    """Until the job's ``progress[field]`` reaches ``at_least`` (a running job to cancel)."""
+    import requests
+
+    deadline = time.monotonic() + timeout
+    while requests.get(f"{url}/v1/jobs/{job_id}", timeout=10).json()["progress"][field] < at_least:
+        assert time.monotonic() < deadline, f"progress {field} below {at_least} after {timeout} s"
+        time.sleep(0.05)
 
 
 def _cancel_and_see_the_sampler_stop(url: str, job_id: str, marker) -> None:
