@@ -178,11 +178,10 @@ RETRY_LINE = re.compile(r"(job [0-9a-f-]{36}|diffusion call|decode call) failed 
 
 
 def retry_causes(cluster: ch.LocalCluster) -> dict[str, int]:
-    """Retries so far by what was retried and why, from every ingress replica's log."""
+    """Retries so far by what was retried and why, from the ingress logs."""
     counts: dict[str, int] = {}
-    logs = Path(cluster.tmp_root, "ray", "session_latest", "logs", "serve")
-    for path in logs.glob("replica_*MultiTalkIngress*.log"):
-        for what, error in RETRY_LINE.findall(path.read_text(errors="replace")):
+    for text in ch.ingress_logs(cluster):
+        for what, error in RETRY_LINE.findall(text):
             key = f"{'job re-run' if what.startswith('job') else what + ' re-sent'}: {error}"
             counts[key] = counts.get(key, 0) + 1
     return counts

@@ -18,8 +18,9 @@ re-runs the job, which makes its inputs anew (``deployments/retry.py``). A stage
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import ray
 from ray.serve.handle import DeploymentResponse
@@ -35,18 +36,26 @@ class ByReference:
     what: str = "input"  # for the error message
 
 
+@contextmanager
+def _gone_is_lost(what: str) -> Iterator[None]:
+    """Inside: a failure saying the input is gone (is_transient: a dead or unreachable replica,
+    a lost object) is raised as :class:`InputLostError` naming ``what``; any other unchanged."""
+    try:
+        yield
+    except Exception as e:
+        if is_transient(e):
+            raise InputLostError(f"{what} ({type(e).__name__}: {str(e)[:300]})") from e
+        raise
+
+
 async def by_reference(value: Any, what: str = "input") -> Any:
     """A Serve response as a :class:`ByReference` (waits until its call has been assigned to a
     replica, not for its result); any other value unchanged. A failure here is the input's
     too: its call could not be placed."""
     if not isinstance(value, DeploymentResponse):
         return value
-    try:
+    with _gone_is_lost(f"{what}: its stage call could not be placed"):
         return ByReference(await value._to_object_ref(), what)
-    except Exception as e:
-        if is_transient(e):
-            raise InputLostError(f"{what}: its stage call could not be placed ({type(e).__name__}: {e})") from e
-        raise
 
 
 async def resolve(value: Any) -> Any:
@@ -55,9 +64,5 @@ async def resolve(value: Any) -> Any:
     died or stopped answering, or the object was lost with its node."""
     if not isinstance(value, ByReference):
         return value
-    try:
+    with _gone_is_lost(f"{value.what} is gone"):
         return await value.ref
-    except Exception as e:
-        if is_transient(e):
-            raise InputLostError(f"{value.what} is gone ({type(e).__name__}: {str(e)[:300]})") from e
-        raise

@@ -47,10 +47,11 @@ DEAD_REPLICA_ERRORS = frozenset({
     "RayActorError", "ActorDiedError", "ActorUnavailableError", "ReplicaUnavailableError",
     "DeploymentUnavailableError", "NodeDiedError", "WorkerCrashedError", "OwnerDiedError",
 })
-# A stage call's input object is gone (its node died with the object store holding it, e.g.
-# an encoder's features handed un-awaited into the DiT call: ObjectReconstructionFailedError,
-# OwnerDiedError, ObjectFetchTimedOutError are all ObjectLostErrors). Re-sending the same call
-# cannot help; re-running the job makes its inputs anew.
+# A stage call's input is gone: an object lost with its node (e.g. the motion frames the decoder
+# hands to the next chunk's encoder; ObjectReconstructionFailedError, OwnerDiedError,
+# ObjectFetchTimedOutError are all ObjectLostErrors), or an encoder result the DiT replica could
+# not fetch (InputLostError). Re-sending the same call cannot help; re-running the job makes its
+# inputs anew.
 LOST_INPUT_ERRORS = frozenset({"ObjectLostError", "InputLostError"})
 
 

@@ -3,9 +3,9 @@
 Methods return handles without awaiting. The encoders' handles are Serve responses, which
 may be awaited more than once; the DiT call takes them by reference and its replica fetches
 them (``deployments/by_reference.py``, which says why not Serve's own chaining), so they
-travel from deployment to deployment without a round trip through the ingress. The DiT call is streamed (per-step progress), so its handle
-is an asyncio task that consumes the stream and holds the latents; the decoder call awaits
-it first (the latents pass through the ingress, a few MB per chunk). The decoder hands back
+travel from deployment to deployment without a round trip through the ingress. The DiT call
+is streamed (per-step progress), so its handle is an asyncio task that consumes the stream
+and holds the latents; the decoder call awaits it first (the latents pass through the ingress, a few MB per chunk). The decoder hands back
 the chunk's frames as uint8 and its motion frames as an object reference, which the next
 chunk's encoder call resolves: the float frames never pass through the ingress. Both calls
 are re-sent in place when their replica died, within the job's retry budget

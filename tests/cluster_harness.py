@@ -458,15 +458,21 @@ def replica_log(cluster: LocalCluster, deployment: str, replica_id: str, app: st
     return path.read_text(errors="replace") if path.is_file() else ""
 
 
+def ingress_logs(cluster: LocalCluster) -> list[str]:
+    """Every ingress replica's Serve log so far, the dead nodes' too (one machine, one session
+    folder)."""
+    logs = Path(cluster.tmp_root, "ray", "session_latest", "logs", "serve")
+    return [path.read_text(errors="replace") for path in logs.glob("replica_*MultiTalkIngress*.log")]
+
+
 def completions(cluster: LocalCluster) -> dict[str, int]:
-    """How many times each job completed, from every ingress replica's log (the dead nodes'
-    too: one machine, one session folder): a job run twice to completion counts 2."""
+    """How many times each job completed, from the ingress logs: a job run twice to
+    completion counts 2."""
     import collections
     import re
 
     counts: collections.Counter = collections.Counter()
-    logs = Path(cluster.tmp_root, "ray", "session_latest", "logs", "serve")
-    for path in logs.glob("replica_*MultiTalkIngress*.log"):
-        for match in re.finditer(r"\[job ([0-9a-f-]{36})\] completed:", path.read_text(errors="replace")):
+    for text in ingress_logs(cluster):
+        for match in re.finditer(r"\[job ([0-9a-f-]{36})\] completed:", text):
             counts[match.group(1)] += 1
     return dict(counts)
